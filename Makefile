@@ -1,0 +1,34 @@
+# The two commands a fresh machine needs: `make serve` runs nextserve, `make test` runs the tests.
+# Each one creates or refreshes the virtual environment itself.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+CHECKPOINT ?= checkpoints/small
+PROMPT ?= The quick brown fox
+
+.PHONY: serve test dev clean
+
+# The venv is rebuilt when the dependency list changes.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]' --config-settings editable_mode=strict
+	touch $@
+
+# A strict editable install links files one by one (a lenient one cannot map the
+# `operator/` folder, which has no __init__.py so that it never shadows the standard
+# library's `operator`), so re-link on every run to pick up new modules.
+dev: $(VENV)/.installed
+	$(BIN)/pip install -q --no-deps -e . --config-settings editable_mode=strict
+
+test: dev
+	$(BIN)/python -m pytest -q
+
+$(CHECKPOINT)/config.json: | dev
+	$(BIN)/nextserve checkpoint make --preset small --out $(CHECKPOINT)
+
+serve: dev $(CHECKPOINT)/config.json
+	$(BIN)/nextserve generate --checkpoint $(CHECKPOINT) --max-tokens 32 "$(PROMPT)"
+
+clean:
+	rm -rf $(VENV) build *.egg-info checkpoints

@@ -1,0 +1,1 @@
+"""The `nextserve` command line."""

@@ -1,0 +1,168 @@
+"""The one door model code uses to reach a kernel.
+
+Each op picks the Triton kernel on CUDA tensors and the plain torch reference elsewhere.
+`NEXTSERVE_KERNELS=triton` or `=torch` forces one path; with `TRITON_INTERPRET=1` the Triton
+path runs on the CPU, which is how CI checks the kernels without a GPU.
+
+Shapes follow flash-linear-attention: `T` tokens (sequences packed back to back and delimited
+by `cu_seqlens` [N+1], int32, starting at 0), `H*` heads, `K`/`V`/`D` head dims.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+_CHOICES = ("triton", "torch")
+
+
+def kernel_backend(device: torch.device) -> str:
+    """"triton" or "torch": what the ops run on `device`."""
+    forced = os.environ.get("NEXTSERVE_KERNELS", "").strip().lower()
+    if forced:
+        if forced not in _CHOICES:
+            raise ValueError(f"NEXTSERVE_KERNELS={forced!r}: expected one of {_CHOICES}")
+        return forced
+    return "triton" if device.type == "cuda" else "torch"
+
+
+def _triton(t: torch.Tensor) -> bool:
+    return kernel_backend(t.device) == "triton"
+
+
+# --- norms -------------------------------------------------------------------------------
+
+def rms_norm(x, weight, eps: float, *, zero_centered: bool = True, residual=None):
+    """RMSNorm over the last dim, computed in fp32.
+
+    zero_centered: y = x_hat * (1 + w) (Qwen3-Next's layer norms); else y = x_hat * w.
+    With `residual`, first x = x + residual and return (y, x): the pre-norm residual stream.
+    """
+    from .norms import naive, triton_norms
+    impl = triton_norms.rms_norm if _triton(x) else naive.rms_norm
+    return impl(x, weight, eps, zero_centered=zero_centered, residual=residual)
+
+
+def gated_rms_norm(x, z, weight, eps: float):
+    """(w * rmsnorm(x)) * silu(z) over the last dim (the DeltaNet output norm, plain weight)."""
+    from .norms import naive, triton_norms
+    impl = triton_norms.gated_rms_norm if _triton(x) else naive.gated_rms_norm
+    return impl(x, z, weight, eps)
+
+
+# --- Gated DeltaNet ----------------------------------------------------------------------
+
+def gdn_gating(a, b, A_log, dt_bias):
+    """(g, beta): g = -exp(A_log) * softplus(a + dt_bias) (log decay, fp32), beta = sigmoid(b) (fp32).
+
+    a, b: [..., Hv]; A_log, dt_bias: [Hv].
+    """
+    from .gated_delta_rule import naive
+    return naive.gdn_gating(a, b, A_log, dt_bias)
+
+
+def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=True,
+                           cu_seqlens=None, output_chunk_states=False, use_qk_l2norm=True):
+    """Prefill: the chunked (64-token WY) gated delta rule.
+
+    q, k: [B, T, Hk, K]; v: [B, T, Hv, V] (Hv a multiple of Hk); g, beta: [B, T, Hv] fp32.
+    With cu_seqlens, B == 1 and the N sequences are packed along T.
+    initial_state: [N, Hv, K, V] fp32 or None (zeros).
+    Returns (o [B, T, Hv, V] in v.dtype, final_state [N, Hv, K, V] fp32 or None,
+    chunk_states [sum_n floor(L_n / 64), Hv, K, V] fp32 or None: the state after each full
+    64-token chunk of each sequence, counted from the sequence's first token here).
+    """
+    from .gated_delta_rule import chunk, naive
+    impl = chunk.chunk_gated_delta_rule if _triton(q) else naive.naive_chunk_gated_delta_rule
+    return impl(q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                cu_seqlens=cu_seqlens, output_chunk_states=output_chunk_states, use_qk_l2norm=use_qk_l2norm)
+
+
+def fused_recurrent_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, *, scale=None, initial_state=None,
+                                     output_final_state=True, cu_seqlens=None, output_all_states=False,
+                                     use_qk_l2norm=True):
+    """Decode and short continuations: the token-by-token gated delta rule, gating fused in.
+
+    q, k: [B, T, Hk, K]; v: [B, T, Hv, V]; a, b: [B, T, Hv] (raw projections; g and beta are
+    computed inside as in `gdn_gating`); initial_state [N, Hv, K, V] fp32 or None.
+    Returns (o [B, T, Hv, V], final_state [N, Hv, K, V] fp32 or None,
+    all_states [B, T, Hv, K, V] fp32 or None: the state after every token, for speculative
+    decoding to keep the state of the last accepted draft token).
+    """
+    from .gated_delta_rule import fused_recurrent, naive
+    impl = fused_recurrent.fused_recurrent_gated_delta_rule if _triton(q) else naive.naive_recurrent_gated_delta_rule_from_gates
+    return impl(q, k, v, a, b, A_log, dt_bias, scale=scale, initial_state=initial_state,
+                output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                output_all_states=output_all_states, use_qk_l2norm=use_qk_l2norm)
+
+
+# --- causal depthwise conv1d ----------------------------------------------------------------
+
+def causal_conv1d(x, weight, *, initial_state=None, cu_seqlens=None, activation: str | None = "silu"):
+    """Prefill: causal depthwise conv over packed sequences, then SiLU.
+
+    x: [T, C]; weight: [C, W]; initial_state: [N, C, W-1] or None (zeros).
+    Returns (y [T, C], final_state [N, C, W-1]): the last W-1 inputs of each sequence
+    (nextserve keeps W-1 inputs, as vLLM does; transformers keeps W).
+    """
+    from .conv import naive, triton_conv
+    impl = triton_conv.causal_conv1d if _triton(x) else naive.causal_conv1d
+    return impl(x, weight, initial_state=initial_state, cu_seqlens=cu_seqlens, activation=activation)
+
+
+def causal_conv1d_update(x, conv_state, weight, *, activation: str | None = "silu"):
+    """Decode: one token per sequence. x: [N, C]; conv_state: [N, C, W-1], rolled in place. Returns y [N, C]."""
+    from .conv import naive, triton_conv
+    impl = triton_conv.causal_conv1d_update if _triton(x) else naive.causal_conv1d_update
+    return impl(x, conv_state, weight, activation=activation)
+
+
+# --- attention ------------------------------------------------------------------------------
+
+def qk_norm_rope(q, k, q_norm_weight, k_norm_weight, positions, *, rotary_dim: int, theta: float, eps: float):
+    """Zero-centred RMSNorm of q and k per head, then NeoX RoPE on the first `rotary_dim` dims.
+
+    q: [T, Hq, D]; k: [T, Hkv, D]; positions: [T] int64 absolute positions. Returns (q, k).
+    """
+    from .attention import naive, triton_attention
+    impl = triton_attention.qk_norm_rope if _triton(q) else naive.qk_norm_rope
+    return impl(q, k, q_norm_weight, k_norm_weight, positions, rotary_dim=rotary_dim, theta=theta, eps=eps)
+
+
+def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale: float, gate=None):
+    """Causal GQA attention over packed sequences, optionally gated: o * sigmoid(gate).
+
+    q: [Tq, Hq, D]; k, v: [Tk, Hkv, D]; gate: [Tq, Hq, D] or None. Sequence n has Lq_n queries
+    and Lk_n >= Lq_n keys; its queries are the LAST Lq_n positions (bottom-right causal), so the
+    same op serves prefill, continuation from a KV cache and decode (Lq_n = 1).
+    Returns o [Tq, Hq, D] in q.dtype.
+    """
+    from .attention import naive, triton_attention
+    impl = triton_attention.attention if _triton(q) else naive.attention
+    return impl(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=scale, gate=gate)
+
+
+# --- mixture of experts ---------------------------------------------------------------------
+
+def moe_route(router_logits, top_k: int, *, renormalize: bool = True):
+    """Softmax over all experts (fp32), top-k, optional renormalisation to sum 1.
+
+    router_logits: [T, E]. Returns (weights [T, top_k] fp32, expert_ids [T, top_k] int64).
+    """
+    from .moe import naive, triton_moe
+    impl = triton_moe.moe_route if _triton(router_logits) else naive.moe_route
+    return impl(router_logits, top_k, renormalize=renormalize)
+
+
+def expert_ffn(hidden, expert_ids, expert_weights, w13, w2):
+    """The experts one shard holds, applied to the tokens routed to them, summed with weights.
+
+    hidden: [T, H]; expert_ids: [T, k] int, LOCAL indices into w13/w2, -1 where the expert is
+    held elsewhere (contributes nothing); expert_weights: [T, k] fp32;
+    w13: [E_local, 2*I, H] (gate_proj rows then up_proj rows); w2: [E_local, H, I].
+    out[t] = sum_j weights[t, j] * down_e(silu(gate_e h_t) * up_e h_t), e = expert_ids[t, j].
+    Returns [T, H] in hidden.dtype, accumulated in fp32.
+    """
+    from .moe import naive, triton_moe
+    impl = triton_moe.expert_ffn if _triton(hidden) else naive.expert_ffn
+    return impl(hidden, expert_ids, expert_weights, w13, w2)
