@@ -9,6 +9,7 @@ by `cu_seqlens` [N+1], int32, starting at 0), `H*` heads, `K`/`V`/`D` head dims.
 """
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
@@ -26,8 +27,11 @@ def kernel_backend(device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "torch"
 
 
-def _triton(t: torch.Tensor) -> bool:
-    return kernel_backend(t.device) == "triton"
+def _pick(t: torch.Tensor, family: str, triton_impl: str, torch_impl: str):
+    """The implementation for t's device: `kernels/<family>/<module>.py:<function>`. Imported lazily so
+    that the torch path never imports Triton."""
+    module, name = (triton_impl if kernel_backend(t.device) == "triton" else torch_impl).split(":")
+    return getattr(importlib.import_module(f"{__package__}.{family}.{module}"), name)
 
 
 # --- norms -------------------------------------------------------------------------------
@@ -38,15 +42,13 @@ def rms_norm(x, weight, eps: float, *, zero_centered: bool = True, residual=None
     zero_centered: y = x_hat * (1 + w) (Qwen3-Next's layer norms); else y = x_hat * w.
     With `residual`, first x = x + residual and return (y, x): the pre-norm residual stream.
     """
-    from .norms import naive, triton_norms
-    impl = triton_norms.rms_norm if _triton(x) else naive.rms_norm
+    impl = _pick(x, "norms", "triton_norms:rms_norm", "naive:rms_norm")
     return impl(x, weight, eps, zero_centered=zero_centered, residual=residual)
 
 
 def gated_rms_norm(x, z, weight, eps: float):
     """(w * rmsnorm(x)) * silu(z) over the last dim (the DeltaNet output norm, plain weight)."""
-    from .norms import naive, triton_norms
-    impl = triton_norms.gated_rms_norm if _triton(x) else naive.gated_rms_norm
+    impl = _pick(x, "norms", "triton_norms:gated_rms_norm", "naive:gated_rms_norm")
     return impl(x, z, weight, eps)
 
 
@@ -57,8 +59,7 @@ def gdn_gating(a, b, A_log, dt_bias):
 
     a, b: [..., Hv]; A_log, dt_bias: [Hv].
     """
-    from .gated_delta_rule import naive
-    return naive.gdn_gating(a, b, A_log, dt_bias)
+    return _pick(a, "gated_delta_rule", "naive:gdn_gating", "naive:gdn_gating")(a, b, A_log, dt_bias)
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=True,
@@ -72,8 +73,7 @@ def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, 
     chunk_states [sum_n floor(L_n / 64), Hv, K, V] fp32 or None: the state after each full
     64-token chunk of each sequence, counted from the sequence's first token here).
     """
-    from .gated_delta_rule import chunk, naive
-    impl = chunk.chunk_gated_delta_rule if _triton(q) else naive.naive_chunk_gated_delta_rule
+    impl = _pick(q, "gated_delta_rule", "chunk:chunk_gated_delta_rule", "naive:naive_chunk_gated_delta_rule")
     return impl(q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                 cu_seqlens=cu_seqlens, output_chunk_states=output_chunk_states, use_qk_l2norm=use_qk_l2norm)
 
@@ -89,8 +89,8 @@ def fused_recurrent_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, *, scale=Non
     all_states [B, T, Hv, K, V] fp32 or None: the state after every token, for speculative
     decoding to keep the state of the last accepted draft token).
     """
-    from .gated_delta_rule import fused_recurrent, naive
-    impl = fused_recurrent.fused_recurrent_gated_delta_rule if _triton(q) else naive.naive_recurrent_gated_delta_rule_from_gates
+    impl = _pick(q, "gated_delta_rule", "fused_recurrent:fused_recurrent_gated_delta_rule",
+                 "naive:naive_recurrent_gated_delta_rule_from_gates")
     return impl(q, k, v, a, b, A_log, dt_bias, scale=scale, initial_state=initial_state,
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                 output_all_states=output_all_states, use_qk_l2norm=use_qk_l2norm)
@@ -105,15 +105,13 @@ def causal_conv1d(x, weight, *, initial_state=None, cu_seqlens=None, activation:
     Returns (y [T, C], final_state [N, C, W-1]): the last W-1 inputs of each sequence
     (nextserve keeps W-1 inputs, as vLLM does; transformers keeps W).
     """
-    from .conv import naive, triton_conv
-    impl = triton_conv.causal_conv1d if _triton(x) else naive.causal_conv1d
+    impl = _pick(x, "conv", "triton_conv:causal_conv1d", "naive:causal_conv1d")
     return impl(x, weight, initial_state=initial_state, cu_seqlens=cu_seqlens, activation=activation)
 
 
 def causal_conv1d_update(x, conv_state, weight, *, activation: str | None = "silu"):
     """Decode: one token per sequence. x: [N, C]; conv_state: [N, C, W-1], rolled in place. Returns y [N, C]."""
-    from .conv import naive, triton_conv
-    impl = triton_conv.causal_conv1d_update if _triton(x) else naive.causal_conv1d_update
+    impl = _pick(x, "conv", "triton_conv:causal_conv1d_update", "naive:causal_conv1d_update")
     return impl(x, conv_state, weight, activation=activation)
 
 
@@ -124,8 +122,7 @@ def qk_norm_rope(q, k, q_norm_weight, k_norm_weight, positions, *, rotary_dim: i
 
     q: [T, Hq, D]; k: [T, Hkv, D]; positions: [T] int64 absolute positions. Returns (q, k).
     """
-    from .attention import naive, triton_attention
-    impl = triton_attention.qk_norm_rope if _triton(q) else naive.qk_norm_rope
+    impl = _pick(q, "attention", "triton_attention:qk_norm_rope", "naive:qk_norm_rope")
     return impl(q, k, q_norm_weight, k_norm_weight, positions, rotary_dim=rotary_dim, theta=theta, eps=eps)
 
 
@@ -137,8 +134,7 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale: float, gate=None):
     same op serves prefill, continuation from a KV cache and decode (Lq_n = 1).
     Returns o [Tq, Hq, D] in q.dtype.
     """
-    from .attention import naive, triton_attention
-    impl = triton_attention.attention if _triton(q) else naive.attention
+    impl = _pick(q, "attention", "triton_attention:attention", "naive:attention")
     return impl(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=scale, gate=gate)
 
 
@@ -149,8 +145,7 @@ def moe_route(router_logits, top_k: int, *, renormalize: bool = True):
 
     router_logits: [T, E]. Returns (weights [T, top_k] fp32, expert_ids [T, top_k] int64).
     """
-    from .moe import naive, triton_moe
-    impl = triton_moe.moe_route if _triton(router_logits) else naive.moe_route
+    impl = _pick(router_logits, "moe", "triton_moe:moe_route", "naive:moe_route")
     return impl(router_logits, top_k, renormalize=renormalize)
 
 
@@ -163,6 +158,5 @@ def expert_ffn(hidden, expert_ids, expert_weights, w13, w2):
     out[t] = sum_j weights[t, j] * down_e(silu(gate_e h_t) * up_e h_t), e = expert_ids[t, j].
     Returns [T, H] in hidden.dtype, accumulated in fp32.
     """
-    from .moe import naive, triton_moe
-    impl = triton_moe.expert_ffn if _triton(hidden) else naive.expert_ffn
+    impl = _pick(hidden, "moe", "triton_moe:expert_ffn", "naive:expert_ffn")
     return impl(hidden, expert_ids, expert_weights, w13, w2)

@@ -1,0 +1,56 @@
+"""Gated attention: the softmax-attention mixer of every fourth Qwen3-Next layer."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nextserve.kernels import ops
+
+from .config import Qwen3NextConfig
+from .layers import RMSNorm
+from .state import ForwardBatch, KVCache
+
+
+class GatedAttention(nn.Module):
+    def __init__(self, config: Qwen3NextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        self.rotary_dim, self.rope_theta, self.eps = config.rotary_dim, config.rope_theta, config.rms_norm_eps
+        h = config.hidden_size
+        # q_proj yields, per head, the query and an output gate of the same size
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim * 2, bias=False)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        T = x.shape[0]
+        q, gate = self.q_proj(x).view(T, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)  # [T, Hq, D] each
+        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        q, k = ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, batch.positions,
+                                rotary_dim=self.rotary_dim, theta=self.rope_theta, eps=self.eps)
+
+        # Append the new keys to each sequence's cache, then attend over cache + new.
+        keys, values, kv_lens = [], [], [0]
+        for i, state in enumerate(batch.states):
+            lo, hi = int(batch.cu_seqlens[i]), int(batch.cu_seqlens[i + 1])
+            cache = self._cache(state.layers, x)
+            cache.append(k[lo:hi], v[lo:hi])
+            ks, vs = cache.view()
+            keys.append(ks)
+            values.append(vs)
+            kv_lens.append(cache.length)
+        cu_seqlens_k = torch.tensor(kv_lens, device=x.device).cumsum(0).to(torch.int32)
+        o = ops.attention(q, torch.cat(keys), torch.cat(values), batch.cu_seqlens, cu_seqlens_k,
+                          scale=self.head_dim ** -0.5, gate=gate)
+        return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
+
+    def _cache(self, layers: list, like: torch.Tensor) -> KVCache:
+        if layers[self.layer_idx] is None:
+            layers[self.layer_idx] = KVCache.empty(self.num_kv_heads, self.head_dim, like.dtype, like.device)
+        return layers[self.layer_idx]

@@ -1,0 +1,102 @@
+"""Gated DeltaNet: the linear-attention mixer of 3 in 4 Qwen3-Next layers."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nextserve.kernels import ops
+
+from .config import Qwen3NextConfig
+from .layers import GatedRMSNorm
+from .state import ForwardBatch, LinearAttentionState
+
+CHUNK = 64  # the chunked delta rule's block: states at its boundaries come for free
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, config: Qwen3NextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_k_heads, self.num_v_heads = config.linear_num_key_heads, config.linear_num_value_heads
+        self.head_k_dim, self.head_v_dim = config.linear_key_head_dim, config.linear_value_head_dim
+        self.key_dim, self.value_dim = config.linear_key_dim, config.linear_value_dim
+        self.conv_dim = config.linear_conv_dim
+        self.kernel_size = config.linear_conv_kernel_dim
+        h = config.hidden_size
+        self.in_proj_qkvz = nn.Linear(h, 2 * self.key_dim + 2 * self.value_dim, bias=False)
+        self.in_proj_ba = nn.Linear(h, 2 * self.num_v_heads, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel_size, groups=self.conv_dim, bias=False)
+        self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
+        self.A_log = nn.Parameter(torch.zeros(self.num_v_heads))
+        self.norm = GatedRMSNorm(self.head_v_dim, config.rms_norm_eps)
+        self.out_proj = nn.Linear(self.value_dim, h, bias=False)
+
+    def split_projections(self, x: torch.Tensor):
+        """The projections are interleaved per key-head group: [q | k | v | z] and [b | a] per group."""
+        T, r = x.shape[0], self.num_v_heads // self.num_k_heads
+        qkvz = self.in_proj_qkvz(x).view(T, self.num_k_heads, -1)
+        q, k, v, z = qkvz.split([self.head_k_dim, self.head_k_dim, r * self.head_v_dim, r * self.head_v_dim], dim=-1)
+        b, a = self.in_proj_ba(x).view(T, self.num_k_heads, 2 * r).split([r, r], dim=-1)
+        # value head j belongs to key group j // r
+        v, z = v.reshape(T, self.num_v_heads, self.head_v_dim), z.reshape(T, self.num_v_heads, self.head_v_dim)
+        return q, k, v, z, b.reshape(T, self.num_v_heads), a.reshape(T, self.num_v_heads)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        # x: [T, hidden] packed over the batch's sequences
+        T = x.shape[0]
+        q, k, v, z, b, a = self.split_projections(x)
+        conv_inputs = torch.cat([q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1)], dim=-1)  # [T, conv_dim]
+        states = [self._state(s.layers, x) for s in batch.states]
+        conv_weight = self.conv1d.weight.squeeze(1)  # [conv_dim, kernel]
+
+        if batch.is_decode:
+            conv_state = torch.stack([s.conv for s in states])
+            mixed = ops.causal_conv1d_update(conv_inputs, conv_state, conv_weight)
+            conv_final = conv_state
+        else:
+            conv_initial = torch.stack([s.conv for s in states])
+            mixed, conv_final = ops.causal_conv1d(conv_inputs, conv_weight, initial_state=conv_initial,
+                                                  cu_seqlens=batch.cu_seqlens)
+        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = q.reshape(1, T, self.num_k_heads, self.head_k_dim)
+        k = k.reshape(1, T, self.num_k_heads, self.head_k_dim)
+        v = v.reshape(1, T, self.num_v_heads, self.head_v_dim)
+        initial = torch.stack([s.recurrent for s in states])  # [N, Hv, K, V]
+
+        chunk_states = None
+        if batch.is_decode:
+            o, final, _ = ops.fused_recurrent_gated_delta_rule(
+                q, k, v, a[None], b[None], self.A_log, self.dt_bias,
+                initial_state=initial, cu_seqlens=batch.cu_seqlens)
+        else:
+            g, beta = ops.gdn_gating(a, b, self.A_log, self.dt_bias)
+            o, final, chunk_states = ops.chunk_gated_delta_rule(
+                q, k, v, g[None], beta[None], initial_state=initial, cu_seqlens=batch.cu_seqlens,
+                output_chunk_states=batch.record_checkpoints)
+
+        for i, s in enumerate(states):
+            s.conv, s.recurrent = conv_final[i], final[i]
+        if chunk_states is not None:
+            self._record_checkpoints(batch, conv_inputs, chunk_states)
+        o = self.norm(o.reshape(T, self.num_v_heads, self.head_v_dim), z)
+        return self.out_proj(o.reshape(T, self.value_dim))
+
+    def _record_checkpoints(self, batch: ForwardBatch, conv_inputs: torch.Tensor, chunk_states: torch.Tensor):
+        """Keep the state after every full 64-token chunk: the recurrent state comes free from the
+        chunked pass; the conv window is the kernel-1 inputs just before the boundary."""
+        width, used = self.kernel_size - 1, 0
+        for i, (state, n) in enumerate(zip(batch.states, batch.seq_lens)):
+            offset = int(batch.cu_seqlens[i])
+            for end in range(CHUNK, n + 1, CHUNK):
+                window = conv_inputs[offset + end - width: offset + end].t().contiguous()
+                slots = state.checkpoints.setdefault(state.num_tokens + end, [None] * len(state.layers))
+                slots[self.layer_idx] = LinearAttentionState(window, chunk_states[used].clone())
+                used += 1
+
+    def _state(self, layers: list, like: torch.Tensor) -> LinearAttentionState:
+        if layers[self.layer_idx] is None:
+            layers[self.layer_idx] = LinearAttentionState(
+                conv=like.new_zeros(self.conv_dim, self.kernel_size - 1),
+                recurrent=torch.zeros(self.num_v_heads, self.head_k_dim, self.head_v_dim,
+                                      dtype=torch.float32, device=like.device))
+        return layers[self.layer_idx]

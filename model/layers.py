@@ -1,0 +1,45 @@
+"""Small building blocks shared by the mixers and the MoE block."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nextserve.kernels import ops
+
+
+class RMSNorm(nn.Module):
+    """Zero-centred RMSNorm: y = x_hat * (1 + w). With `residual`, returns (y, x + residual)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return ops.rms_norm(x, self.weight, self.eps, zero_centered=True, residual=residual)
+
+
+class GatedRMSNorm(nn.Module):
+    """Per-head RMSNorm with a plain weight, gated by silu(z): the DeltaNet output norm."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return ops.gated_rms_norm(x, z, self.weight, self.eps)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)): the shared expert (and the dense MLP of mlp_only_layers)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

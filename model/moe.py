@@ -1,0 +1,75 @@
+"""Sparse mixture of experts: top-k routed experts plus a gated shared expert.
+
+The block is split where expert parallelism splits it. `route()` and the shared expert are the
+router's dense work; `experts` is any callable `(hidden, expert_ids, weights) -> [T, H]`: the local
+`Experts` below in-process, or a dispatcher that sends the tokens to the workers holding them.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nextserve.kernels import ops
+
+from .config import Qwen3NextConfig
+from .layers import SwiGLU
+
+ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Experts(nn.Module):
+    """The routed experts one process holds, stacked for a grouped GEMM.
+
+    w13[e] = [gate_proj; up_proj] of global expert `expert_ids[e]`, w2[e] its down_proj.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
+                 expert_ids: Iterable[int] | None = None):
+        super().__init__()
+        held = sorted(set(range(num_experts) if expert_ids is None else expert_ids))
+        if held and not (0 <= held[0] and held[-1] < num_experts):
+            raise ValueError(f"expert ids must lie in [0, {num_experts}), got {held[0]}..{held[-1]}")
+        self.num_experts, self.intermediate_size = num_experts, intermediate_size
+        self.expert_ids = held
+        self.w13 = nn.Parameter(torch.empty(len(held), 2 * intermediate_size, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(len(held), hidden_size, intermediate_size))
+        self._local_index: torch.Tensor | None = None
+
+    def local_index(self, device) -> torch.Tensor:
+        """[num_experts]: global expert id -> row of w13/w2, -1 where another process holds it.
+        Built lazily (not a buffer) so that a model materialised from the meta device gets it right."""
+        if self._local_index is None or self._local_index.device != torch.device(device):
+            local = torch.full((self.num_experts,), -1, dtype=torch.int64)
+            local[self.expert_ids] = torch.arange(len(self.expert_ids))
+            self._local_index = local.to(device)
+        return self._local_index
+
+    def forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        # hidden: [T, H]; expert_ids: [T, k] global ids; weights: [T, k] fp32
+        local_ids = self.local_index(hidden.device)[expert_ids]
+        return ops.expert_ffn(hidden, local_ids, weights, self.w13, self.w2)
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, config: Qwen3NextConfig, expert_ids: Iterable[int] | None = None):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts: ExpertsFn = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size,
+                                          expert_ids)
+        self.shared_expert = SwiGLU(config.hidden_size, config.shared_expert_intermediate_size)
+        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [T, k] fp32, expert ids [T, k]): softmax over all experts, top-k, renormalised."""
+        return ops.moe_route(self.gate(x), self.top_k, renormalize=self.norm_topk_prob)
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor:
+        return F.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.route(x)
+        return self.experts(x, ids, weights) + self.shared(x)
