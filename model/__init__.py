@@ -1,0 +1,18 @@
+"""The Qwen3-Next model, its checkpoints and its sampling, in plain torch over `nextserve.kernels.ops`."""
+from .config import Qwen3NextConfig
+from .generate import Completion, generate, generate_stream
+from .qwen3_next import Qwen3NextForCausalLM
+from .sampling import Sampler, SamplingParams
+from .state import ForwardBatch, SequenceState
+
+__all__ = [
+    "Completion",
+    "ForwardBatch",
+    "Qwen3NextConfig",
+    "Qwen3NextForCausalLM",
+    "Sampler",
+    "SamplingParams",
+    "SequenceState",
+    "generate",
+    "generate_stream",
+]

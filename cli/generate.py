@@ -1,0 +1,91 @@
+"""`nextserve generate`: stream a completion from a checkpoint in-process, or from a running router."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate (default 64)")
+    g.add_argument("--temperature", type=float, default=1.0, help="0 for greedy decoding (default 1.0)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2], per generated token seen")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2], per occurrence")
+    g.add_argument("--stop-token-ids", type=_int_list, default=[], help="comma-separated ids that end generation")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-text token")
+    g.add_argument("--seed", type=int, default=None, help="same seed and prompt give the same tokens")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "generate", help="generate text from a checkpoint (in-process) or a router",
+        description="Generate a completion and stream it to stdout. Give a prompt as text or with "
+                    "--prompt-ids. Either --checkpoint DIR runs the model in this process, or --router "
+                    "HOST:PORT asks a running nextserve router (same flags, same output).",
+        epilog='example: nextserve generate --checkpoint checkpoints/small --temperature 0 "Hello"')
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", metavar="DIR", help="HF-layout checkpoint directory to run in-process")
+    src.add_argument("--router", metavar="HOST:PORT", help="address of a running nextserve router")
+    p.add_argument("prompt", nargs="?", help="prompt text")
+    p.add_argument("--prompt-ids", type=_int_list, help="prompt as comma-separated token ids, e.g. 1,2,3")
+    p.add_argument("--json", action="store_true", help='print one JSON object: {"token_ids", "text", "finish_reason"}')
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weight dtype for the in-process model (default float32)")
+    p.add_argument("--device", default="cpu", help="torch device for the in-process model (default cpu)")
+    add_sampling_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    if (args.prompt is None) == (args.prompt_ids is None):
+        print("error: give either a prompt text or --prompt-ids", file=sys.stderr)
+        return 2
+    if args.router:
+        from nextserve.client.cli import generate_cli_remote
+        return generate_cli_remote(args)
+    return _run_local(args)
+
+
+def sampling_params(args):
+    from nextserve.model.sampling import SamplingParams
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                          stop_token_ids=tuple(args.stop_token_ids), ignore_eos=args.ignore_eos, seed=args.seed)
+
+
+def _run_local(args) -> int:
+    from nextserve.model import Qwen3NextForCausalLM, generate_stream
+    from nextserve.model.tokenizer import load_tokenizer
+
+    try:
+        params = sampling_params(args)
+        tokenizer = load_tokenizer(args.checkpoint)
+        model = Qwen3NextForCausalLM.from_pretrained(args.checkpoint, dtype=args.dtype, device=args.device)
+        prompt_ids = args.prompt_ids if args.prompt_ids is not None else tokenizer.encode(args.prompt)
+        detok = tokenizer.incremental_detokenizer()
+        completion = None
+        for _, _, completion in generate_stream(model, [prompt_ids], [params], tokenizer.eos_token_id):
+            if not args.json:
+                sys.stdout.write(detok.step(completion.output_ids))
+                sys.stdout.flush()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"token_ids": completion.output_ids, "text": tokenizer.decode(completion.output_ids),
+                          "finish_reason": completion.finish_reason}))
+    else:
+        print(detok.flush())
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None

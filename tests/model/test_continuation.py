@@ -1,0 +1,110 @@
+"""Continuing from a cached state equals recomputing from scratch (transformers cannot be the
+oracle here: it restarts DeltaNet state when more than one new token arrives)."""
+import pytest
+import torch
+
+from nextserve.model import ForwardBatch, Qwen3NextForCausalLM
+from nextserve.model.moe import Experts
+from nextserve.model.state import LinearAttentionState
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return Qwen3NextForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tokens(model):
+    return torch.randint(0, model.config.vocab_size, (150,), generator=torch.Generator().manual_seed(7))
+
+
+def run(model, state, ids, **kw):
+    return model.forward_batch(ids, ForwardBatch.build([state], [len(ids)], "cpu", **kw), all_logits=True)[0]
+
+
+def test_prefill_then_continue_in_one_piece_equals_full_forward(model, tokens):
+    full = run(model, model.new_state(), tokens)
+    state = model.new_state()
+    run(model, state, tokens[:100])
+    continued = run(model, state, tokens[100:])
+    torch.testing.assert_close(continued, full[100:], rtol=0, atol=1e-4)
+    assert state.num_tokens == 150
+
+
+def test_prefill_then_decode_token_by_token_equals_full_forward(model, tokens):
+    full = run(model, model.new_state(), tokens)
+    state = model.new_state()
+    run(model, state, tokens[:90])
+    for t in range(90, 150):
+        step = run(model, state, tokens[t:t + 1])
+        torch.testing.assert_close(step[0], full[t], rtol=0, atol=1e-4)
+
+
+def test_batched_sequences_continue_independently(model, tokens):
+    """Two sequences at different depths in one packed batch: each matches its own full forward."""
+    a, b = tokens[:120], tokens[30:]
+    full_a, full_b = run(model, model.new_state(), a), run(model, model.new_state(), b)
+    sa, sb = model.new_state(), model.new_state()
+    run(model, sa, a[:50])
+    run(model, sb, b[:70])
+    batch = ForwardBatch.build([sa, sb], [70, 50], "cpu")
+    logits, _ = model.forward_batch(torch.cat([a[50:], b[70:]]), batch, all_logits=True)
+    torch.testing.assert_close(logits[:70], full_a[50:], rtol=0, atol=1e-4)
+    torch.testing.assert_close(logits[70:], full_b[70:], rtol=0, atol=1e-4)
+
+
+def test_chunk_boundary_checkpoints_equal_recurrent_states(model, tokens):
+    state = model.new_state()
+    run(model, state, tokens[:140], record_checkpoints=True)
+    assert sorted(state.checkpoints) == [64, 128]
+
+    # the recurrent (token-by-token) form reaches the same states at the same positions
+    stepped = model.new_state()
+    for t in range(128):
+        run(model, stepped, tokens[t:t + 1])
+        if t + 1 in (64, 128):
+            for saved, live in zip(state.checkpoints[t + 1], stepped.layers):
+                if isinstance(live, LinearAttentionState):
+                    torch.testing.assert_close(saved.recurrent, live.recurrent, rtol=1e-4, atol=1e-5)
+                    torch.testing.assert_close(saved.conv, live.conv, rtol=1e-4, atol=1e-5)
+                else:
+                    assert saved is None
+
+
+def test_resume_from_checkpoint_equals_full_forward(model, tokens):
+    full = run(model, model.new_state(), tokens)
+    state = model.new_state()
+    run(model, state, tokens[:140], record_checkpoints=True)
+    resumed = state.resume_from_checkpoint(64)
+    assert resumed.num_tokens == 64
+    torch.testing.assert_close(run(model, resumed, tokens[64:]), full[64:], rtol=0, atol=1e-4)
+    with pytest.raises(KeyError, match="no checkpoint at position 100"):
+        state.resume_from_checkpoint(100)
+
+
+def test_expert_shards_sum_to_all_experts(model):
+    """What a worker computes: disjoint expert subsets add up to the full routed output."""
+    block = model.model.layers[0].mlp
+    E, H, inter = block.experts.num_experts, model.config.hidden_size, block.experts.intermediate_size
+    x = torch.randn(9, H)
+    weights, ids = block.route(x)
+    shards = [list(range(0, 5)), list(range(5, E))]
+    parts = []
+    for held in shards:
+        part = Experts(E, H, inter, held)
+        rows = torch.tensor(held)
+        part.w13.data, part.w2.data = block.experts.w13.data[rows], block.experts.w2.data[rows]
+        parts.append(part(x, ids, weights))
+    torch.testing.assert_close(parts[0] + parts[1], block.experts(x, ids, weights), rtol=1e-5, atol=1e-6)
+
+
+def test_router_view_loads_no_expert_weights(tiny_checkpoint):
+    dense = Qwen3NextForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32, expert_ids=[])
+    full = Qwen3NextForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    for layer_dense, layer_full in zip(dense.model.layers, full.model.layers):
+        assert layer_dense.mlp.experts.w13.numel() == 0
+        torch.testing.assert_close(layer_dense.mlp.gate.weight, layer_full.mlp.gate.weight)
+    n_dense = sum(p.numel() for p in dense.parameters())
+    n_full = sum(p.numel() for p in full.parameters())
+    n_experts = sum(layer.mlp.experts.w13.numel() + layer.mlp.experts.w2.numel() for layer in full.model.layers)
+    assert n_dense == n_full - n_experts
