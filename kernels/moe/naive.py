@@ -53,25 +53,29 @@ def expert_ffn(hidden: torch.Tensor, expert_ids: torch.Tensor, expert_weights: t
     check_expert_ffn_args(hidden, expert_ids, expert_weights, w13, w2)
     T, H = hidden.shape
     E = w13.shape[0]
-    out = torch.zeros(T, H, dtype=torch.float32, device=hidden.device)
     flat_ids = expert_ids.reshape(-1).long()
     if flat_ids.numel() and int(flat_ids.max()) >= E:
         raise ValueError(f"expert_ffn: expert id {int(flat_ids.max())} out of range for E_local={E}")
     slots = (flat_ids >= 0).nonzero().squeeze(1)
     slots = slots[torch.argsort(flat_ids[slots], stable=True)]
     counts = torch.bincount(flat_ids[slots], minlength=E).tolist()
-    flat_weights = expert_weights.reshape(-1)
     k = expert_ids.shape[1]
+    tokens = hidden[slots // k]  # [slots, H], grouped by expert
+    outputs = []
     start = 0
     for e, count in enumerate(counts):
         if count == 0:
             continue
-        i_slot = slots[start:start + count]
+        gate, up = F.linear(tokens[start:start + count], w13[e]).chunk(2, dim=-1)
+        outputs.append(F.linear(F.silu(gate) * up, w2[e]))
         start += count
-        i_tok = i_slot // k
-        gate, up = F.linear(hidden[i_tok], w13[e]).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, w2[e])
-        out.index_add_(0, i_tok, y.float() * flat_weights[i_slot, None].float())
+    # One scatter into per-slot rows, then a fixed-order sum over k: far fewer small ops than an
+    # index_add per expert, and deterministic.
+    per_slot = torch.zeros(T * k, H, dtype=torch.float32, device=hidden.device)
+    if outputs:
+        weighted = torch.cat(outputs).float() * expert_weights.reshape(-1)[slots, None].float()
+        per_slot.index_copy_(0, slots, weighted)
+    out = per_slot.view(T, k, H).sum(1)
     return out.to(hidden.dtype)
 
 
