@@ -1,0 +1,74 @@
+"""`nextserve router`: the client-facing server; runs the dense model and dispatches experts to workers."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "router", help="serve clients: dense model here, routed experts on the workers",
+        description="Load the dense weights of a checkpoint (never the routed experts), connect to every expert "
+                    "worker, check that each serves the same checkpoint and that every expert is reachable, then "
+                    "serve the nextserve.v1.Serving gRPC API and the gRPC health service.")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="HF-layout checkpoint directory")
+    p.add_argument("--plan", required=True, metavar="FILE", help="expert plan JSON (which shard holds which experts)")
+    p.add_argument("--worker", action="append", required=True, metavar="S=HOST:PORT",
+                   help="an expert worker serving shard S; repeat for every shard, and again for a replica")
+    p.add_argument("--port", required=True, type=int, metavar="P", help="port to listen on (0: any free port)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="dense weight dtype (default bfloat16)")
+    p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
+    p.add_argument("--max-batch-tokens", type=int, default=2048, metavar="N",
+                   help="tokens per forward pass: decodes plus prompt chunks (default 2048)")
+    p.add_argument("--max-running-requests", type=int, default=64, metavar="N",
+                   help="sequences decoding together (default 64)")
+    p.add_argument("--max-queue", type=int, default=256, metavar="N",
+                   help="requests waiting to start; beyond it new ones get RESOURCE_EXHAUSTED (default 256)")
+    later = p.add_argument_group("accepted for upcoming features (stored, no effect yet)")
+    later.add_argument("--cache-url", metavar="URL", help="prefix-cache store, e.g. redis://host:6379/0")
+    later.add_argument("--cache-ttl", type=float, metavar="SECONDS", help="prefix-cache entry lifetime")
+    later.add_argument("--otlp-endpoint", metavar="URL", help="OpenTelemetry collector for traces")
+    later.add_argument("--trace-sample-ratio", type=float, default=0.0, metavar="F",
+                       help="fraction of requests traced, in [0, 1] (default 0)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from nextserve.cli.worker import until_signalled
+    from nextserve.router.server import RouterOptions, parse_workers, start_router
+    from nextserve.router.shards import FingerprintMismatch
+    from nextserve.worker.server import load_plan
+
+    try:
+        if not 0.0 <= args.trace_sample_ratio <= 1.0:
+            raise ValueError(f"--trace-sample-ratio must be in [0, 1], got {args.trace_sample_ratio}")
+        options = RouterOptions(
+            checkpoint=args.checkpoint, plan=load_plan(args.plan), workers=parse_workers(args.worker),
+            host=args.host, port=args.port, dtype=args.dtype, device=args.device or _default_device(),
+            max_batch_tokens=args.max_batch_tokens, max_running_requests=args.max_running_requests,
+            max_queue=args.max_queue, cache_url=args.cache_url, cache_ttl=args.cache_ttl,
+            otlp_endpoint=args.otlp_endpoint, trace_sample_ratio=args.trace_sample_ratio)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    async def main() -> int:
+        try:
+            router = await start_router(options)
+        except (FingerprintMismatch, ValueError, OSError) as e:
+            print(f"error: refusing to serve: {e}", file=sys.stderr)
+            return 1
+        await until_signalled()
+        await router.stop()
+        return 0
+
+    return asyncio.run(main())
+
+
+def _default_device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,58 @@
+"""`nextserve worker`: serve one shard of the routed experts over gRPC."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "worker", help="serve one shard of the MoE experts to routers",
+        description="Load the routed experts that the plan assigns to --shard (and nothing else) and serve "
+                    "their forward pass over gRPC, with the standard gRPC health service (SERVING once loaded).")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="HF-layout checkpoint directory")
+    p.add_argument("--plan", required=True, metavar="FILE", help="expert plan JSON (which shard holds which experts)")
+    p.add_argument("--shard", required=True, type=int, metavar="S", help="shard index in the plan")
+    p.add_argument("--port", required=True, type=int, metavar="P", help="port to listen on (0: any free port)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="expert weight and compute dtype (default bfloat16)")
+    p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from nextserve.worker.server import build_service, load_plan, serve
+
+    try:
+        device = args.device or _default_device()
+        plan = load_plan(args.plan)
+        service = build_service(args.checkpoint, plan, args.shard, args.dtype, device)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    async def main() -> None:
+        server, _ = await serve(service, args.host, args.port)
+        await until_signalled()
+        await server.stop(grace=2)
+
+    asyncio.run(main())
+    return 0
+
+
+def _default_device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+async def until_signalled() -> None:
+    """Wait for SIGINT or SIGTERM (Kubernetes stops pods with SIGTERM)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()

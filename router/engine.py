@@ -1,0 +1,201 @@
+"""The router's engine: glue between requests, the scheduler and the model runner.
+
+`run()` is one asyncio task: schedule, run the forward pass on the model thread, hand the sampled
+tokens to each request's stream. Everything that touches the scheduler happens on the event loop, so
+it needs no locks; the model thread only reads the batch it was given.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from nextserve.model.sampling import SamplingParams
+
+from .runner import ModelRunner
+from .scheduler import Scheduler, Sequence, StopCriteria
+from .shards import ShardPool, ShardUnavailable
+
+log = logging.getLogger("nextserve.router")
+
+
+@dataclass(frozen=True)
+class Tokens:
+    token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # "stop" or "length"
+
+
+@dataclass(frozen=True)
+class Failed:
+    unavailable: bool  # True: an expert shard is down (retryable); False: an internal error
+    message: str
+
+
+class RequestStream:
+    """One request's events (Tokens..., then Finished or Failed) and its timestamps (monotonic seconds)."""
+
+    def __init__(self, seq: Sequence):
+        self.seq = seq
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.arrival = time.monotonic()
+        self.first_scheduled: float | None = None
+        self.first_token: float | None = None
+        self.end: float | None = None
+        self.failure: Failed | None = None
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.end is not None and self.events.empty():
+            raise StopAsyncIteration
+        return await self.events.get()
+
+    def _push(self, event) -> None:
+        if isinstance(event, Tokens) and self.first_token is None:
+            self.first_token = time.monotonic()
+        if isinstance(event, (Finished, Failed)):
+            self.end = time.monotonic()
+        if isinstance(event, Failed):
+            self.failure = event
+        self.events.put_nowait(event)
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, pool: ShardPool,
+                 eos_token_id: int | None, context_limit: int):
+        self.runner, self.scheduler, self.pool = runner, scheduler, pool
+        self.eos_token_id, self.context_limit = eos_token_id, context_limit
+        self._streams: dict[int, RequestStream] = {}
+        self._ids = itertools.count(1)
+        self._wake = asyncio.Event()
+        self._free_after_step: list[int] = []
+        self._stepping = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._task: asyncio.Task | None = None
+        pool.listeners.append(lambda healthy: self._wake.set())
+        self.steps = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for seq in self.scheduler.finish_all("abort"):
+            self._fail(seq, Failed(True, "the router is shutting down"))
+        # Not waiting: a forward pass still running needs this loop for its dispatch; it fails fast (bounded)
+        # once the pool is closed.
+        self._executor.shutdown(wait=False)
+
+    # -- requests (event loop) ----------------------------------------------------------------------
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
+        """Queue a validated request. Raises ShardUnavailable when not serving, QueueFull when the queue is full."""
+        if not self.pool.healthy:
+            raise ShardUnavailable("not serving: " + "; ".join(self.pool.down_shards()))
+        stop = StopCriteria(max_tokens=params.max_tokens, context_limit=self.context_limit,
+                            stop_token_ids=frozenset(params.stop_token_ids), eos_token_id=self.eos_token_id,
+                            ignore_eos=params.ignore_eos)
+        seq = Sequence(next(self._ids), list(prompt_ids), stop)
+        self.scheduler.add(seq)
+        self.runner.add(seq.seq_id, params)
+        stream = RequestStream(seq)
+        self._streams[seq.seq_id] = stream
+        self._wake.set()
+        return stream
+
+    def abort(self, stream: RequestStream) -> None:
+        """The client went away or a stop string matched: free the sequence (idempotent)."""
+        seq = stream.seq
+        if seq.seq_id not in self._streams:
+            return
+        self.scheduler.finish(seq, "abort")
+        del self._streams[seq.seq_id]
+        if self._stepping:
+            self._free_after_step.append(seq.seq_id)  # the model thread may still read its state
+        else:
+            self.runner.free(seq.seq_id)
+
+    @property
+    def num_active(self) -> int:
+        return len(self._streams)
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.scheduler.has_work():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if not self.pool.healthy:
+                message = "expert shards unavailable: " + "; ".join(self.pool.down_shards())
+                for seq in self.scheduler.finish_all("error"):
+                    self._fail(seq, Failed(True, message))
+                continue
+            batch = self.scheduler.schedule()
+            if batch is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            now = time.monotonic()
+            for seq in batch.seqs:
+                stream = self._streams.get(seq.seq_id)
+                if stream is not None and stream.first_scheduled is None:
+                    stream.first_scheduled = now
+            self._stepping = True
+            try:
+                sampled = await loop.run_in_executor(self._executor, self.runner.step, batch)
+            except ShardUnavailable as e:
+                self._fail_batch(batch, Failed(True, str(e)))
+            except Exception as e:
+                log.exception("forward pass failed")
+                self._fail_batch(batch, Failed(False, f"internal error in the forward pass: {e}"))
+            else:
+                self.steps += 1
+                self._deliver(batch, sampled)
+            finally:
+                self._stepping = False
+                for seq_id in self._free_after_step:
+                    self.runner.free(seq_id)
+                self._free_after_step.clear()
+
+    def _deliver(self, batch, sampled: dict[int, int]) -> None:
+        finished = {seq.seq_id for seq in self.scheduler.postprocess(batch, sampled)}
+        for seq in batch.seqs:
+            stream = self._streams.get(seq.seq_id)
+            if stream is None or seq.seq_id not in sampled:
+                continue
+            stream._push(Tokens([sampled[seq.seq_id]]))
+            if seq.seq_id in finished:
+                stream._push(Finished(seq.finish_reason))
+                del self._streams[seq.seq_id]
+                self.runner.free(seq.seq_id)
+
+    def _fail_batch(self, batch, failure: Failed) -> None:
+        # A failed pass may have advanced some layers' states and not others: these sequences cannot go on.
+        for seq in batch.seqs:
+            self.scheduler.finish(seq, "error")
+            self._fail(seq, failure)
+
+    def _fail(self, seq: Sequence, failure: Failed) -> None:
+        stream = self._streams.pop(seq.seq_id, None)
+        if stream is not None:
+            stream._push(failure)
+        if self._stepping:
+            self._free_after_step.append(seq.seq_id)
+        else:
+            self.runner.free(seq.seq_id)

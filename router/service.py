@@ -1,0 +1,124 @@
+"""The client-facing gRPC service: Generate (streaming), Tokenize, ModelInfo."""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import grpc
+
+from nextserve.model.config import Qwen3NextConfig
+from nextserve.model.generate import check_prompt
+from nextserve.model.sampling import SamplingParams
+from nextserve.model.tokenizer import TextTokenizer
+from nextserve.proto.v1 import serving_pb2, serving_pb2_grpc
+
+from .engine import Engine, Failed, Finished, RequestStream, Tokens
+from .scheduler import QueueFull
+from .shards import ShardUnavailable
+from .stop_strings import StopStringMatcher
+
+log = logging.getLogger("nextserve.router")
+
+_FINISH = {"stop": serving_pb2.FINISH_REASON_STOP, "length": serving_pb2.FINISH_REASON_LENGTH}
+
+
+def sampling_params(msg: serving_pb2.SamplingParams) -> SamplingParams:
+    """Proto -> model SamplingParams; unset optional fields keep the model's defaults. Raises ValueError."""
+    kwargs = {name: getattr(msg, name) for name in
+              ("temperature", "top_k", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+               "seed", "max_tokens") if msg.HasField(name)}
+    return SamplingParams(**kwargs, stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos)
+
+
+class ServingService(serving_pb2_grpc.ServingServicer):
+    def __init__(self, engine: Engine, config: Qwen3NextConfig, tokenizer: TextTokenizer, fingerprint: str):
+        self.engine, self.config, self.tokenizer, self.fingerprint = engine, config, tokenizer, fingerprint
+
+    async def Generate(self, request: serving_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        try:
+            prompt_ids = self._prompt_ids(request)
+            check_prompt(prompt_ids, self.config.vocab_size, self.config.max_position_embeddings)
+            params = sampling_params(request.sampling)
+            bad = [t for t in params.stop_token_ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise ValueError(f"stop token ids out of range [0, {self.config.vocab_size}): {bad[:5]}")
+            if any(s == "" for s in request.sampling.stop):
+                raise ValueError("stop strings must not be empty")
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        try:
+            stream = self.engine.submit(prompt_ids, params)
+        except QueueFull as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the router is at capacity: {e}")
+        except ShardUnavailable as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        request_id = request.request_id or uuid.uuid4().hex
+        try:
+            async for response in self._responses(stream, request, request_id, len(prompt_ids)):
+                yield response
+            failure = stream.failure
+            if failure is not None:
+                code = grpc.StatusCode.UNAVAILABLE if failure.unavailable else grpc.StatusCode.INTERNAL
+                await context.abort(code, failure.message)
+        finally:
+            # Normal end, client cancel, deadline, or an abort above: the sequence is freed either way.
+            self.engine.abort(stream)
+
+    async def _responses(self, stream: RequestStream, request, request_id: str, num_prompt: int):
+        detok = self.tokenizer.incremental_detokenizer()
+        stops = StopStringMatcher(list(request.sampling.stop))
+        output: list[int] = []
+        first = True
+        async for event in stream:
+            if isinstance(event, Failed):
+                return
+            reason = None
+            if isinstance(event, Tokens):
+                output.extend(event.token_ids)
+                text, matched = stops.feed(detok.step(output))
+                if matched:
+                    reason = "stop"
+                    self.engine.abort(stream)
+                new_ids = event.token_ids
+            else:
+                assert isinstance(event, Finished)
+                text, _ = stops.feed(detok.flush(), final=True)
+                reason, new_ids = event.reason, []
+            response = serving_pb2.GenerateResponse(request_id=request_id, token_ids=new_ids, text=text)
+            if first:
+                response.session_id = request.session_id
+                first = False
+            if reason is not None:
+                response.finish_reason = _FINISH[reason]
+                response.usage.prompt_tokens = num_prompt
+                response.usage.completion_tokens = len(output)
+                t = response.timings
+                t.queue_seconds = (stream.first_scheduled or stream.arrival) - stream.arrival
+                t.first_token_seconds = (stream.first_token or stream.arrival) - stream.arrival
+                t.total_seconds = (stream.end or time.monotonic()) - stream.arrival
+                yield response
+                return
+            if response.token_ids or response.text:
+                yield response
+
+    def _prompt_ids(self, request) -> list[int]:
+        which = request.WhichOneof("prompt")
+        if which == "text":
+            return self.tokenizer.encode(request.text)
+        if which == "token_ids":
+            return list(request.token_ids.ids)
+        raise ValueError("the request has no prompt: set text or token_ids")
+
+    async def Tokenize(self, request, context):
+        return serving_pb2.TokenizeResponse(token_ids=self.tokenizer.encode(request.text))
+
+    async def ModelInfo(self, request, context):
+        c = self.config
+        return serving_pb2.ModelInfoResponse(
+            architecture="Qwen3NextForCausalLM", fingerprint=self.fingerprint, vocab_size=c.vocab_size,
+            context_limit=c.max_position_embeddings,
+            eos_token_id=self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else -1,
+            num_layers=c.num_hidden_layers, num_experts=c.num_experts, experts_per_token=c.num_experts_per_tok,
+            shards=[serving_pb2.ShardStatus(shard=conn.shard, address=conn.address, healthy=conn.healthy)
+                    for conn in self.engine.pool.connections])

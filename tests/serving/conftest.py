@@ -1,0 +1,233 @@
+"""Real deployments on loopback sockets: expert workers (in-process or as subprocesses) and routers.
+
+In-process servers run on one background asyncio loop (a thread), as they would in their own
+process; workers that a test kills are subprocesses, killed with SIGKILL like a crashed pod. Every
+wait is bounded and every process and server is stopped by a finalizer.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from nextserve.worker.plan import ExpertPlan
+
+STARTUP_TIMEOUT = 60.0
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Workers, router and reference share 2 cores: more torch threads than cores spin against each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class BackgroundLoop:
+    """An asyncio loop on its own thread; `run(coro)` blocks until the coroutine is done (bounded)."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="servers", daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = STARTUP_TIMEOUT):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def servers():
+    loop = BackgroundLoop()
+    yield loop
+    loop.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_serving(address: str, timeout: float = STARTUP_TIMEOUT, want_serving: bool = True) -> None:
+    deadline = time.monotonic() + timeout
+    want = health_pb2.HealthCheckResponse.SERVING if want_serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status == want:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{address} did not report {'SERVING' if want_serving else 'NOT_SERVING'} "
+                                   f"within {timeout} s")
+            time.sleep(0.1)
+
+
+def write_plan(directory: Path, plan: ExpertPlan) -> Path:
+    path = directory / f"plan-{plan.fingerprint()}.json"
+    path.write_text(plan.to_json())
+    return path
+
+
+class WorkerProcess:
+    """`nextserve worker` as a subprocess (float32, cpu, one torch thread)."""
+
+    def __init__(self, checkpoint: Path, plan_file: Path, shard: int, log_dir: Path, port: int | None = None):
+        self.checkpoint, self.plan_file, self.shard = checkpoint, plan_file, shard
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log_path = log_dir / f"worker-{shard}-{self.port}.log"
+        self.popen: subprocess.Popen | None = None
+
+    def start(self) -> "WorkerProcess":
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        argv = [sys.executable, "-m", "nextserve.cli.main", "worker", "--checkpoint", str(self.checkpoint),
+                "--plan", str(self.plan_file), "--shard", str(self.shard), "--port", str(self.port),
+                "--host", "127.0.0.1", "--dtype", "float32", "--device", "cpu"]
+        self._log = open(self.log_path, "ab")
+        self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        return self
+
+    def wait_ready(self) -> "WorkerProcess":
+        try:
+            wait_serving(self.address)
+        except TimeoutError:
+            raise TimeoutError(f"worker shard {self.shard} not ready:\n{self.log_path.read_text()[-3000:]}") from None
+        return self
+
+    def kill(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGKILL)
+            self.popen.wait(10)
+
+    def stop(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if self.popen is not None:
+            self._log.close()
+
+
+@pytest.fixture
+def worker_processes(tmp_path):
+    """Factory: worker_processes(checkpoint, plan_file, shard, port=None) -> started WorkerProcess (not yet ready)."""
+    started: list[WorkerProcess] = []
+
+    def start(checkpoint, plan_file, shard, port=None):
+        worker = WorkerProcess(checkpoint, plan_file, shard, tmp_path, port).start()
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+class InProcessWorkers:
+    """Expert workers served from the test process (one background loop), one per plan shard."""
+
+    def __init__(self, servers: BackgroundLoop, checkpoint: Path, plan: ExpertPlan):
+        from nextserve.worker.server import build_service, serve
+
+        self.servers = servers
+        self.grpc_servers = []
+        self.addresses: dict[int, list[str]] = {}
+        for shard in plan.shard_indices:
+            service = build_service(checkpoint, plan, shard, "float32", "cpu")
+            server, port = servers.run(serve(service, "127.0.0.1", 0))
+            self.grpc_servers.append(server)
+            self.addresses[shard] = [f"127.0.0.1:{port}"]
+
+    def stop(self) -> None:
+        for server in self.grpc_servers:
+            self.servers.run(server.stop(0))
+
+
+@pytest.fixture(scope="session")
+def in_process_workers(servers, tiny_checkpoint):
+    """in_process_workers(num_shards) -> InProcessWorkers over a contiguous plan (cached per session)."""
+    made: dict[int, InProcessWorkers] = {}
+
+    def get(num_shards: int) -> InProcessWorkers:
+        if num_shards not in made:
+            made[num_shards] = InProcessWorkers(servers, tiny_checkpoint, contiguous_plan(tiny_checkpoint, num_shards))
+        return made[num_shards]
+
+    yield get
+    for workers in made.values():
+        workers.stop()
+
+
+def contiguous_plan(checkpoint: Path, num_shards: int) -> ExpertPlan:
+    from nextserve.model.checkpoint import load_config
+    return ExpertPlan.contiguous(load_config(checkpoint).num_experts, num_shards)
+
+
+@pytest.fixture
+def routers(servers, tiny_checkpoint):
+    """Factory: routers(plan, workers, **limits) -> a started in-process Router (float32, cpu); stopped after the test."""
+    from nextserve.router.server import RouterOptions, start_router
+
+    started = []
+
+    def start(plan: ExpertPlan, workers: dict[int, list[str]], checkpoint: Path | None = None, **limits):
+        options = RouterOptions(checkpoint=str(checkpoint or tiny_checkpoint), plan=plan, workers=workers,
+                                host="127.0.0.1", port=0, dtype="float32", device="cpu", **limits)
+        router = servers.run(start_router(options))
+        started.append(router)
+        return router
+
+    yield start
+    for router in started:
+        servers.run(router.stop(0))
+
+
+@pytest.fixture(scope="session")
+def reference_model(tiny_checkpoint):
+    from nextserve.model import Qwen3NextForCausalLM
+    return Qwen3NextForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def reference(reference_model, tiny_checkpoint):
+    """reference(prompt_ids, max_tokens, **sampling) -> (token ids, finish reason) from the in-process model."""
+    from nextserve.model import SamplingParams, generate
+    from nextserve.model.tokenizer import load_tokenizer
+
+    eos = load_tokenizer(tiny_checkpoint).eos_token_id
+
+    def run(prompt_ids, max_tokens, **sampling):
+        params = SamplingParams(max_tokens=max_tokens, **{"temperature": 0.0, **sampling})
+        completion = generate(reference_model, [list(prompt_ids)], params, eos)[0]
+        return completion.output_ids, completion.finish_reason
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def helpers():
+    """This file's helpers for the test modules (importlib mode cannot import conftest by name)."""
+    from types import SimpleNamespace
+    return SimpleNamespace(contiguous_plan=contiguous_plan, wait_serving=wait_serving, write_plan=write_plan,
+                           InProcessWorkers=InProcessWorkers, free_port=free_port)

@@ -1,0 +1,82 @@
+"""One worker's share of the model: the routed experts of its shard, for every MoE layer.
+
+Only the tensors of the shard's experts are read from the checkpoint (memory-mapped, one at a
+time), so a worker's memory is proportional to its share of the experts.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from nextserve.kernels import ops
+from nextserve.model.checkpoint import CheckpointReader, expert_tensor_predicate, load_config, resolve_dtype, validate
+from nextserve.model.config import Qwen3NextConfig
+from nextserve.model.moe import Experts
+
+
+class ShardExperts:
+    """{decoder layer index: Experts} for the experts one shard holds."""
+
+    def __init__(self, config: Qwen3NextConfig, layers: dict[int, Experts]):
+        self.config = config
+        self.layers = layers
+        first = next(iter(layers.values()))
+        self.expert_ids: list[int] = list(first.expert_ids)
+        self.dtype = first.w13.dtype
+        self.device = first.w13.device
+
+    @classmethod
+    def load(cls, path: str | Path, expert_ids: Iterable[int], dtype="float32", device="cpu") -> "ShardExperts":
+        config = load_config(path)
+        dtype, held = resolve_dtype(dtype), sorted(set(int(e) for e in expert_ids))
+        if not held:
+            raise ValueError("a worker must hold at least one expert")
+        inter = config.moe_intermediate_size
+        reader = CheckpointReader(path)
+        mine = expert_tensor_predicate(held)
+        # MTP experts are not served (the router does not run the draft head), so not checked either.
+        validate(reader, config, predicate=lambda name: mine(name) and not name.startswith("mtp."))
+        layers: dict[int, Experts] = {}
+        for i in range(config.num_hidden_layers):
+            if not config.is_moe_layer(i):
+                continue
+            with torch.device("meta"):
+                experts = Experts(config.num_experts, config.hidden_size, inter, held)
+            experts = experts.to(dtype).to_empty(device=device)
+            for row, e in enumerate(experts.expert_ids):
+                prefix = f"model.layers.{i}.mlp.experts.{e}"
+                experts.w13.data[row, :inter] = reader.get(f"{prefix}.gate_proj.weight", dtype, device)
+                experts.w13.data[row, inter:] = reader.get(f"{prefix}.up_proj.weight", dtype, device)
+                experts.w2.data[row] = reader.get(f"{prefix}.down_proj.weight", dtype, device)
+            layers[i] = experts.eval()
+        reader.close()
+        if not layers:
+            raise ValueError(f"{path}: the model has no MoE layers, so there is nothing for a worker to serve")
+        return cls(config, layers)
+
+    @property
+    def parameter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for experts in self.layers.values() for p in experts.parameters())
+
+    @torch.inference_mode()
+    def forward(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """hidden [T, H]; expert_ids [T, k] GLOBAL ids, -1 = skip; weights [T, k] fp32 -> [T, H] in hidden's dtype.
+
+        Slots naming an expert this shard does not hold contribute nothing, as do -1 slots (the router
+        sends -1 where another shard computes the slot, e.g. a replicated expert)."""
+        if layer not in self.layers:
+            raise ValueError(f"layer {layer} is not an MoE layer this worker serves ({sorted(self.layers)})")
+        T, H = hidden.shape
+        if H != self.config.hidden_size or expert_ids.shape != weights.shape or expert_ids.shape[0] != T:
+            raise ValueError(f"inconsistent shapes: hidden {list(hidden.shape)}, expert_ids {list(expert_ids.shape)}, "
+                             f"weights {list(weights.shape)} (hidden size {self.config.hidden_size})")
+        ids = expert_ids.to(self.device, torch.int64)
+        if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= self.config.num_experts):
+            raise ValueError(f"expert ids must lie in [-1, {self.config.num_experts})")
+        experts = self.layers[layer]
+        local = experts.local_index(self.device)[ids.clamp(min=0)].masked_fill(ids < 0, -1)
+        out = ops.expert_ffn(hidden.to(self.device, self.dtype), local, weights.to(self.device, torch.float32),
+                             experts.w13, experts.w2)
+        return out.to(hidden.dtype)
