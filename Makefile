@@ -1,10 +1,11 @@
-# The two commands a fresh machine needs: `make serve` runs nextserve, `make test` runs the tests.
+# The two commands a fresh machine needs: `make serve` runs nextserve (a router and expert workers
+# on a small generated checkpoint, until Ctrl-C), `make test` runs the tests.
 # Each one creates or refreshes the virtual environment itself.
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 CHECKPOINT ?= checkpoints/small
-PROMPT ?= The quick brown fox
+SHARDS ?= 2
 
 .PHONY: serve test dev clean
 
@@ -28,7 +29,7 @@ $(CHECKPOINT)/config.json: | dev
 	$(BIN)/nextserve checkpoint make --preset small --out $(CHECKPOINT)
 
 serve: dev $(CHECKPOINT)/config.json
-	$(BIN)/nextserve generate --checkpoint $(CHECKPOINT) --max-tokens 32 "$(PROMPT)"
+	$(BIN)/nextserve up --checkpoint $(CHECKPOINT) --shards $(SHARDS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info checkpoints
