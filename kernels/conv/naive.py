@@ -1,0 +1,116 @@
+"""Plain torch reference of the causal depthwise conv1d in front of the Gated DeltaNet.
+
+Channel c of token t (local position p in its sequence) is
+
+    y[t, c] = act( sum_{j < W} weight[c, j] * x_seq[p - (W - 1) + j, c] )
+
+where positions before the sequence start read the conv state: the last W - 1 inputs of what
+came before (zeros for a fresh sequence), oldest first. The state handed back is the last W - 1
+inputs of [state, sequence], so a sequence shorter than W - 1 keeps part of its initial state.
+Accumulation is fp32; outputs are in x.dtype, as are returned states.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["causal_conv1d", "causal_conv1d_update"]
+
+_ACTIVATIONS = (None, "silu", "swish")
+
+
+def check_conv_inputs(x, weight, initial_state, cu_seqlens, activation) -> tuple[int, int, int, int]:
+    """Validate `causal_conv1d` inputs; return (T, C, W, N). Raises ValueError naming the bad shape.
+
+    x: [T, C]; weight: [C, W]; initial_state: [N, C, W - 1] or None; cu_seqlens: [N + 1] or None (N = 1).
+    """
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation {activation!r}: expected one of {_ACTIVATIONS}")
+    if x.dim() != 2:
+        raise ValueError(f"x {tuple(x.shape)} must be [T, C] (sequences packed along T)")
+    T, C = x.shape
+    if weight.dim() != 2 or weight.shape[0] != C or weight.shape[1] < 1:
+        raise ValueError(f"weight {tuple(weight.shape)} must be [C, W] with C = {C} (x {tuple(x.shape)})")
+    W = weight.shape[1]
+    if cu_seqlens is not None:
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens {tuple(cu_seqlens.shape)} must be 1-D [N + 1] with N >= 1")
+        if cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+        N = cu_seqlens.numel() - 1
+    else:
+        N = 1
+    if initial_state is not None and tuple(initial_state.shape) != (N, C, W - 1):
+        raise ValueError(f"initial_state {tuple(initial_state.shape)} must be [N, C, W - 1] = {(N, C, W - 1)}")
+    return T, C, W, N
+
+
+def check_conv_update_inputs(x, conv_state, weight, activation) -> tuple[int, int, int]:
+    """Validate `causal_conv1d_update` inputs; return (N, C, W).
+
+    x: [N, C]; conv_state: [N, C, W - 1]; weight: [C, W].
+    """
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation {activation!r}: expected one of {_ACTIVATIONS}")
+    if x.dim() != 2:
+        raise ValueError(f"x {tuple(x.shape)} must be [N, C] (one token per sequence)")
+    N, C = x.shape
+    if weight.dim() != 2 or weight.shape[0] != C or weight.shape[1] < 1:
+        raise ValueError(f"weight {tuple(weight.shape)} must be [C, W] with C = {C} (x {tuple(x.shape)})")
+    W = weight.shape[1]
+    if tuple(conv_state.shape) != (N, C, W - 1):
+        raise ValueError(f"conv_state {tuple(conv_state.shape)} must be [N, C, W - 1] = {(N, C, W - 1)}")
+    return N, C, W
+
+
+def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    return F.silu(y) if activation in ("silu", "swish") else y
+
+
+def causal_conv1d(x, weight, *, initial_state=None, cu_seqlens=None, activation="silu"):
+    """Prefill: causal depthwise conv over packed sequences, then the activation.
+
+    x: [T, C]; weight: [C, W]; initial_state: [N, C, W - 1] or None (zeros);
+    cu_seqlens: [N + 1] or None (one sequence); activation: "silu" / "swish" or None.
+    Returns (y [T, C] in x.dtype, final_state [N, C, W - 1] in x.dtype).
+
+    Example, two sequences of 5 and 2 tokens:
+        y, state = causal_conv1d(x, w, cu_seqlens=torch.tensor([0, 5, 7], dtype=torch.int32))
+    """
+    T, C, W, N = check_conv_inputs(x, weight, initial_state, cu_seqlens, activation)
+    device = x.device
+    offsets = (cu_seqlens.to(device=device, dtype=torch.int64) if cu_seqlens is not None
+               else torch.tensor([0, T], device=device))
+    lengths = offsets.diff()
+    state = (initial_state.float() if initial_state is not None
+             else torch.zeros(N, C, W - 1, dtype=torch.float32, device=device))
+    # one source of rows: the T inputs, then each sequence's W - 1 state columns, oldest first
+    source = torch.cat([x.float(), state.transpose(1, 2).reshape(N * (W - 1), C)])
+
+    def row(n, p):
+        """Source row of position p (may be negative: then a state column) of sequence n."""
+        return torch.where(p >= 0, offsets[n] + p, T + n * (W - 1) + (W - 1) + p)
+
+    taps = torch.arange(W, device=device)
+    seq = torch.repeat_interleave(torch.arange(N, device=device), lengths)  # [T]
+    p = torch.arange(T, device=device) - offsets[seq]
+    window = source[row(seq[:, None], p[:, None] - (W - 1) + taps[None, :])]  # [T, W, C]
+    y = _activate((window * weight.float().t()[None]).sum(1), activation).to(x.dtype)
+
+    n = torch.arange(N, device=device)
+    last = lengths[:, None] - (W - 1) + taps[None, : W - 1]  # [N, W - 1]
+    final_state = source[row(n[:, None], last)].transpose(1, 2).to(x.dtype)
+    return y, final_state
+
+
+def causal_conv1d_update(x, conv_state, weight, *, activation="silu"):
+    """Decode: one new token per sequence; conv_state is rolled in place.
+
+    x: [N, C]; conv_state: [N, C, W - 1] (oldest input first); weight: [C, W].
+    Returns y [N, C] in x.dtype.
+    """
+    check_conv_update_inputs(x, conv_state, weight, activation)
+    window = torch.cat([conv_state.float(), x.float()[..., None]], dim=-1)  # [N, C, W]
+    y = _activate((window * weight.float()[None]).sum(-1), activation)
+    conv_state.copy_(window[..., 1:])
+    return y.to(x.dtype)
