@@ -126,6 +126,14 @@ class Qwen3NextForCausalLM(nn.Module):
         return self.lm_head(picked).float(), hidden
 
     @torch.inference_mode()
+    def mtp_logits(self, next_token_ids: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Draft logits for the token after next: next_token_ids [T] (the token that follows each
+        position), hidden [T, H] from `forward_batch` on the same `batch`. Returns [T, V] fp32."""
+        if self.mtp is None:
+            raise ValueError("this model was loaded without its MTP head (from_pretrained(..., with_mtp=True))")
+        return self.lm_head(self.mtp(self.model.embed_tokens(next_token_ids), hidden, batch)).float()
+
+    @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         # input_ids: [B, S] -> logits [B, S, V] (fp32), every sequence from an empty state
         B, S = input_ids.shape
