@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 CHECKPOINT ?= checkpoints/small
 SHARDS ?= 2
 
+HELM_PYTHON ?= $(shell pyenv root 2>/dev/null)/versions/3.12.1/bin/python
+HELM_VENV ?= .venv-helm
+
 .PHONY: serve test dev clean
 
 # The venv is rebuilt when the dependency list changes.
@@ -22,7 +25,14 @@ $(VENV)/.installed: pyproject.toml
 dev: $(VENV)/.installed
 	$(BIN)/pip install -q --no-deps -e . --config-settings editable_mode=strict
 
-test: dev
+# helm-sdkpy (Helm's own engine, used to lint and install the chart in tests) needs Python >= 3.12.
+$(HELM_VENV)/.installed:
+	test -x $(HELM_PYTHON) || { echo "need Python 3.12 at $(HELM_PYTHON) (set HELM_PYTHON)"; exit 1; }
+	$(HELM_PYTHON) -m venv $(HELM_VENV)
+	$(HELM_VENV)/bin/pip install -q helm-sdkpy==0.1.32
+	touch $@
+
+test: dev $(HELM_VENV)/.installed
 	$(BIN)/python -m pytest -q
 
 $(CHECKPOINT)/config.json: | dev
@@ -32,4 +42,4 @@ serve: dev $(CHECKPOINT)/config.json
 	$(BIN)/nextserve up --checkpoint $(CHECKPOINT) --shards $(SHARDS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info checkpoints
+	rm -rf $(VENV) $(HELM_VENV) build *.egg-info checkpoints

@@ -1,0 +1,500 @@
+"""Pure builders: a Qwen3NextDeployment (spec + plan) in, child manifests (dicts) out.
+
+Nothing here talks to the API server, so every child can be checked in unit tests.
+The command lines match `nextserve worker` and `nextserve router` flag for flag.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from nextserve.operator.spec import GROUP, KIND, VERSION, DeploymentSpec, Placement
+from nextserve.worker.plan import ExpertPlan
+
+MANAGER = "nextserve-operator"
+PLAN_FILE = "plan.json"
+PLAN_DIR = "/etc/nextserve/plan"
+MODEL_DIR = "/model"
+REDIS_PORT = 6379
+
+# Labels the operator selects its children by; the app.kubernetes.io ones are for people.
+LABEL_DEPLOYMENT = f"{GROUP}/deployment"
+LABEL_PLAN = f"{GROUP}/plan"
+LABEL_SHARD = f"{GROUP}/shard"
+ANNOTATION_PLAN = f"{GROUP}/plan"
+COMPONENT = "app.kubernetes.io/component"
+
+# StatefulSet names longer than 52 characters break the controller-revision-hash pod label.
+STS_NAME_LIMIT = 52
+NAME_LIMIT = 63
+
+
+def short_name(*parts: str, limit: int = NAME_LIMIT) -> str:
+    """Join name parts; when too long, cut the first part and add a hash so names stay unique."""
+    name = "-".join(parts)
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:6]
+    tail = "-".join(parts[1:])
+    keep = limit - len(tail) - len(digest) - 2
+    head = parts[0][: max(keep, 1)].rstrip("-.")
+    return "-".join(p for p in (head, digest, tail) if p)[:limit].rstrip("-.")
+
+
+def label_value(value: str) -> str:
+    """Label values are at most 63 characters."""
+    return short_name(value, limit=NAME_LIMIT)
+
+
+def plan_configmap_name(name: str, plan: ExpertPlan) -> str:
+    return short_name(name, "plan", plan.fingerprint())
+
+
+def worker_name(name: str, plan: ExpertPlan, shard: int) -> str:
+    # The plan fingerprint is part of the name: a new plan gets new StatefulSets next to
+    # the old ones, so the router can keep serving with the old plan until the new one is up.
+    return short_name(name, "w" + plan.fingerprint()[:8], str(shard), limit=STS_NAME_LIMIT)
+
+
+def router_name(name: str) -> str:
+    return short_name(name, "router")
+
+
+def redis_name(name: str) -> str:
+    return short_name(name, "redis")
+
+
+def worker_addresses(name: str, namespace: str, spec: DeploymentSpec, plan: ExpertPlan) -> list[str]:
+    """`S=HOST:PORT` for every replica of every shard, via the StatefulSet pods' stable DNS names."""
+    out = []
+    for shard in plan.shard_indices:
+        sts = worker_name(name, plan, shard)
+        for replica in range(spec.experts.replicas_per_shard):
+            host = f"{sts}-{replica}.{sts}.{namespace}.svc.cluster.local"
+            out.append(f"{shard}={host}:{spec.experts.port}")
+    return out
+
+
+def router_endpoint(name: str, namespace: str, spec: DeploymentSpec) -> str:
+    return f"{router_name(name)}.{namespace}.svc.cluster.local:{spec.router.service_port}"
+
+
+def owner_reference(body: Mapping[str, Any]) -> dict[str, Any]:
+    meta = body["metadata"]
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def labels(name: str, component: str, **extra: str) -> dict[str, str]:
+    out = {
+        "app.kubernetes.io/name": "nextserve",
+        "app.kubernetes.io/instance": label_value(name),
+        COMPONENT: component,
+        "app.kubernetes.io/part-of": "nextserve",
+        "app.kubernetes.io/managed-by": MANAGER,
+        LABEL_DEPLOYMENT: label_value(name),
+    }
+    out.update(extra)
+    return out
+
+
+def selector_labels(name: str, component: str, **extra: str) -> dict[str, str]:
+    return {LABEL_DEPLOYMENT: label_value(name), COMPONENT: component, **extra}
+
+
+def _metadata(body: Mapping[str, Any], name: str, lbls: dict[str, str], annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": body["metadata"]["namespace"],
+        "labels": lbls,
+        "ownerReferences": [owner_reference(body)],
+    }
+    if annotations:
+        meta["annotations"] = annotations
+    return meta
+
+
+# -- pod building blocks -----------------------------------------------------------------
+
+POD_SECURITY = {
+    "runAsNonRoot": True,
+    "runAsUser": 1000,
+    "runAsGroup": 1000,
+    "fsGroup": 1000,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+
+
+def _resources(raw: Mapping[str, Any], device: str, default_requests: Mapping[str, str]) -> dict[str, Any]:
+    requests = dict(raw.get("requests") or {})
+    limits = dict(raw.get("limits") or {})
+    for key, value in default_requests.items():
+        requests.setdefault(key, value)
+    if device == "cuda":
+        # Extended resources are scheduled from limits and may not be overcommitted;
+        # a GPU pod without a GPU limit would land on a node with no GPU for it.
+        gpus = limits.get("nvidia.com/gpu", requests.get("nvidia.com/gpu", 1))
+        limits["nvidia.com/gpu"] = gpus
+        requests["nvidia.com/gpu"] = gpus
+    out: dict[str, Any] = {"requests": requests}
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _grpc_probes(port: int) -> dict[str, Any]:
+    # Loading a shard of an 80B checkpoint takes minutes: the startup probe allows 30 of
+    # them before the liveness probe may restart the container.
+    return {
+        "startupProbe": {"grpc": {"port": port}, "periodSeconds": 10, "failureThreshold": 180},
+        "readinessProbe": {"grpc": {"port": port}, "periodSeconds": 5, "failureThreshold": 3},
+        "livenessProbe": {"grpc": {"port": port}, "periodSeconds": 20, "failureThreshold": 3},
+    }
+
+
+def _model_volume(spec: DeploymentSpec) -> dict[str, Any]:
+    if spec.model.pvc_claim:
+        return {"name": "model", "persistentVolumeClaim": {"claimName": spec.model.pvc_claim, "readOnly": spec.model.pvc_read_only}}
+    return {"name": "model", "hostPath": {"path": spec.model.host_path, "type": "Directory"}}
+
+
+def _checkpoint_dir(spec: DeploymentSpec) -> str:
+    if spec.model.pvc_claim and spec.model.pvc_path:
+        return f"{MODEL_DIR}/{spec.model.pvc_path.strip('/')}"
+    return MODEL_DIR
+
+
+def _pod_volumes(spec: DeploymentSpec, plan_cm: str) -> list[dict[str, Any]]:
+    return [
+        _model_volume(spec),
+        {"name": "plan", "configMap": {"name": plan_cm, "items": [{"key": PLAN_FILE, "path": PLAN_FILE}]}},
+        # The root filesystem is read-only; compilers (triton) and Python need scratch space.
+        {"name": "tmp", "emptyDir": {}},
+        # NCCL and torch shared-memory tensors need more than the container default 64 MiB.
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+    ]
+
+
+def _mounts(spec: DeploymentSpec) -> list[dict[str, Any]]:
+    return [
+        {"name": "model", "mountPath": MODEL_DIR, "readOnly": True},
+        {"name": "plan", "mountPath": PLAN_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+
+
+def _base_env(spec: DeploymentSpec) -> list[dict[str, Any]]:
+    return [
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "TRITON_CACHE_DIR", "value": "/tmp/triton"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+
+
+def _pod_spec(spec: DeploymentSpec, placement: Placement, containers: list[dict[str, Any]], volumes: list[dict[str, Any]]) -> dict[str, Any]:
+    pod: dict[str, Any] = {
+        "securityContext": copy.deepcopy(POD_SECURITY),
+        "containers": containers,
+        "volumes": volumes,
+        "enableServiceLinks": False,
+    }
+    if placement.node_selector:
+        pod["nodeSelector"] = dict(placement.node_selector)
+    if placement.tolerations:
+        pod["tolerations"] = copy.deepcopy(placement.tolerations)
+    if placement.affinity:
+        pod["affinity"] = copy.deepcopy(placement.affinity)
+    if spec.images.pull_secrets:
+        pod["imagePullSecrets"] = [{"name": s} for s in spec.images.pull_secrets]
+    return pod
+
+
+# -- children ------------------------------------------------------------------------------
+
+def plan_configmap(body: Mapping[str, Any], plan: ExpertPlan) -> dict[str, Any]:
+    name = body["metadata"]["name"]
+    fp = plan.fingerprint()
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(body, plan_configmap_name(name, plan), labels(name, "plan", **{LABEL_PLAN: fp})),
+        # Immutable: a plan never changes in place, a new plan is a new ConfigMap.
+        "immutable": True,
+        "data": {PLAN_FILE: plan.to_json()},
+    }
+
+
+def worker_args(spec: DeploymentSpec, shard: int) -> list[str]:
+    return [
+        "worker",
+        "--checkpoint", _checkpoint_dir(spec),
+        "--plan", f"{PLAN_DIR}/{PLAN_FILE}",
+        "--shard", str(shard),
+        "--port", str(spec.experts.port),
+        "--host", "0.0.0.0",
+        "--dtype", spec.model.dtype,
+        "--device", spec.experts.device,
+    ]
+
+
+def worker_service(body: Mapping[str, Any], spec: DeploymentSpec, plan: ExpertPlan, shard: int) -> dict[str, Any]:
+    name = body["metadata"]["name"]
+    sts = worker_name(name, plan, shard)
+    fp = plan.fingerprint()
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(body, sts, labels(name, "worker", **{LABEL_PLAN: fp, LABEL_SHARD: str(shard)})),
+        "spec": {
+            "clusterIP": "None",
+            # The router dials pods by name while they load; DNS must resolve before readiness.
+            "publishNotReadyAddresses": True,
+            "selector": selector_labels(name, "worker", **{LABEL_PLAN: fp, LABEL_SHARD: str(shard)}),
+            "ports": [{"name": "grpc", "port": spec.experts.port, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"}],
+        },
+    }
+
+
+def worker_statefulset(body: Mapping[str, Any], spec: DeploymentSpec, plan: ExpertPlan, shard: int) -> dict[str, Any]:
+    name = body["metadata"]["name"]
+    sts = worker_name(name, plan, shard)
+    fp = plan.fingerprint()
+    lbls = labels(name, "worker", **{LABEL_PLAN: fp, LABEL_SHARD: str(shard)})
+    container = {
+        "name": "worker",
+        "image": spec.images.serving,
+        "imagePullPolicy": spec.images.pull_policy,
+        "command": ["nextserve"],
+        "args": worker_args(spec, shard),
+        "ports": [{"name": "grpc", "containerPort": spec.experts.port, "protocol": "TCP"}],
+        "env": _base_env(spec),
+        "resources": _resources(spec.experts.placement.resources, spec.experts.device, {"cpu": "1", "memory": "4Gi"}),
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
+        "volumeMounts": _mounts(spec),
+        **_grpc_probes(spec.experts.port),
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": _metadata(body, sts, lbls, {ANNOTATION_PLAN: fp}),
+        "spec": {
+            "serviceName": sts,
+            "replicas": spec.experts.replicas_per_shard,
+            # Replicas of a shard are interchangeable: start them together, not one by one.
+            "podManagementPolicy": "Parallel",
+            "updateStrategy": {"type": "RollingUpdate"},
+            "selector": {"matchLabels": selector_labels(name, "worker", **{LABEL_PLAN: fp, LABEL_SHARD: str(shard)})},
+            "template": {
+                "metadata": {"labels": lbls, "annotations": {ANNOTATION_PLAN: fp}},
+                "spec": {
+                    **_pod_spec(spec, spec.experts.placement, [container], _pod_volumes(spec, plan_configmap_name(name, plan))),
+                    "terminationGracePeriodSeconds": 30,
+                },
+            },
+        },
+    }
+
+
+CACHE_URL_ENV = "NEXTSERVE_CACHE_URL"
+
+
+def router_args(name: str, namespace: str, spec: DeploymentSpec, plan: ExpertPlan) -> list[str]:
+    args = [
+        "router",
+        "--checkpoint", _checkpoint_dir(spec),
+        "--plan", f"{PLAN_DIR}/{PLAN_FILE}",
+    ]
+    for address in worker_addresses(name, namespace, spec, plan):
+        args += ["--worker", address]
+    args += [
+        "--port", str(spec.router.port),
+        "--host", "0.0.0.0",
+        "--dtype", spec.model.dtype,
+        "--device", spec.router.device,
+    ]
+    if spec.router.max_batch_tokens is not None:
+        args += ["--max-batch-tokens", str(spec.router.max_batch_tokens)]
+    if spec.router.max_running_requests is not None:
+        args += ["--max-running-requests", str(spec.router.max_running_requests)]
+    if spec.router.max_queue is not None:
+        args += ["--max-queue", str(spec.router.max_queue)]
+    if spec.cache is not None:
+        if spec.cache.managed:
+            url = f"redis://{redis_name(name)}.{namespace}.svc.cluster.local:{REDIS_PORT}/0"
+        else:
+            # Kubernetes expands $(VAR) in args from the container env: the URL (which may
+            # hold a password) stays in the Secret and out of the pod spec.
+            url = f"$({CACHE_URL_ENV})"
+        args += ["--cache-url", url, "--cache-ttl", str(spec.cache.ttl_seconds)]
+    if spec.tracing is not None:
+        args += ["--otlp-endpoint", spec.tracing.otlp_endpoint, "--trace-sample-ratio", repr(spec.tracing.sample_ratio)]
+    return args
+
+
+def router_deployment(body: Mapping[str, Any], spec: DeploymentSpec, plan: ExpertPlan) -> dict[str, Any]:
+    """The router, wired to `plan` (the plan in force, not necessarily the newest one)."""
+    name = body["metadata"]["name"]
+    namespace = body["metadata"]["namespace"]
+    fp = plan.fingerprint()
+    lbls = labels(name, "router")
+    env = _base_env(spec)
+    if spec.cache is not None and not spec.cache.managed:
+        env.append({
+            "name": CACHE_URL_ENV,
+            "valueFrom": {"secretKeyRef": {"name": spec.cache.secret_name, "key": spec.cache.secret_key}},
+        })
+    container = {
+        "name": "router",
+        "image": spec.images.serving,
+        "imagePullPolicy": spec.images.pull_policy,
+        "command": ["nextserve"],
+        "args": router_args(name, namespace, spec, plan),
+        "ports": [{"name": "grpc", "containerPort": spec.router.port, "protocol": "TCP"}],
+        "env": env,
+        "resources": _resources(spec.router.placement.resources, spec.router.device, {"cpu": "1", "memory": "4Gi"}),
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
+        "volumeMounts": _mounts(spec),
+        **_grpc_probes(spec.router.port),
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(body, router_name(name), lbls, {ANNOTATION_PLAN: fp}),
+        "spec": {
+            "replicas": spec.router.replicas,
+            # Never fewer ready routers than asked for: a plan switch surges a new router
+            # and retires an old one only once the new one passes its health check.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "selector": {"matchLabels": selector_labels(name, "router")},
+            "template": {
+                "metadata": {"labels": lbls, "annotations": {ANNOTATION_PLAN: fp}},
+                "spec": _pod_spec(spec, spec.router.placement, [container], _pod_volumes(spec, plan_configmap_name(name, plan))),
+            },
+        },
+    }
+
+
+def router_service(body: Mapping[str, Any], spec: DeploymentSpec) -> dict[str, Any]:
+    name = body["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(body, router_name(name), labels(name, "router")),
+        "spec": {
+            "type": spec.router.service_type,
+            "selector": selector_labels(name, "router"),
+            "ports": [{"name": "grpc", "port": spec.router.service_port, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"}],
+        },
+    }
+
+
+_MEM_UNITS = {"kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30}
+
+
+def _redis_limit(max_memory: str) -> str:
+    match = re.fullmatch(r"([0-9]+)(kb|mb|gb)", max_memory)
+    if not match:
+        raise ValueError(f"bad maxMemory {max_memory!r}")
+    size = int(match.group(1)) * _MEM_UNITS[match.group(2)]
+    # Redis overhead (fragmentation, buffers) lives outside maxmemory: leave 25% headroom.
+    return f"{(size * 5 // 4) >> 20}Mi"
+
+
+def redis_deployment(body: Mapping[str, Any], spec: DeploymentSpec) -> dict[str, Any]:
+    assert spec.cache is not None and spec.cache.managed
+    name = body["metadata"]["name"]
+    lbls = labels(name, "cache")
+    memory = _redis_limit(spec.cache.max_memory)
+    resources = {
+        "requests": {"cpu": "100m", "memory": memory, **(spec.cache.resources.get("requests") or {})},
+        "limits": {"memory": memory, **(spec.cache.resources.get("limits") or {})},
+    }
+    probe = {"exec": {"command": ["redis-cli", "ping"]}, "periodSeconds": 10, "timeoutSeconds": 2}
+    container = {
+        "name": "redis",
+        "image": spec.images.redis,
+        "imagePullPolicy": spec.images.pull_policy,
+        # A cache, not a database: no persistence, evict least recently used keys.
+        "args": ["redis-server", "--maxmemory", spec.cache.max_memory, "--maxmemory-policy", "allkeys-lru",
+                 "--save", "", "--appendonly", "no"],
+        "ports": [{"name": "redis", "containerPort": REDIS_PORT, "protocol": "TCP"}],
+        "resources": resources,
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
+        "readinessProbe": probe,
+        "livenessProbe": {**probe, "periodSeconds": 20},
+        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+    }
+    pod = {
+        # The official image's redis user.
+        "securityContext": {**POD_SECURITY, "runAsUser": 999, "runAsGroup": 999, "fsGroup": 999},
+        "containers": [container],
+        "volumes": [{"name": "data", "emptyDir": {}}],
+        "enableServiceLinks": False,
+    }
+    if spec.images.pull_secrets:
+        pod["imagePullSecrets"] = [{"name": s} for s in spec.images.pull_secrets]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(body, redis_name(name), lbls),
+        "spec": {
+            "replicas": 1,
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": selector_labels(name, "cache")},
+            "template": {"metadata": {"labels": lbls}, "spec": pod},
+        },
+    }
+
+
+def redis_service(body: Mapping[str, Any], spec: DeploymentSpec) -> dict[str, Any]:
+    name = body["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(body, redis_name(name), labels(name, "cache")),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(name, "cache"),
+            "ports": [{"name": "redis", "port": REDIS_PORT, "targetPort": "redis", "protocol": "TCP"}],
+        },
+    }
+
+
+def worker_children(body: Mapping[str, Any], spec: DeploymentSpec, plan: ExpertPlan) -> list[dict[str, Any]]:
+    """The plan ConfigMap first (pods mount it), then a Service and StatefulSet per shard."""
+    out = [plan_configmap(body, plan)]
+    for shard in plan.shard_indices:
+        out.append(worker_service(body, spec, plan, shard))
+        out.append(worker_statefulset(body, spec, plan, shard))
+    return out
+
+
+def cache_children(body: Mapping[str, Any], spec: DeploymentSpec) -> list[dict[str, Any]]:
+    if spec.cache is None or not spec.cache.managed:
+        return []
+    return [redis_service(body, spec), redis_deployment(body, spec)]
+
+
+def router_children(body: Mapping[str, Any], spec: DeploymentSpec, plan: ExpertPlan) -> list[dict[str, Any]]:
+    return [router_service(body, spec), router_deployment(body, spec, plan)]
+
+
+def all_children(body: Mapping[str, Any], spec: DeploymentSpec, plan: ExpertPlan) -> list[dict[str, Any]]:
+    """Everything a settled deployment consists of (no rollout in flight)."""
+    return worker_children(body, spec, plan) + cache_children(body, spec) + router_children(body, spec, plan)

@@ -1,0 +1,300 @@
+"""Pure builders: the children are exactly what the spec asks for."""
+
+from __future__ import annotations
+
+import copy
+import pathlib
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from nextserve.operator import manifests as m
+from nextserve.operator import spec as s
+from nextserve.operator import status as st
+from nextserve.operator.main import build_parser
+from nextserve.worker.plan import ExpertPlan
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+K8S_VERSION = "1.30.0"
+
+
+def body(spec: dict, name: str = "qwen", namespace: str = "prod") -> dict:
+    return {"apiVersion": "serving.nextserve.io/v1alpha1", "kind": "Qwen3NextDeployment",
+            "metadata": {"name": name, "namespace": namespace, "uid": "uid-123", "generation": 4},
+            "spec": spec}
+
+
+BIG = {
+    "model": {"source": {"pvc": {"claimName": "weights", "path": "Qwen3-Next-80B-A3B"}}, "numExperts": 512},
+    "experts": {
+        "shards": 8, "replicasPerShard": 2,
+        "resources": {"requests": {"cpu": "8", "memory": "96Gi"}, "limits": {"nvidia.com/gpu": 1}},
+        "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    },
+    "router": {"replicas": 2, "maxBatchTokens": 8192, "maxRunningRequests": 64, "maxQueue": 256,
+               "service": {"type": "LoadBalancer", "port": 443}},
+    "cache": {"managed": {"maxMemory": "2gb"}, "ttlSeconds": 600},
+    "tracing": {"otlpEndpoint": "http://otel-collector.observability:4317", "sampleRatio": 0.1},
+    "images": {"serving": "registry.example/nextserve:1.2.3", "pullPolicy": "Always", "pullSecrets": ["regcred"]},
+}
+TINY = {
+    "model": {"source": {"hostPath": {"path": "/srv/models/tiny"}}, "numExperts": 8, "dtype": "float32"},
+    "experts": {"shards": 2, "device": "cpu"},
+    "router": {"device": "cpu"},
+    "cache": {"external": {"urlSecretRef": {"name": "redis-url", "key": "uri"}}},
+}
+
+
+def build(spec: dict):
+    b = body(spec)
+    parsed = s.parse_spec(spec)
+    plan = s.resolve_plan(parsed)
+    return b, parsed, plan, m.all_children(b, parsed, plan)
+
+
+def flag(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+def test_big_spec_children():
+    b, parsed, plan, children = build(BIG)
+    kinds = [(c["kind"], c["metadata"]["name"]) for c in children]
+    fp = plan.fingerprint()
+    assert kinds[0] == ("ConfigMap", f"qwen-plan-{fp}")
+    sts = [c for c in children if c["kind"] == "StatefulSet"]
+    svcs = {c["metadata"]["name"]: c for c in children if c["kind"] == "Service"}
+    assert len(sts) == 8
+    # Shards cover every expert exactly once, and each worker is told its own shard.
+    cm = children[0]
+    loaded = ExpertPlan.from_json(cm["data"]["plan.json"])
+    assert sorted(e for sh in loaded.shards for e in sh.experts) == list(range(512))
+    for shard, obj in enumerate(sorted(sts, key=lambda o: int(o["metadata"]["labels"][m.LABEL_SHARD]))):
+        args = obj["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert args[:1] == ["worker"]
+        assert flag(args, "--shard") == str(shard)
+        assert flag(args, "--checkpoint") == "/model/Qwen3-Next-80B-A3B"
+        assert flag(args, "--plan") == "/etc/nextserve/plan/plan.json"
+        assert flag(args, "--port") == "50051" and flag(args, "--host") == "0.0.0.0"
+        assert flag(args, "--dtype") == "bfloat16" and flag(args, "--device") == "cuda"
+        assert obj["spec"]["replicas"] == 2
+        assert obj["spec"]["serviceName"] == obj["metadata"]["name"]
+        assert svcs[obj["metadata"]["name"]]["spec"]["clusterIP"] == "None"
+        assert svcs[obj["metadata"]["name"]]["spec"]["selector"].items() <= obj["spec"]["template"]["metadata"]["labels"].items()
+        assert obj["spec"]["selector"]["matchLabels"].items() <= obj["spec"]["template"]["metadata"]["labels"].items()
+        assert len(obj["metadata"]["name"]) <= 52
+        pod = obj["spec"]["template"]["spec"]
+        c = pod["containers"][0]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert c["resources"]["requests"]["memory"] == "96Gi"
+        assert c["readinessProbe"]["grpc"] == {"port": 50051}
+        assert c["livenessProbe"]["grpc"] == {"port": 50051}
+        assert pod["nodeSelector"] == BIG["experts"]["nodeSelector"]
+        assert pod["tolerations"] == BIG["experts"]["tolerations"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+        assert c["image"] == "registry.example/nextserve:1.2.3" and c["imagePullPolicy"] == "Always"
+        assert {"name": "plan", "configMap": {"name": cm["metadata"]["name"], "items": [{"key": "plan.json", "path": "plan.json"}]}} in pod["volumes"]
+
+    router = next(c for c in children if c["kind"] == "Deployment" and c["metadata"]["name"] == "qwen-router")
+    args = router["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[0] == "router"
+    workers = [args[i + 1] for i, a in enumerate(args) if a == "--worker"]
+    assert len(workers) == 16
+    sts0 = m.worker_name("qwen", plan, 0)
+    assert workers[:2] == [f"0={sts0}-0.{sts0}.prod.svc.cluster.local:50051", f"0={sts0}-1.{sts0}.prod.svc.cluster.local:50051"]
+    assert sorted({w.split("=")[0] for w in workers}, key=int) == [str(i) for i in range(8)]
+    assert flag(args, "--max-batch-tokens") == "8192"
+    assert flag(args, "--max-running-requests") == "64"
+    assert flag(args, "--max-queue") == "256"
+    assert flag(args, "--cache-url") == "redis://qwen-redis.prod.svc.cluster.local:6379/0"
+    assert flag(args, "--cache-ttl") == "600"
+    assert flag(args, "--otlp-endpoint") == "http://otel-collector.observability:4317"
+    assert float(flag(args, "--trace-sample-ratio")) == 0.1
+    assert router["spec"]["replicas"] == 2
+    assert router["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    assert router["metadata"]["annotations"][m.ANNOTATION_PLAN] == fp
+    assert svcs["qwen-router"]["spec"]["type"] == "LoadBalancer"
+    assert svcs["qwen-router"]["spec"]["ports"][0]["port"] == 443
+    redis = next(c for c in children if c["metadata"]["name"] == "qwen-redis" and c["kind"] == "Deployment")
+    rc = redis["spec"]["template"]["spec"]["containers"][0]
+    assert flag(rc["args"], "--maxmemory") == "2gb"
+    assert rc["resources"]["limits"]["memory"] == "2560Mi"
+
+    for child in children:
+        meta = child["metadata"]
+        assert meta["namespace"] == "prod"
+        assert meta["ownerReferences"] == [{"apiVersion": "serving.nextserve.io/v1alpha1", "kind": "Qwen3NextDeployment",
+                                            "name": "qwen", "uid": "uid-123", "controller": True, "blockOwnerDeletion": True}]
+        assert meta["labels"]["app.kubernetes.io/instance"] == "qwen"
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "nextserve-operator"
+        assert meta["labels"]["app.kubernetes.io/name"] == "nextserve"
+
+
+def test_tiny_cpu_external_cache_children():
+    b, parsed, plan, children = build(TINY)
+    assert [c["kind"] for c in children].count("StatefulSet") == 2
+    assert not any(c["metadata"]["name"].endswith("-redis") for c in children)
+    sts = next(c for c in children if c["kind"] == "StatefulSet")
+    pod = sts["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert "nvidia.com/gpu" not in c["resources"].get("limits", {}) and "nvidia.com/gpu" not in c["resources"]["requests"]
+    assert flag(c["args"], "--device") == "cpu" and flag(c["args"], "--dtype") == "float32"
+    assert flag(c["args"], "--checkpoint") == "/model"
+    assert {"name": "model", "hostPath": {"path": "/srv/models/tiny", "type": "Directory"}} in pod["volumes"]
+    router = next(c for c in children if c["kind"] == "Deployment")
+    rc = router["spec"]["template"]["spec"]["containers"][0]
+    assert flag(rc["args"], "--cache-url") == "$(NEXTSERVE_CACHE_URL)"
+    assert {"name": "NEXTSERVE_CACHE_URL", "valueFrom": {"secretKeyRef": {"name": "redis-url", "key": "uri"}}} in rc["env"]
+    assert "--otlp-endpoint" not in rc["args"] and "--max-batch-tokens" not in rc["args"]
+
+
+@pytest.mark.parametrize("spec", [BIG, TINY], ids=["big", "tiny"])
+def test_children_pass_kubernetes_validate(spec):
+    *_, children = build(spec)
+    for child in children:
+        kubernetes_validate.validate(child, K8S_VERSION, strict=True)
+
+
+def test_plan_change_renames_workers_and_configmap():
+    b, parsed, plan8, _ = build(BIG)
+    spec4 = copy.deepcopy(BIG)
+    spec4["experts"]["shards"] = 4
+    plan4 = s.resolve_plan(s.parse_spec(spec4))
+    assert m.plan_configmap_name("qwen", plan4) != m.plan_configmap_name("qwen", plan8)
+    assert {m.worker_name("qwen", plan4, i) for i in range(4)}.isdisjoint({m.worker_name("qwen", plan8, i) for i in range(8)})
+    # Same spec, same names: reconciliation is idempotent.
+    assert m.all_children(b, parsed, plan8) == m.all_children(b, s.parse_spec(BIG), s.resolve_plan(s.parse_spec(BIG)))
+
+
+def test_long_names_are_truncated_uniquely():
+    long = "a" * 60
+    plan = ExpertPlan.contiguous(8, 2)
+    names = {m.worker_name(long, plan, i) for i in range(2)} | {m.worker_name(long + "b", plan, 0)}
+    assert len(names) == 3 and all(len(n) <= 52 for n in names)
+    assert len(m.router_name("x" * 80)) <= 63
+    assert len(m.labels("y" * 80, "router")["app.kubernetes.io/instance"]) <= 63
+
+
+@pytest.mark.parametrize(("experts", "reason", "text"), [
+    ({"shards": 3}, "ExpertsNotDivisible", "cannot be split evenly"),
+    ({"shards": 2, "plan": [{"shard": 0, "experts": [0, 1, 2]}, {"shard": 1, "experts": [3, 4]}]}, "InvalidPlan", "held by no shard: 5, 6, 7"),
+    ({"shards": 3, "plan": [{"shard": 0, "experts": [0, 1, 2, 3]}, {"shard": 1, "experts": [4, 5, 6, 7]}]}, "InvalidPlan", "shards 0..2"),
+    ({"shards": 2, "plan": [{"shard": 0, "experts": [0, 1, 2, 3]}, {"shard": 1, "experts": [4, 5, 6, 8]}]}, "InvalidPlan", "out of range"),
+])
+def test_invalid_specs(experts, reason, text):
+    spec = copy.deepcopy(TINY)
+    spec["experts"] = {**spec["experts"], **experts}
+    with pytest.raises(s.InvalidSpec) as info:
+        s.resolve_plan(s.parse_spec(spec))
+    assert info.value.reason == reason and text in info.value.message
+
+
+def test_cache_secret_checks():
+    parsed = s.parse_spec(TINY)
+    with pytest.raises(s.InvalidSpec, match="does not exist") as info:
+        s.check_cache_secret(parsed, None)
+    assert info.value.reason == "SecretNotFound"
+    with pytest.raises(s.InvalidSpec) as info:
+        s.check_cache_secret(parsed, {"data": {"url": "eA=="}})
+    assert info.value.reason == "SecretKeyNotFound"
+    s.check_cache_secret(parsed, {"data": {"uri": "eA=="}})
+
+
+def _schema_defaults(schema: dict, value):
+    """Structural defaulting as the API server does it."""
+    if schema.get("type") == "object" and isinstance(value, dict):
+        for key, sub in (schema.get("properties") or {}).items():
+            if key not in value and "default" in sub:
+                value[key] = copy.deepcopy(sub["default"])
+            if key in value:
+                _schema_defaults(sub, value[key])
+    return value
+
+
+def test_parser_defaults_match_crd_defaults(cr_schema):
+    """A spec defaulted by the API server and one defaulted by the parser mean the same."""
+    for raw in (TINY, {"model": {"source": {"pvc": {"claimName": "c"}}}, "experts": {"shards": 8},
+                       "cache": {"managed": {}}, "tracing": {"otlpEndpoint": "http://x:4317"}}):
+        defaulted = _schema_defaults(cr_schema["properties"]["spec"], copy.deepcopy(raw))
+        assert s.parse_spec(defaulted) == s.parse_spec(raw)
+
+
+def test_crd_schema_rejects_what_it_can(cr_schema):
+    validator = jsonschema.Draft4Validator(cr_schema)
+    ok = body(TINY)
+    assert not list(validator.iter_errors(ok))
+    bad = [
+        ("experts", {"shards": 0}),
+        ("experts", {"shards": 2, "device": "tpu"}),
+        ("model", {"source": {"pvc": {"claimName": "x"}, "hostPath": {"path": "/x"}}}),
+        ("model", {"source": {}}),
+        ("model", {"source": {"hostPath": {"path": "relative"}}, "dtype": "int8"}),
+        ("router", {"replicas": "two"}),
+        ("cache", {"managed": {}, "external": {"urlSecretRef": {"name": "x"}}}),
+        ("tracing", {"otlpEndpoint": "otel:4317"}),
+        ("tracing", {"otlpEndpoint": "http://otel:4317", "sampleRatio": 1.5}),
+    ]
+    for key, value in bad:
+        broken = body({**TINY, key: value})
+        assert list(validator.iter_errors(broken)), f"{key}={value} should be rejected"
+    assert list(validator.iter_errors(body({"model": TINY["model"]})))  # experts required
+
+
+def test_examples_validate_against_crd(cr_schema):
+    validator = jsonschema.Draft4Validator(cr_schema)
+    examples = sorted((ROOT / "deploy" / "examples").glob("*.yaml"))
+    assert {p.name for p in examples} >= {"qwen3-next-80b.yaml", "tiny-cpu.yaml"}
+    for path in examples:
+        doc = yaml.safe_load(path.read_text())
+        errors = [e.message for e in validator.iter_errors(doc)]
+        assert not errors, f"{path.name}: {errors}"
+        spec = s.parse_spec(doc["spec"])
+        s.resolve_plan(spec)  # and the operator can deploy it
+    big = s.parse_spec(yaml.safe_load((ROOT / "deploy/examples/qwen3-next-80b.yaml").read_text())["spec"])
+    assert (big.experts.shards, big.router.replicas, big.cache.managed, big.model.num_experts) == (8, 2, True, 512)
+    tiny = s.parse_spec(yaml.safe_load((ROOT / "deploy/examples/tiny-cpu.yaml").read_text())["spec"])
+    assert tiny.experts.device == "cpu" and tiny.router.device == "cpu"
+
+
+def test_rollout_decisions():
+    assert st.decide_rollout("new", None, False, False) == st.RolloutStep("new", True, False)
+    assert st.decide_rollout("new", "old", False, True) == st.RolloutStep("old", False, False)
+    assert st.decide_rollout("new", "old", True, True) == st.RolloutStep("new", True, False)
+    assert st.decide_rollout("new", "new", True, False) == st.RolloutStep("new", True, False)
+    assert st.decide_rollout("new", "new", True, True) == st.RolloutStep("new", True, True)
+
+
+def test_readiness_respects_generation():
+    dep = {"metadata": {"generation": 3}, "spec": {"replicas": 2},
+           "status": {"observedGeneration": 2, "readyReplicas": 2, "updatedReplicas": 2}}
+    assert st.deployment_ready(dep) == (2, 2, False)
+    dep["status"]["observedGeneration"] = 3
+    assert st.deployment_ready(dep) == (2, 2, True)
+    assert st.statefulset_ready(None) == (0, 0, False)
+
+
+def test_expert_ranges():
+    assert st.expert_ranges([0, 1, 2, 3, 8, 9, 11]) == "0-3,8-9,11"
+    assert st.expert_ranges(list(range(0, 40, 2))).endswith("(20 experts)")
+
+
+def test_cli_arguments():
+    args = build_parser().parse_args(["--namespace", "a", "--namespace", "b"])
+    assert args.namespace == ["a", "b"] and not args.all_namespaces
+    assert build_parser().parse_args(["-A"]).namespace == []
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--namespace", "a", "--all-namespaces"])
+
+
+def test_flag_registration_does_not_import_kopf():
+    import subprocess
+    import sys
+
+    code = ("import argparse, sys; from nextserve.operator.main import add_arguments; "
+            "p = argparse.ArgumentParser(); add_arguments(p); print('kopf' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,233 @@
+"""The operator end to end against KMock: the real kopf machinery, the real HTTP traffic.
+
+The tests play the cluster's other controllers: they mark workloads ready (kubelet),
+and collect owned objects after a deletion (garbage collector).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+
+pytestmark = pytest.mark.asyncio
+
+NS = "serving"
+
+STS = "apps/v1/statefulsets"
+DEPLOY = "apps/v1/deployments"
+CR = "serving.nextserve.io/v1alpha1/qwen3nextdeployments"
+
+
+def _router_plan(cluster) -> str:
+    return cluster.deployments()["demo-router"]["metadata"]["annotations"]["serving.nextserve.io/plan"]
+
+
+def _worker_args(sts) -> list[str]:
+    return sts["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+async def test_create_ready_update_reshard_delete(cluster, operator):
+    await operator.start()
+    body = cluster.make_body()
+    uid = body["metadata"]["uid"]
+    await cluster.create_cr(body)
+
+    # Creation: plan, two shards of two replicas, router; all owned by the CR.
+    await cluster.eventually(lambda: "demo-router" in cluster.deployments(), what="router Deployment")
+    sts = cluster.statefulsets()
+    assert len(sts) == 2
+    assert sorted(_worker_args(s)[_worker_args(s).index("--shard") + 1] for s in sts.values()) == ["0", "1"]
+    assert all(s["spec"]["replicas"] == 2 for s in sts.values())
+    for objs in (sts, cluster.deployments(), cluster.services(), cluster.configmaps()):
+        for obj in objs.values():
+            assert obj["metadata"]["ownerReferences"][0]["uid"] == uid
+    first_plan = _router_plan(cluster)
+    assert any(name.endswith(first_plan) for name in cluster.configmaps())
+
+    await cluster.eventually(lambda: cluster.condition("Ready")["reason"] == "NotReady", what="Ready=False NotReady")
+    assert cluster.cr()["status"]["phase"] == "Pending"
+    assert cluster.condition("WorkersReady")["status"] == "False"
+    assert cluster.cr()["status"]["observedGeneration"] == 1
+
+    # The kubelet reports one shard ready: still not ready, and the status says which.
+    first = sorted(sts)[0]
+    cluster.set_ready(STS, first)
+    await cluster.eventually(lambda: cluster.cr()["status"]["shardsReady"] == "1/2", what="1/2 shards")
+    assert cluster.condition("Ready")["status"] == "False"
+    assert "waiting for shard(s) 1" in cluster.condition("WorkersReady")["message"]
+
+    cluster.ready_all()
+    await cluster.eventually(lambda: cluster.condition("Ready")["status"] == "True", what="Ready=True")
+    status = cluster.cr()["status"]
+    assert status["phase"] == "Ready"
+    assert status["routerReplicas"] == "2/2"
+    assert status["routerEndpoint"] == f"demo-router.{NS}.svc.cluster.local:50050"
+    assert status["plan"]["fingerprint"] == first_plan
+    assert [s["experts"] for s in status["shards"]] == ["0-3", "4-7"]
+    assert cluster.condition("Progressing")["status"] == "False"
+
+    # A router-only change patches the router in place; workers untouched.
+    spec = cluster.small_spec()
+    spec["router"]["maxBatchTokens"] = 4096
+    await cluster.patch_spec(spec)
+    await cluster.eventually(lambda: "--max-batch-tokens" in cluster.deployments()["demo-router"]["spec"]["template"]["spec"]["containers"][0]["args"],
+                     what="router args updated")
+    assert set(cluster.statefulsets()) == set(sts)
+
+    # Shard-count change: new plan, new workers next to the old ones, router untouched.
+    cluster.ready_all()
+    spec = cluster.small_spec(shards=4)
+    spec["router"]["maxBatchTokens"] = 4096
+    await cluster.patch_spec(spec)
+    await cluster.eventually(lambda: len(cluster.statefulsets()) == 6, what="4 new StatefulSets next to 2 old")
+    await cluster.eventually(lambda: cluster.condition("Progressing")["reason"] == "PlanRollout", what="PlanRollout")
+    await asyncio.sleep(0.6)  # a few resync periods: nothing may switch while new shards load
+    assert _router_plan(cluster) == first_plan
+    assert cluster.condition("Ready")["status"] == "True"   # still serving with the old plan
+    assert cluster.condition("Ready")["reason"] == "ServingDuringRollout"
+    new_plan = cluster.cr()["status"]["targetPlan"]["fingerprint"]
+    assert new_plan != first_plan
+    new_sets = [n for n, s in cluster.statefulsets().items() if s["metadata"]["labels"]["serving.nextserve.io/plan"] == new_plan]
+    assert len(new_sets) == 4
+
+    for name in new_sets:
+        cluster.set_ready(STS, name)
+    # New shards ready: the router switches, but the old shards stay until it has rolled out.
+    await cluster.eventually(lambda: _router_plan(cluster) == new_plan, what="router switched to the new plan")
+    router = cluster.deployments()["demo-router"]
+    assert router["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert router["metadata"]["generation"] > router["status"]["observedGeneration"]  # not rolled out yet
+    assert len(router["spec"]["template"]["spec"]["containers"][0]["args"]) and \
+        sum(1 for a in router["spec"]["template"]["spec"]["containers"][0]["args"] if a == "--worker") == 8
+    await asyncio.sleep(0.6)
+    assert len(cluster.statefulsets()) == 6
+
+    cluster.set_ready(DEPLOY, "demo-router")
+    await cluster.eventually(lambda: len(cluster.statefulsets()) == 4, what="old shards retired")
+    assert set(cluster.statefulsets()) == set(new_sets)
+    await cluster.eventually(lambda: [n for n in cluster.configmaps() if "-plan-" in n] == [f"demo-plan-{new_plan}"],
+                             what="old plan ConfigMap retired")
+    await cluster.eventually(lambda: cluster.cr()["status"]["plan"]["fingerprint"] == new_plan and cluster.condition("Ready")["reason"] == "Ready",
+                     what="settled on the new plan")
+    assert cluster.cr()["status"]["shardsReady"] == "4/4"
+    assert cluster.cr()["status"].get("targetPlan") is None
+
+    # Deletion: the operator releases the CR (its timer's finalizer) and owner
+    # references let the garbage collector take the children.
+    await cluster.delete("serving.nextserve.io/v1alpha1/qwen3nextdeployments", "demo")
+    await cluster.eventually(lambda: "demo" not in cluster.objects(CR), what="CR deleted")
+    gone = await cluster.garbage_collect(uid)
+    assert len(gone) >= 4 + 4 + 2 + 1
+    await asyncio.sleep(0.6)  # the operator must not resurrect anything
+    assert cluster.statefulsets() == {} and cluster.deployments() == {}
+
+
+async def test_invalid_specs_build_nothing(cluster, operator):
+    await operator.start()
+
+    body = cluster.make_body(spec=cluster.small_spec(shards=3))  # 8 experts over 3 shards, no plan
+    await cluster.create_cr(body)
+    await cluster.eventually(lambda: cluster.condition("Ready")["reason"] == "ExpertsNotDivisible", what="ExpertsNotDivisible")
+    assert "cannot be split evenly over 3 shards" in cluster.condition("Ready")["message"]
+    assert cluster.cr()["status"]["phase"] == "Failed"
+    assert cluster.statefulsets() == {} and cluster.deployments() == {} and cluster.configmaps() == {}
+
+    # An explicit plan that misses experts 6 and 7.
+    await cluster.patch_spec(cluster.small_spec(shards=3, plan=[
+        {"shard": 0, "experts": [0, 1]}, {"shard": 1, "experts": [2, 3]}, {"shard": 2, "experts": [4, 5]},
+    ]))
+    await cluster.eventually(lambda: cluster.condition("Ready")["reason"] == "InvalidPlan", what="InvalidPlan")
+    assert "held by no shard: 6, 7" in cluster.condition("Ready")["message"]
+    assert cluster.statefulsets() == {}
+
+    # An uneven explicit plan with a replicated expert is fine.
+    await cluster.patch_spec(cluster.small_spec(shards=3, plan=[
+        {"shard": 0, "experts": [0, 1, 2]}, {"shard": 1, "experts": [2, 3, 4]}, {"shard": 2, "experts": [5, 6, 7]},
+    ]))
+    await cluster.eventually(lambda: len(cluster.statefulsets()) == 3, what="3 shards from the explicit plan")
+
+
+async def test_missing_cache_secret_then_created(cluster, operator):
+    await operator.start()
+    spec = cluster.small_spec()
+    spec["cache"] = {"external": {"urlSecretRef": {"name": "cache-url"}}, "ttlSeconds": 60}
+    await cluster.create_cr(cluster.make_body(spec=spec))
+    await cluster.eventually(lambda: cluster.condition("Ready")["reason"] == "SecretNotFound", what="SecretNotFound")
+    assert "'cache-url'" in cluster.condition("Ready")["message"]
+    assert cluster.deployments() == {} and cluster.statefulsets() == {}
+
+    await cluster.create("/v1/secrets", {"apiVersion": "v1", "kind": "Secret",
+                                         "metadata": {"name": "cache-url", "namespace": NS},
+                                         "data": {"url": "cmVkaXM6Ly9yZWRpczo2Mzc5LzA="}})
+    await cluster.eventually(lambda: "demo-router" in cluster.deployments(), what="router after the Secret appeared")
+    container = cluster.deployments()["demo-router"]["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "NEXTSERVE_CACHE_URL", "valueFrom": {"secretKeyRef": {"name": "cache-url", "key": "url"}}} in container["env"]
+    assert container["args"][container["args"].index("--cache-url") + 1] == "$(NEXTSERVE_CACHE_URL)"
+    cluster.ready_all()
+    await cluster.eventually(lambda: cluster.condition("Ready")["status"] == "True", what="Ready")
+    assert cluster.condition("CacheReady")["reason"] == "ExternalCache"
+
+
+async def test_managed_cache_readiness(cluster, operator):
+    await operator.start()
+    spec = cluster.small_spec()
+    spec["cache"] = {"managed": {"maxMemory": "256mb"}}
+    await cluster.create_cr(cluster.make_body(spec=spec))
+    await cluster.eventually(lambda: {"demo-redis", "demo-router"} <= set(cluster.deployments()), what="redis and router")
+    for name in cluster.statefulsets():
+        cluster.set_ready(STS, name)
+    cluster.set_ready(DEPLOY, "demo-router")
+    await cluster.eventually(lambda: cluster.condition("CacheReady")["reason"] == "RedisNotReady", what="RedisNotReady")
+    assert cluster.condition("Ready")["status"] == "False"
+    cluster.set_ready(DEPLOY, "demo-redis")
+    await cluster.eventually(lambda: cluster.condition("Ready")["status"] == "True", what="Ready")
+
+    # A ready deployment that loses a shard is Degraded, and says so.
+    name = sorted(cluster.statefulsets())[0]
+    cluster.set_ready(STS, name, ready=1)
+    await cluster.eventually(lambda: cluster.condition("Degraded")["status"] == "True", what="Degraded")
+    assert cluster.cr()["status"]["phase"] == "Degraded"
+    assert cluster.condition("Ready")["status"] == "False"
+
+
+async def test_restart_resumes_idempotently(cluster, operator):
+    await operator.start()
+    await cluster.create_cr(cluster.make_body())
+    await cluster.eventually(lambda: "demo-router" in cluster.deployments(), what="router")
+    cluster.ready_all()
+    await cluster.eventually(lambda: cluster.condition("Ready")["status"] == "True", what="Ready")
+    await operator.stop()
+
+    # While the operator is down: the router is lost and the spec changes.
+    names_before = set(cluster.statefulsets())
+    await cluster.delete(DEPLOY, "demo-router")
+    spec = cluster.small_spec()
+    spec["router"]["replicas"] = 3
+    await cluster.patch_spec(spec)
+    assert "demo-router" not in cluster.deployments()
+
+    await operator.start()
+    await cluster.eventually(lambda: cluster.deployments().get("demo-router", {}).get("spec", {}).get("replicas") == 3,
+                     what="router recreated with the new spec")
+    assert set(cluster.statefulsets()) == names_before  # nothing duplicated
+    await cluster.eventually(lambda: cluster.condition("RouterReady")["status"] == "False", what="RouterReady=False")
+    cluster.set_ready(DEPLOY, "demo-router")
+    await cluster.eventually(lambda: cluster.condition("Ready")["status"] == "True" and cluster.cr()["status"]["observedGeneration"] == 2,
+                     what="Ready at generation 2")
+
+
+
+async def test_peering_replica_works_through_peering_object(cluster, operator):
+    """With peering (as the chart runs it), the replica registers in the ClusterKopfPeering
+    object and serves deployments."""
+    cluster.kmock.objects["kopf.dev/v1/clusterkopfpeerings", None, "nextserve"] = {
+        "apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
+        "metadata": {"name": "nextserve", "uid": "peering-uid", "resourceVersion": "1"}}
+    operator.argv = ["--all-namespaces", "--peering", "nextserve", "--resync-seconds", "0.2", "--liveness", ""]
+    await operator.start()
+    await cluster.create_cr(cluster.make_body())
+    await cluster.eventually(lambda: "demo-router" in cluster.deployments(), what="router")
+    peering = cluster.kmock.objects["kopf.dev/v1/clusterkopfpeerings", None, "nextserve"].raw
+    assert peering.get("status"), "the operator did not announce itself in the peering object"
