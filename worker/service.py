@@ -10,6 +10,7 @@ import grpc
 from nextserve.proto import tensors
 from nextserve.proto.v1 import experts_pb2, experts_pb2_grpc
 
+from .batcher import LayerBatcher
 from .shard import ShardExperts
 
 log = logging.getLogger("nextserve.worker")
@@ -22,24 +23,24 @@ class ExpertWorkerService(experts_pb2_grpc.ExpertWorkerServicer):
         # One compute thread: torch already spreads a matmul over the cores, and a single thread keeps
         # requests from different routers from thrashing each other's caches.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experts")
+        self.batcher = LayerBatcher(experts.forward, self.executor)
         self.requests_served = 0
 
     async def Info(self, request, context):
         return self.info
 
     async def Experts(self, request_iterator, context):
-        loop = asyncio.get_running_loop()
         async for request in request_iterator:
-            yield await loop.run_in_executor(self.executor, self._compute, request)
+            yield await self._compute(request)
 
-    def _compute(self, request: experts_pb2.ExpertRequest) -> experts_pb2.ExpertResponse:
+    async def _compute(self, request: experts_pb2.ExpertRequest) -> experts_pb2.ExpertResponse:
         # A bad request gets an error on its own response; the stream (shared by every request of
         # that router) stays open.
         try:
             hidden = tensors.from_wire(request.hidden)
             expert_ids = tensors.from_wire(request.expert_ids)
             weights = tensors.from_wire(request.weights)
-            out = self.experts.forward(request.layer, hidden, expert_ids, weights)
+            out = await self.batcher.submit(request.layer, hidden, expert_ids, weights)
         except ValueError as e:
             log.warning("request %d (layer %d) rejected: %s", request.request_id, request.layer, e)
             return experts_pb2.ExpertResponse(request_id=request.request_id, error=str(e))

@@ -1,0 +1,82 @@
+"""Merge concurrent expert requests for the same layer into one forward pass.
+
+Several routers (router replicas) send their tokens for a layer at about the same moment; one
+grouped GEMM over all of them reads each expert's weights once instead of once per router.
+Whatever arrives while a forward runs is merged into the next one, so a lone request never waits.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import torch
+
+Forward = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class _Pending:
+    layer: int
+    hidden: torch.Tensor      # [T, H]
+    expert_ids: torch.Tensor  # [T, k]
+    weights: torch.Tensor     # [T, k]
+    done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class LayerBatcher:
+    def __init__(self, forward: Forward, executor: Executor):
+        self.forward, self.executor = forward, executor
+        self.pending: list[_Pending] = []
+        self.draining = False
+        self.forwards = 0  # forward passes run (fewer than requests when merging happened)
+
+    async def submit(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
+                     weights: torch.Tensor) -> torch.Tensor:
+        item = _Pending(layer, hidden, expert_ids, weights)
+        self.pending.append(item)
+        if not self.draining:
+            self.draining = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await item.done
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self.pending:
+                taken, self.pending = self.pending, []
+                by_layer: dict[int, list[_Pending]] = {}
+                for item in taken:
+                    by_layer.setdefault(item.layer, []).append(item)
+                for group in by_layer.values():
+                    await loop.run_in_executor(self.executor, self._run_group, group)
+        finally:
+            self.draining = False
+
+    def _run_group(self, group: list[_Pending]) -> None:
+        if len(group) > 1 and len({(g.hidden.dtype, g.hidden.shape[1], g.expert_ids.shape[1]) for g in group}) == 1:
+            try:
+                out = self._forward(group[0].layer, torch.cat([g.hidden for g in group]),
+                                    torch.cat([g.expert_ids for g in group]), torch.cat([g.weights for g in group]))
+            except Exception:  # noqa: BLE001 - one bad request must not fail the others: one by one below
+                pass
+            else:
+                for g, part in zip(group, out.split([g.hidden.shape[0] for g in group])):
+                    _resolve(g, part)
+                return
+        for g in group:
+            try:
+                _resolve(g, self._forward(g.layer, g.hidden, g.expert_ids, g.weights))
+            except Exception as e:  # noqa: BLE001 - every waiter gets an answer, never a hang
+                _resolve(g, e)
+
+    def _forward(self, layer, hidden, expert_ids, weights) -> torch.Tensor:
+        self.forwards += 1
+        return self.forward(layer, hidden, expert_ids, weights)
+
+
+def _resolve(item: _Pending, result) -> None:
+    loop = item.done.get_loop()
+    setter = item.done.set_exception if isinstance(result, Exception) else item.done.set_result
+    loop.call_soon_threadsafe(lambda: item.done.done() or setter(result))
