@@ -1,11 +1,9 @@
 """The worker's gRPC service: `Info` and the `Experts` stream, over a `ShardExperts`."""
 from __future__ import annotations
 
-import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 
 from nextserve.proto import tensors
 from nextserve.proto.v1 import experts_pb2, experts_pb2_grpc

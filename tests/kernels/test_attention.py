@@ -1,6 +1,5 @@
 """q/k norm + partial RoPE and varlen gated attention: the torch references against transformers,
 the Triton kernels against them."""
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -128,27 +127,11 @@ def test_naive_attention_shape_errors_name_the_tensors():
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
 
-@contextmanager
-def poisoned_empty():
-    """torch.empty / empty_like return NaN-filled (ints: -7) buffers, so an element a kernel skips shows up."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(float("nan") if t.is_floating_point() else -7)
-
-    torch.empty = lambda *a, **kw: poison(empty(*a, **kw))
-    torch.empty_like = lambda *a, **kw: poison(empty_like(*a, **kw))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = empty, empty_like
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T,Hq,Hkv,D,rotary_dim", [(1, 4, 2, 32, 8), (7, 4, 2, 16, 16), (33, 8, 2, 48, 12),
                                                    (5, 16, 2, 256, 64)],
                          ids=["T1-D32", "T7-D16-full", "T33-D48", "T5-D256"])
-def test_triton_qk_norm_rope(T, Hq, Hkv, D, rotary_dim, dtype):
+def test_triton_qk_norm_rope(T, Hq, Hkv, D, rotary_dim, dtype, poisoned_empty):
     torch.manual_seed(T + D)
     # q arrives as the query half of q_proj's [T, Hq, 2D] output: a strided view.
     q = torch.randn(T, Hq, 2 * D, dtype=dtype)[..., :D]
@@ -190,7 +173,7 @@ ATTENTION_CASES = {
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
 @pytest.mark.parametrize("case", list(ATTENTION_CASES))
-def test_triton_attention(case, gated, dtype):
+def test_triton_attention(case, gated, dtype, poisoned_empty):
     Lq, Lk, Hq, Hkv, D = ATTENTION_CASES[case]
     q, k, v, gate, cu_q, cu_k = random_attention_inputs(Lq, Lk, Hq, Hkv, D, dtype, seed=len(case))
     gate = gate if gated else None
@@ -203,7 +186,7 @@ def test_triton_attention(case, gated, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_splits", [2, 5])
-def test_triton_attention_split_keys(num_splits, dtype):
+def test_triton_attention_split_keys(num_splits, dtype, poisoned_empty):
     """Decode with the keys split over several programs; short and empty splits included."""
     q, k, v, gate, cu_q, cu_k = random_attention_inputs([1, 1, 1, 1], [1, 20, 90, 64], 8, 2, 32, dtype, seed=3)
     with poisoned_empty():

@@ -10,21 +10,6 @@ from nextserve.kernels import ops
 from nextserve.kernels.conv import naive, triton_conv
 
 
-@pytest.fixture
-def poison_empty(monkeypatch):
-    """Call it to make torch.empty return NaN-filled tensors, so an element a kernel forgets to
-    write shows up as NaN."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    return lambda: monkeypatch.setattr(torch, "empty", empty)
-
-
 def make_inputs(lengths, C, W, *, dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(sum(lengths), C, generator=gen).to(dtype)

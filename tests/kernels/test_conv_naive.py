@@ -1,5 +1,4 @@
 """The torch reference of the causal depthwise conv1d: against F.conv1d, and prefill/decode consistency."""
-import os
 
 
 import pytest

@@ -39,21 +39,6 @@ def assert_close(name, ref, out, tol):
     assert err <= tol, f"{name}: relative RMS error {err:.3g} > {tol}"
 
 
-@pytest.fixture
-def poison_empty(monkeypatch):
-    """Call it to make torch.empty return NaN-filled tensors, so an element a kernel forgets to
-    write shows up as NaN."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    return lambda: monkeypatch.setattr(torch, "empty", empty)
-
-
 def make_inputs(B, T, Hk, Hv, K, V, *, dtype=torch.float32, N=None, seed=0):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(B, T, Hk, K, generator=gen).to(dtype)

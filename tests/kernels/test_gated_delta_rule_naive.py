@@ -1,5 +1,4 @@
 """The torch references of the gated delta rule: recurrent vs chunked vs transformers' oracle."""
-import os
 
 
 import pytest
@@ -40,7 +39,6 @@ def explicit_recurrence(q, k, v, g, beta, h0, scale, normalize=True):
     T, Hk, K = k.shape
     Hv, V = v.shape[1:]
     o = torch.zeros(T, Hv, V, dtype=torch.float64)
-    states = []
     S_all = torch.zeros(Hv, K, V, dtype=torch.float64) if h0 is None else h0.double().clone()
     for j in range(Hv):
         S = S_all[j]

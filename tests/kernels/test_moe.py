@@ -1,5 +1,4 @@
 """MoE routing and expert FFN: the torch references against transformers, the Triton kernels against them."""
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -110,26 +109,10 @@ def test_naive_expert_ffn_shape_errors_name_the_tensors():
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
 
 
-@contextmanager
-def poisoned_empty():
-    """torch.empty / empty_like return NaN-filled (ints: -7) buffers, so an element a kernel skips shows up."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(float("nan") if t.is_floating_point() else -7)
-
-    torch.empty = lambda *a, **kw: poison(empty(*a, **kw))
-    torch.empty_like = lambda *a, **kw: poison(empty_like(*a, **kw))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = empty, empty_like
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T,E,k", [(1, 12, 3), (7, 12, 3), (33, 12, 3), (5, 512, 10), (3, 64, 1)],
                          ids=["T1-E12-k3", "T7-E12-k3", "T33-E12-k3", "T5-E512-k10", "T3-E64-k1"])
-def test_triton_moe_route(T, E, k, dtype):
+def test_triton_moe_route(T, E, k, dtype, poisoned_empty):
     torch.manual_seed(T * E + k)
     logits = (torch.randn(T, E) * 2).to(dtype)
     for renormalize in (True, False):
@@ -155,7 +138,7 @@ def test_triton_moe_route_never_picks_padding_lanes():
 
 
 @pytest.mark.parametrize("T,k,E,block_m", [(1, 3, 12, 16), (33, 3, 12, 16), (40, 10, 64, 32)], ids=str)
-def test_triton_moe_align_block_size(T, k, E, block_m):
+def test_triton_moe_align_block_size(T, k, E, block_m, poisoned_empty):
     torch.manual_seed(T)
     ids = torch.stack([torch.randperm(E + 3)[:k] for _ in range(T)]) - 3  # some -1..-3: other shards
     with poisoned_empty():
@@ -191,7 +174,7 @@ def shard_ids(ids, lo, hi):
     (33, 48, 40, 12, 3, (3, 10)),    # E_local = 7, about 40% of the slots are -1
     (20, 64, 32, 8, 2, (0, 8)),      # 40 slots for 8 experts: the BM = 32 configuration
 ], ids=["T1-H48", "T7-H96", "T33-H48-I24", "T33-shard7", "T20-BM32"])
-def test_triton_expert_ffn(T, H, I, E, k, shard, dtype):
+def test_triton_expert_ffn(T, H, I, E, k, shard, dtype, poisoned_empty):
     torch.manual_seed(T + H)
     hidden = torch.randn(T, H).to(dtype)
     weights, ids = naive.moe_route(torch.randn(T, E), k)
@@ -206,7 +189,7 @@ def test_triton_expert_ffn(T, H, I, E, k, shard, dtype):
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
 
 
-def test_triton_expert_ffn_no_local_expert_gives_zeros():
+def test_triton_expert_ffn_no_local_expert_gives_zeros(poisoned_empty):
     hidden = torch.randn(5, 48)
     w13, w2 = random_experts(4, 48, 40, torch.float32, seed=0)
     ids = torch.full((5, 3), -1)

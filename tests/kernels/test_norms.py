@@ -1,5 +1,4 @@
 """RMSNorm and gated RMSNorm: the torch references against transformers, the Triton kernels against them."""
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -68,26 +67,10 @@ def test_naive_shape_errors_name_the_tensors():
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 
 
-@contextmanager
-def poisoned_empty():
-    """torch.empty / empty_like return NaN-filled buffers, so an element a kernel skips shows up."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(float("nan") if t.is_floating_point() else -7)
-
-    torch.empty = lambda *a, **kw: poison(empty(*a, **kw))
-    torch.empty_like = lambda *a, **kw: poison(empty_like(*a, **kw))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = empty, empty_like
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("zero_centered", [True, False], ids=["zero-centred", "plain"])
 @pytest.mark.parametrize("shape", [(1, 48), (7, 96), (33, 128), (2, 3, 2048)], ids=str)
-def test_triton_rms_norm(shape, zero_centered, dtype):
+def test_triton_rms_norm(shape, zero_centered, dtype, poisoned_empty):
     torch.manual_seed(10)
     x, weight = torch.randn(shape, dtype=dtype), torch.randn(shape[-1], dtype=dtype) * 0.5
     with poisoned_empty():
@@ -99,7 +82,7 @@ def test_triton_rms_norm(shape, zero_centered, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 48), (33, 96)], ids=str)
-def test_triton_rms_norm_fused_residual(shape, dtype):
+def test_triton_rms_norm_fused_residual(shape, dtype, poisoned_empty):
     torch.manual_seed(11)
     x, residual = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
     weight = torch.randn(shape[-1], dtype=dtype) * 0.5
@@ -122,7 +105,7 @@ def test_triton_rms_norm_strided_rows():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("weight_dtype", [None, torch.float32], ids=["w-like-x", "w-fp32"])
 @pytest.mark.parametrize("shape", [(1, 128), (7, 3, 48), (33, 32)], ids=str)
-def test_triton_gated_rms_norm(shape, weight_dtype, dtype):
+def test_triton_gated_rms_norm(shape, weight_dtype, dtype, poisoned_empty):
     torch.manual_seed(13)
     x, z = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
     weight = (1 + 0.5 * torch.randn(shape[-1])).to(weight_dtype or dtype)

@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import pathlib
-import sys
 
 import kmock as kmock_lib
 import kubernetes_validate

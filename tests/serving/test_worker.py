@@ -1,5 +1,4 @@
 """The expert worker: loads only its share, and its gRPC answers equal the local experts."""
-import asyncio
 import math
 
 import grpc
