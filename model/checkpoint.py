@@ -9,6 +9,7 @@ safetensors, an index naming a missing shard, missing / unexpected / mis-shaped 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Callable, Iterable
@@ -23,7 +24,9 @@ INDEX_FILE = "model.safetensors.index.json"
 MTP_PREFIX = "mtp."
 _SHOW = 5  # how many offending names an error message lists before "and N more"
 
-_EXPERT = re.compile(r"(?:^|\.)mlp\.experts\.(\d+)\.")
+# One routed expert's projection, stored per expert on disk: `<prefix>.mlp.experts.<e>.<proj>.weight`.
+EXPERT_TENSOR = re.compile(
+    r"^(?P<experts>(?:.+\.)?mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -126,7 +129,7 @@ def expected_tensors(config: Qwen3NextConfig, include_mtp: bool = True) -> dict[
 def parameter_counts(config: Qwen3NextConfig) -> dict[str, int]:
     """total, mtp (part of total), and active (per token, main model only: top-k of the routed experts)."""
     shapes = expected_tensors(config)
-    numel = {name: _prod(shape) for name, shape in shapes.items()}
+    numel = {name: math.prod(shape) for name, shape in shapes.items()}
     total = sum(numel.values())
     mtp = sum(n for name, n in numel.items() if name.startswith(MTP_PREFIX))
     routed = sum(n for name, n in numel.items() if is_expert_tensor(name) and not name.startswith(MTP_PREFIX))
@@ -136,18 +139,11 @@ def parameter_counts(config: Qwen3NextConfig) -> dict[str, int]:
     return {"total": total, "mtp": mtp, "active": active}
 
 
-def _prod(shape: Iterable[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 # --- predicates for selective loading ------------------------------------------------------------------
 
 def is_expert_tensor(name: str) -> bool:
     """True for routed-expert weights (`...mlp.experts.{e}.*`), in the main model and in `mtp.`."""
-    return _EXPERT.search(name) is not None
+    return EXPERT_TENSOR.match(name) is not None
 
 
 def expert_tensor_predicate(expert_ids: Iterable[int]) -> Callable[[str], bool]:
@@ -155,8 +151,8 @@ def expert_tensor_predicate(expert_ids: Iterable[int]) -> Callable[[str], bool]:
     wanted = frozenset(int(e) for e in expert_ids)
 
     def predicate(name: str) -> bool:
-        match = _EXPERT.search(name)
-        return match is not None and int(match.group(1)) in wanted
+        match = EXPERT_TENSOR.match(name)
+        return match is not None and int(match["expert"]) in wanted
 
     return predicate
 
@@ -196,7 +192,7 @@ def _read_header(file: Path) -> dict:
             if name == "__metadata__":
                 continue
             begin, end = info["data_offsets"]
-            expected = _prod(info["shape"]) * _ELEMENT_BYTES.get(info["dtype"], 1)
+            expected = math.prod(info["shape"]) * _ELEMENT_BYTES.get(info["dtype"], 1)
             if info["dtype"] in _ELEMENT_BYTES and end - begin != expected:
                 raise ValueError(f"tensor {name!r} has {end - begin} bytes for shape {info['shape']}")
             data_end = max(data_end, end)

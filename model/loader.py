@@ -6,24 +6,39 @@ the checkpoint keeps one tensor per expert and projection, the model stacks the 
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, CheckpointReader, resolve_dtype, validate
+from .checkpoint import (EXPERT_TENSOR, MTP_PREFIX, CheckpointError, CheckpointReader, dense_predicate,
+                         expert_tensor_predicate, resolve_dtype, validate)
 from .config import Qwen3NextConfig
+from .moe import Experts
 
-EXPERT_TENSOR = re.compile(r"^(?P<experts>.+\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+
+def tensor_filter(held: set[int] | None, with_mtp: bool):
+    """The checkpoint tensors a model built with these experts (None: all) and MTP choice needs."""
+    mine = expert_tensor_predicate(held) if held is not None else None
+
+    def keep(name: str) -> bool:
+        if name.startswith(MTP_PREFIX) and not with_mtp:
+            return False
+        return mine is None or dense_predicate(name) or mine(name)
+    return keep
 
 
-def wanted(name: str, held: set[int] | None, with_mtp: bool) -> bool:
-    """Does a model built with these experts (None: all) and MTP choice need this checkpoint tensor?"""
-    if name.startswith("mtp.") and not with_mtp:
+def copy_expert_tensor(experts: Experts, expert: int, proj: str, tensor: torch.Tensor, name: str) -> bool:
+    """Copy one per-expert checkpoint tensor into its row of the stacked weights (gate_proj and up_proj
+    into w13, down_proj into w2). Returns False when `experts` does not hold that expert."""
+    row = int(experts.local_index("cpu")[expert])
+    if row < 0:
         return False
-    m = EXPERT_TENSOR.match(name)
-    return m is None or held is None or int(m["expert"]) in held
+    inter = experts.intermediate_size
+    target = {"gate_proj": experts.w13.data[row, :inter], "up_proj": experts.w13.data[row, inter:],
+              "down_proj": experts.w2.data[row]}[proj]
+    _copy(target, tensor, name)
+    return True
 
 
 def load_weights(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -39,15 +54,8 @@ def load_weights(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tens
             _copy(params[name].data, tensor, name)
             unwritten.discard(name)
             continue
-        experts = model.get_submodule(m["experts"])
-        row = int(experts.local_index("cpu")[int(m["expert"])])
-        if row < 0:
-            continue  # held by another process
-        inter = experts.intermediate_size
-        target = {"gate_proj": experts.w13.data[row, :inter], "up_proj": experts.w13.data[row, inter:],
-                  "down_proj": experts.w2.data[row]}[m["proj"]]
-        _copy(target, tensor, name)
-        expert_rows[m["experts"]] = expert_rows.get(m["experts"], 0) + 1
+        if copy_expert_tensor(model.get_submodule(m["experts"]), int(m["expert"]), m["proj"], tensor, name):
+            expert_rows[m["experts"]] = expert_rows.get(m["experts"], 0) + 1
     for prefix, count in expert_rows.items():
         experts = model.get_submodule(prefix)
         if count == 3 * len(experts.expert_ids):
@@ -73,7 +81,7 @@ def load_model(cls, path: str | Path, *, dtype, device, expert_ids: Iterable[int
         model = cls(config, expert_ids=held, with_mtp=with_mtp)
     model = model.to(dtype).to_empty(device=device)
     reader = CheckpointReader(path)
-    keep = lambda name: wanted(name, held, with_mtp)  # noqa: E731
+    keep = tensor_filter(held, with_mtp)
     validate(reader, config, predicate=keep, allow_missing_mtp=not with_mtp)
     load_weights(model, ((name, reader.get(name, dtype=dtype, device=device)) for name in reader.names() if keep(name)))
     return model.eval()

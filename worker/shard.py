@@ -13,6 +13,7 @@ import torch
 from nextserve.kernels import ops
 from nextserve.model.checkpoint import CheckpointReader, expert_tensor_predicate, load_config, resolve_dtype, validate
 from nextserve.model.config import Qwen3NextConfig
+from nextserve.model.loader import copy_expert_tensor
 from nextserve.model.moe import Experts
 
 
@@ -33,7 +34,6 @@ class ShardExperts:
         dtype, held = resolve_dtype(dtype), sorted(set(int(e) for e in expert_ids))
         if not held:
             raise ValueError("a worker must hold at least one expert")
-        inter = config.moe_intermediate_size
         reader = CheckpointReader(path)
         mine = expert_tensor_predicate(held)
         # MTP experts are not served (the router does not run the draft head), so not checked either.
@@ -43,13 +43,12 @@ class ShardExperts:
             if not config.is_moe_layer(i):
                 continue
             with torch.device("meta"):
-                experts = Experts(config.num_experts, config.hidden_size, inter, held)
+                experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size, held)
             experts = experts.to(dtype).to_empty(device=device)
-            for row, e in enumerate(experts.expert_ids):
-                prefix = f"model.layers.{i}.mlp.experts.{e}"
-                experts.w13.data[row, :inter] = reader.get(f"{prefix}.gate_proj.weight", dtype, device)
-                experts.w13.data[row, inter:] = reader.get(f"{prefix}.up_proj.weight", dtype, device)
-                experts.w2.data[row] = reader.get(f"{prefix}.down_proj.weight", dtype, device)
+            for e in experts.expert_ids:
+                for proj in ("gate_proj", "up_proj", "down_proj"):
+                    name = f"model.layers.{i}.mlp.experts.{e}.{proj}.weight"
+                    copy_expert_tensor(experts, e, proj, reader.get(name, dtype, device), name)
             layers[i] = experts.eval()
         reader.close()
         if not layers:
