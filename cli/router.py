@@ -38,7 +38,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from nextserve.cli.worker import until_signalled
+    from nextserve.cli.process import default_device, until_signalled
     from nextserve.router.server import RouterOptions, parse_workers, start_router
     from nextserve.router.shards import FingerprintMismatch
     from nextserve.worker.server import load_plan
@@ -48,7 +48,7 @@ def run(args) -> int:
             raise ValueError(f"--trace-sample-ratio must be in [0, 1], got {args.trace_sample_ratio}")
         options = RouterOptions(
             checkpoint=args.checkpoint, plan=load_plan(args.plan), workers=parse_workers(args.worker),
-            host=args.host, port=args.port, dtype=args.dtype, device=args.device or _default_device(),
+            host=args.host, port=args.port, dtype=args.dtype, device=args.device or default_device(),
             max_batch_tokens=args.max_batch_tokens, max_running_requests=args.max_running_requests,
             max_queue=args.max_queue, cache_url=args.cache_url, cache_ttl=args.cache_ttl,
             otlp_endpoint=args.otlp_endpoint, trace_sample_ratio=args.trace_sample_ratio)
@@ -67,8 +67,3 @@ def run(args) -> int:
         return 0
 
     return asyncio.run(main())
-
-
-def _default_device() -> str:
-    import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -91,6 +91,7 @@ def wait_healthy(processes: list[tuple[Process, str]], deadline: float) -> None:
 
 
 def run(args) -> int:
+    from nextserve.cli.process import default_device
     from nextserve.model.checkpoint import load_config
     from nextserve.worker.plan import ExpertPlan
 
@@ -106,7 +107,7 @@ def run(args) -> int:
     plan_file = workdir / "plan.json"
     plan_file.write_text(plan.to_json())
     dtype = config.torch_dtype if config.torch_dtype in ("float32", "bfloat16", "float16") else "bfloat16"
-    device = "cuda" if _cuda_available() else "cpu"
+    device = default_device()
     # Share the cores: every process's torch would otherwise start one thread per core and they would
     # spin against each other (a 30x slowdown of the expert round trips measured on 2 cores).
     env = dict(os.environ)
@@ -160,8 +161,3 @@ def run(args) -> int:
             process.wait_stopped(10.0)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _cuda_available() -> bool:
-    import torch
-    return torch.cuda.is_available()

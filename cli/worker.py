@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import sys
 
 
@@ -25,10 +24,11 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from nextserve.cli.process import default_device, until_signalled
     from nextserve.worker.server import build_service, load_plan, serve
 
     try:
-        device = args.device or _default_device()
+        device = args.device or default_device()
         plan = load_plan(args.plan)
         service = build_service(args.checkpoint, plan, args.shard, args.dtype, device)
     except (ValueError, KeyError, FileNotFoundError) as e:
@@ -42,17 +42,3 @@ def run(args) -> int:
 
     asyncio.run(main())
     return 0
-
-
-def _default_device() -> str:
-    import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-async def until_signalled() -> None:
-    """Wait for SIGINT or SIGTERM (Kubernetes stops pods with SIGTERM)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()

@@ -54,7 +54,6 @@ class WorkerConnection:
         self.on_change = on_change
         self.healthy = False
         self.last_error = "not connected yet"
-        self.in_flight = 0
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
         self._channel: grpc.aio.Channel | None = None
@@ -146,7 +145,6 @@ class WorkerConnection:
         message.request_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._pending[message.request_id] = future
-        self.in_flight += 1
         try:
             try:
                 async with self._write_lock:
@@ -160,7 +158,6 @@ class WorkerConnection:
                 raise ShardUnavailable(f"expert shard {self.shard} ({self.address}) did not answer within "
                                        f"{self.request_timeout:g} s") from None
         finally:
-            self.in_flight -= 1
             self._pending.pop(message.request_id, None)
         if response.error:
             # A worker that rejects a well-formed request disagrees with the router about the model.
@@ -209,6 +206,7 @@ class ShardPool:
                 self._holders[e].append(i)
         self.stats = DispatchStats([])
         self.record_stats = False
+        self._owners = self._choose_owners()
 
     # -- lifecycle (on the event loop) --------------------------------------------------------------
 
@@ -240,6 +238,8 @@ class ShardPool:
         return [f"{c!r}: {c.last_error}" for c in self.connections if not c.healthy]
 
     def _changed(self) -> None:
+        # Ownership only changes with health: recompute it here, not on every layer of every step.
+        self._owners = self._choose_owners()
         healthy = self.healthy
         for listener in self.listeners:
             listener(healthy)
@@ -283,8 +283,7 @@ class ShardPool:
 
     def _split(self, layer, hidden, expert_ids, weights):
         """[(connection, token rows, request)] with each (token, slot) assigned to exactly one worker."""
-        owner = torch.tensor(self._choose_owners(), dtype=torch.int64)  # expert -> connection index, -1 = none
-        slot_owner = owner[expert_ids.cpu()]
+        slot_owner = self._owners[expert_ids.cpu()]
         if bool((slot_owner < 0).any()):
             experts = sorted(set(expert_ids.cpu()[slot_owner < 0].tolist()))
             shards = sorted({s for e in experts for s in self.plan.shards_of(e)})
@@ -302,13 +301,13 @@ class ShardPool:
             parts.append((self.connections[index], rows_dev, message))
         return parts
 
-    def _choose_owners(self) -> list[int]:
-        """For each expert, the healthy holder with the fewest requests in flight (first in plan order on ties)."""
-        owners = []
-        for holders in self._holders:
-            live = [i for i in holders if self.connections[i].healthy]
-            owners.append(min(live, key=lambda i: self.connections[i].in_flight) if live else -1)
-        return owners
+    def _choose_owners(self) -> torch.Tensor:
+        """[num_experts]: expert -> index of the first healthy connection holding it (plan order), -1 if none.
+
+        The model thread dispatches one layer at a time, so no request is in flight when a layer is
+        split: replicas are standbys that take over when the first holder fails."""
+        owners = [next((i for i in holders if self.connections[i].healthy), -1) for holders in self._holders]
+        return torch.tensor(owners, dtype=torch.int64)
 
     async def _send(self, parts) -> list:
         async def one(connection, message):
