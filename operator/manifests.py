@@ -207,6 +207,24 @@ def _base_env(spec: DeploymentSpec) -> list[dict[str, Any]]:
     ]
 
 
+def _serving_container(spec: DeploymentSpec, role: str, args: list[str], port: int, env: list[dict[str, Any]],
+                       placement: Placement, device: str) -> dict[str, Any]:
+    """A `nextserve worker` or `nextserve router` container: the serving image, its gRPC port and probes."""
+    return {
+        "name": role,
+        "image": spec.images.serving,
+        "imagePullPolicy": spec.images.pull_policy,
+        "command": ["nextserve"],
+        "args": args,
+        "ports": [{"name": "grpc", "containerPort": port, "protocol": "TCP"}],
+        "env": env,
+        "resources": _resources(placement.resources, device, {"cpu": "1", "memory": "4Gi"}),
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
+        "volumeMounts": _mounts(spec),
+        **_grpc_probes(port),
+    }
+
+
 def _pod_spec(spec: DeploymentSpec, placement: Placement, containers: list[dict[str, Any]], volumes: list[dict[str, Any]]) -> dict[str, Any]:
     pod: dict[str, Any] = {
         "securityContext": copy.deepcopy(POD_SECURITY),
@@ -276,19 +294,8 @@ def worker_statefulset(body: Mapping[str, Any], spec: DeploymentSpec, plan: Expe
     sts = worker_name(name, plan, shard)
     fp = plan.fingerprint()
     lbls = labels(name, "worker", **{LABEL_PLAN: fp, LABEL_SHARD: str(shard)})
-    container = {
-        "name": "worker",
-        "image": spec.images.serving,
-        "imagePullPolicy": spec.images.pull_policy,
-        "command": ["nextserve"],
-        "args": worker_args(spec, shard),
-        "ports": [{"name": "grpc", "containerPort": spec.experts.port, "protocol": "TCP"}],
-        "env": _base_env(spec),
-        "resources": _resources(spec.experts.placement.resources, spec.experts.device, {"cpu": "1", "memory": "4Gi"}),
-        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
-        "volumeMounts": _mounts(spec),
-        **_grpc_probes(spec.experts.port),
-    }
+    container = _serving_container(spec, "worker", worker_args(spec, shard), spec.experts.port, _base_env(spec),
+                                   spec.experts.placement, spec.experts.device)
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
@@ -359,19 +366,8 @@ def router_deployment(body: Mapping[str, Any], spec: DeploymentSpec, plan: Exper
             "name": CACHE_URL_ENV,
             "valueFrom": {"secretKeyRef": {"name": spec.cache.secret_name, "key": spec.cache.secret_key}},
         })
-    container = {
-        "name": "router",
-        "image": spec.images.serving,
-        "imagePullPolicy": spec.images.pull_policy,
-        "command": ["nextserve"],
-        "args": router_args(name, namespace, spec, plan),
-        "ports": [{"name": "grpc", "containerPort": spec.router.port, "protocol": "TCP"}],
-        "env": env,
-        "resources": _resources(spec.router.placement.resources, spec.router.device, {"cpu": "1", "memory": "4Gi"}),
-        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
-        "volumeMounts": _mounts(spec),
-        **_grpc_probes(spec.router.port),
-    }
+    container = _serving_container(spec, "router", router_args(name, namespace, spec, plan), spec.router.port, env,
+                                   spec.router.placement, spec.router.device)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
