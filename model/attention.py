@@ -37,8 +37,7 @@ class GatedAttention(nn.Module):
 
         # Append the new keys to each sequence's cache, then attend over cache + new.
         keys, values, kv_lens = [], [], [0]
-        for i, state in enumerate(batch.states):
-            lo, hi = int(batch.cu_seqlens[i]), int(batch.cu_seqlens[i + 1])
+        for state, (lo, hi) in zip(batch.states, batch.spans):
             cache = self._cache(state.layers, x)
             cache.append(k[lo:hi], v[lo:hi])
             ks, vs = cache.view()

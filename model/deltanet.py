@@ -49,13 +49,11 @@ class GatedDeltaNet(nn.Module):
         states = [self._state(s.layers, x) for s in batch.states]
         conv_weight = self.conv1d.weight.squeeze(1)  # [conv_dim, kernel]
 
+        conv_state = torch.stack([s.conv for s in states])  # [N, conv_dim, kernel - 1]
         if batch.is_decode:
-            conv_state = torch.stack([s.conv for s in states])
-            mixed = ops.causal_conv1d_update(conv_inputs, conv_state, conv_weight)
-            conv_final = conv_state
+            mixed = ops.causal_conv1d_update(conv_inputs, conv_state, conv_weight)  # rolls conv_state in place
         else:
-            conv_initial = torch.stack([s.conv for s in states])
-            mixed, conv_final = ops.causal_conv1d(conv_inputs, conv_weight, initial_state=conv_initial,
+            mixed, conv_state = ops.causal_conv1d(conv_inputs, conv_weight, initial_state=conv_state,
                                                   cu_seqlens=batch.cu_seqlens)
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = q.reshape(1, T, self.num_k_heads, self.head_k_dim)
@@ -75,7 +73,7 @@ class GatedDeltaNet(nn.Module):
                 output_chunk_states=batch.record_checkpoints)
 
         for i, s in enumerate(states):
-            s.conv, s.recurrent = conv_final[i], final[i]
+            s.conv, s.recurrent = conv_state[i], final[i]
         if chunk_states is not None:
             self._record_checkpoints(batch, conv_inputs, chunk_states)
         o = self.norm(o.reshape(T, self.num_v_heads, self.head_v_dim), z)
@@ -85,9 +83,8 @@ class GatedDeltaNet(nn.Module):
         """Keep the state after every full 64-token chunk: the recurrent state comes free from the
         chunked pass; the conv window is the kernel-1 inputs just before the boundary."""
         width, used = self.kernel_size - 1, 0
-        for i, (state, n) in enumerate(zip(batch.states, batch.seq_lens)):
-            offset = int(batch.cu_seqlens[i])
-            for end in range(CHUNK, n + 1, CHUNK):
+        for state, (offset, stop) in zip(batch.states, batch.spans):
+            for end in range(CHUNK, stop - offset + 1, CHUNK):
                 window = conv_inputs[offset + end - width: offset + end].t().contiguous()
                 slots = state.checkpoints.setdefault(state.num_tokens + end, [None] * len(state.layers))
                 slots[self.layer_idx] = LinearAttentionState(window, chunk_states[used].clone())

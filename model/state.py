@@ -6,6 +6,7 @@ recurrent state (constant in sequence length), attention layers keep a KV cache 
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -117,6 +118,13 @@ class ForwardBatch:
     @property
     def num_tokens(self) -> int:
         return sum(self.seq_lens)
+
+    @property
+    def spans(self) -> list[tuple[int, int]]:
+        """(start, end) of each sequence's new tokens along the packed axis, on the host: reading
+        them from `cu_seqlens` would sync with the device once per sequence and layer."""
+        ends = list(itertools.accumulate(self.seq_lens))
+        return list(zip([0, *ends[:-1]], ends))
 
     def last_token_indices(self) -> torch.Tensor:
         return self.cu_seqlens[1:].long() - 1
