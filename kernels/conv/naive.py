@@ -19,19 +19,24 @@ __all__ = ["causal_conv1d", "causal_conv1d_update"]
 _ACTIVATIONS = (None, "silu", "swish")
 
 
+def _check_x_and_weight(x, weight, activation, x_layout: str) -> tuple[tuple[int, int], int]:
+    """The checks both entry points share; returns (x.shape, W)."""
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation {activation!r}: expected one of {_ACTIVATIONS}")
+    if x.dim() != 2:
+        raise ValueError(f"x {tuple(x.shape)} must be {x_layout}")
+    C = x.shape[1]
+    if weight.dim() != 2 or weight.shape[0] != C or weight.shape[1] < 1:
+        raise ValueError(f"weight {tuple(weight.shape)} must be [C, W] with C = {C} (x {tuple(x.shape)})")
+    return tuple(x.shape), weight.shape[1]
+
+
 def check_conv_inputs(x, weight, initial_state, cu_seqlens, activation) -> tuple[int, int, int, int]:
     """Validate `causal_conv1d` inputs; return (T, C, W, N). Raises ValueError naming the bad shape.
 
     x: [T, C]; weight: [C, W]; initial_state: [N, C, W - 1] or None; cu_seqlens: [N + 1] or None (N = 1).
     """
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"activation {activation!r}: expected one of {_ACTIVATIONS}")
-    if x.dim() != 2:
-        raise ValueError(f"x {tuple(x.shape)} must be [T, C] (sequences packed along T)")
-    T, C = x.shape
-    if weight.dim() != 2 or weight.shape[0] != C or weight.shape[1] < 1:
-        raise ValueError(f"weight {tuple(weight.shape)} must be [C, W] with C = {C} (x {tuple(x.shape)})")
-    W = weight.shape[1]
+    (T, C), W = _check_x_and_weight(x, weight, activation, "[T, C] (sequences packed along T)")
     if cu_seqlens is not None:
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
             raise ValueError(f"cu_seqlens {tuple(cu_seqlens.shape)} must be 1-D [N + 1] with N >= 1")
@@ -50,14 +55,7 @@ def check_conv_update_inputs(x, conv_state, weight, activation) -> tuple[int, in
 
     x: [N, C]; conv_state: [N, C, W - 1]; weight: [C, W].
     """
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"activation {activation!r}: expected one of {_ACTIVATIONS}")
-    if x.dim() != 2:
-        raise ValueError(f"x {tuple(x.shape)} must be [N, C] (one token per sequence)")
-    N, C = x.shape
-    if weight.dim() != 2 or weight.shape[0] != C or weight.shape[1] < 1:
-        raise ValueError(f"weight {tuple(weight.shape)} must be [C, W] with C = {C} (x {tuple(x.shape)})")
-    W = weight.shape[1]
+    (N, C), W = _check_x_and_weight(x, weight, activation, "[N, C] (one token per sequence)")
     if tuple(conv_state.shape) != (N, C, W - 1):
         raise ValueError(f"conv_state {tuple(conv_state.shape)} must be [N, C, W - 1] = {(N, C, W - 1)}")
     return N, C, W
