@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..checks import num_sequences
+
 __all__ = ["causal_conv1d", "causal_conv1d_update"]
 
 _ACTIVATIONS = (None, "silu", "swish")
@@ -37,14 +39,7 @@ def check_conv_inputs(x, weight, initial_state, cu_seqlens, activation) -> tuple
     x: [T, C]; weight: [C, W]; initial_state: [N, C, W - 1] or None; cu_seqlens: [N + 1] or None (N = 1).
     """
     (T, C), W = _check_x_and_weight(x, weight, activation, "[T, C] (sequences packed along T)")
-    if cu_seqlens is not None:
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError(f"cu_seqlens {tuple(cu_seqlens.shape)} must be 1-D [N + 1] with N >= 1")
-        if cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
-        N = cu_seqlens.numel() - 1
-    else:
-        N = 1
+    N = num_sequences(cu_seqlens, default=1)
     if initial_state is not None and tuple(initial_state.shape) != (N, C, W - 1):
         raise ValueError(f"initial_state {tuple(initial_state.shape)} must be [N, C, W - 1] = {(N, C, W - 1)}")
     return T, C, W, N

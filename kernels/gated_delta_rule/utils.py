@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import num_sequences
+
 
 @dataclass(frozen=True, slots=True)
 class GDNShapes:
@@ -41,17 +43,10 @@ def check_gdn_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: t
     for name, t in zip(gate_names, gates):
         if tuple(t.shape) != (B, T, Hv):
             raise ValueError(f"{name} {tuple(t.shape)} must be [B, T, Hv] = {(B, T, Hv)}")
-    if cu_seqlens is not None:
-        if B != 1:
-            raise ValueError(f"with cu_seqlens the batch size must be 1 (sequences packed along T); got q "
-                             f"{tuple(q.shape)}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError(f"cu_seqlens {tuple(cu_seqlens.shape)} must be 1-D [N + 1] with N >= 1")
-        if cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
-        N = cu_seqlens.numel() - 1
-    else:
-        N = B
+    if cu_seqlens is not None and B != 1:
+        raise ValueError(f"with cu_seqlens the batch size must be 1 (sequences packed along T); got q "
+                         f"{tuple(q.shape)}")
+    N = num_sequences(cu_seqlens, default=B)
     if initial_state is not None and tuple(initial_state.shape) != (N, Hv, K, V):
         raise ValueError(f"initial_state {tuple(initial_state.shape)} must be [N, Hv, K, V] = {(N, Hv, K, V)}")
     return GDNShapes(B=B, T=T, Hk=Hk, Hv=Hv, K=K, V=V, N=N)
