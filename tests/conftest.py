@@ -1,7 +1,9 @@
 """Fixtures shared by every test package."""
+import math
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -13,3 +15,114 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("checkpoints") / "tiny"
     make_checkpoint(out, "tiny", seed=0, progress=False)
     return out
+
+
+# --- numeric tolerances ----------------------------------------------------------------------
+# Two correct computations of the same value differ by rounding alone: by the storage dtype's
+# epsilon each time a result is rounded to it, and by the accumulator's epsilon times the number of
+# terms summed (BLAS paths, summation orders and thread counts change which rounding happens, not how
+# much). So a tolerance is derived from what is compared, relative to the reference's own scale:
+#
+#   max-abs:      |a - e| <= SLACK * (roundings * eps(dtype) + reduction * eps(acc)) * max|e|
+#   relative RMS: rms(a - e) / rms(e) <= SLACK * (roundings * eps(dtype) + sqrt(reduction) * eps(acc))
+#
+# `reduction` is the number of terms accumulated along the longest chain that produced a value (add the
+# lengths of chained reductions: a SwiGLU FFN of width I over hidden H is H + I); `roundings` is how many
+# times a value is rounded to `dtype` along that chain. The max-abs bound is the worst case of n
+# roundings in a row; the RMS bound is the random-walk growth that RMS errors follow. A real bug (a wrong
+# sign, a missing gate, a shifted position) moves values by a fraction of their scale: orders of
+# magnitude beyond either bound.
+SLACK = 2.0
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+def rounding_tolerance(dtype: torch.dtype, *, reduction: int = 1, roundings: int = 1,
+                       accumulate: torch.dtype = torch.float32, rms: bool = False) -> float:
+    """The relative tolerance of the rule above (relative to the reference's scale)."""
+    acc = accumulate if _eps(accumulate) < _eps(dtype) else dtype
+    growth = math.sqrt(reduction) if rms else reduction
+    return SLACK * (roundings * _eps(dtype) + growth * _eps(acc))
+
+
+def _coarser(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """Of two dtypes, the one with the larger epsilon: a float64 reference does not tighten the bound."""
+    return a if _eps(a) >= _eps(b) else b
+
+
+def _check_same_shape_and_finite(actual, expected, what):
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+
+
+def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, *, reduction: int,
+                              dtype: torch.dtype | None = None, roundings: int = 1, what: str = "value") -> None:
+    """Max-abs comparison with the tolerance derived from `dtype` (default: the coarser of the two), the
+    reduction length and the reference's scale (max |expected|)."""
+    _check_same_shape_and_finite(actual, expected, what)
+    dtype = dtype or _coarser(actual.dtype, expected.dtype)
+    scale = expected.detach().double().abs().max().item() if expected.numel() else 0.0
+    atol = rounding_tolerance(dtype, reduction=reduction, roundings=roundings) * max(scale, torch.finfo(dtype).tiny)
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=0, atol=atol,
+                               msg=lambda m: f"{what} (scale {scale:.3g}, reduction {reduction}, {dtype}): {m}")
+
+
+def relative_rms_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
+    """RMS of the difference relative to the RMS of the reference (flash-linear-attention's measure)."""
+    expected, actual = expected.double(), actual.double()
+    return ((expected - actual).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt().clamp_min(1e-300)).item()
+
+
+def assert_rms_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, *, reduction: int,
+                                  dtype: torch.dtype | None = None, roundings: int = 1, what: str = "value") -> None:
+    """Relative-RMS comparison with the random-walk tolerance of the rule above."""
+    _check_same_shape_and_finite(actual, expected, what)
+    dtype = dtype or _coarser(actual.dtype, expected.dtype)
+    tol = rounding_tolerance(dtype, reduction=reduction, roundings=roundings, rms=True)
+    err = relative_rms_error(expected, actual)
+    assert err <= tol, f"{what}: relative RMS error {err:.3g} > {tol:.3g} (reduction {reduction}, {dtype})"
+
+
+@pytest.fixture
+def close():
+    """`close(actual, expected, reduction=N)`: see `assert_close_to_reference`."""
+    return assert_close_to_reference
+
+
+@pytest.fixture
+def rms_close():
+    """`rms_close(actual, expected, reduction=N)`: see `assert_rms_close_to_reference`."""
+    return assert_rms_close_to_reference
+
+
+def logit_chain(config, num_tokens: int) -> int:
+    """The longest accumulation behind a logit of the model (nextserve's or transformers' config) over
+    `num_tokens` positions: per decoder layer two norms over the hidden size, the mixer (projections in
+    and out, plus attention over the keys or the delta rule's recurrence over the tokens and its chunk),
+    the MoE block (router softmax, the expert FFN, the sum of the k + 1 experts), then the final norm and
+    the LM head."""
+    H = config.hidden_size
+    attention = H + config.head_dim + config.head_dim + num_tokens + config.num_attention_heads * config.head_dim
+    deltanet = (H + config.linear_conv_kernel_dim + num_tokens + 2 * config.linear_key_head_dim + 2 * 64
+                + config.linear_num_value_heads * config.linear_value_head_dim)
+    moe = (H + config.num_experts + H + max(config.moe_intermediate_size, config.shared_expert_intermediate_size)
+           + config.num_experts_per_tok + 1)
+    per_layer = 2 * H + max(attention, deltanet) + moe
+    return config.num_hidden_layers * per_layer + 2 * H
+
+
+@pytest.fixture
+def logits_close():
+    """`logits_close(actual, expected, config, num_tokens)`: logits of two runs of the same model
+    within the rounding of `logit_chain`, relative to the logit scale."""
+    def check(actual, expected, config, num_tokens, *, dtype=None, what="logits"):
+        assert_close_to_reference(actual, expected, reduction=logit_chain(config, num_tokens), dtype=dtype, what=what)
+    return check
+
+
+@pytest.fixture
+def model_chain():
+    """`model_chain(config, num_tokens)`: see `logit_chain`."""
+    return logit_chain
