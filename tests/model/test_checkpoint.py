@@ -283,7 +283,10 @@ def test_dtype_conversion_on_load(tiny_checkpoint):
     for spec, dtype in [("bf16", torch.bfloat16), ("float16", torch.float16), (torch.bfloat16, torch.bfloat16)]:
         converted = reader.get(name, dtype=spec)
         assert converted.dtype == dtype
-        torch.testing.assert_close(converted.float(), fp32, rtol=1e-2, atol=1e-3)
+        # one rounding to nearest in the target dtype: half an ulp of each element, and below the
+        # smallest normal number the subnormals' fixed spacing
+        info = torch.finfo(dtype)
+        torch.testing.assert_close(converted.float(), fp32, rtol=info.eps / 2, atol=info.smallest_normal * info.eps / 2)
     loaded = reader.load(dense_predicate, dtype="bfloat16")
     assert {t.dtype for t in loaded.values()} == {torch.bfloat16}
     with pytest.raises(ValueError, match="unsupported dtype"):
