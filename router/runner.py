@@ -27,8 +27,8 @@ class RemoteExperts(nn.Module):
         super().__init__()
         self.pool, self.layer = pool, layer
 
-    def forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return self.pool.dispatch(self.layer, hidden, expert_ids, weights)
+    def dispatch(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor):
+        return self.pool.dispatch(self.layer, hidden, expert_ids, weights).result
 
 
 def load_dense_model(checkpoint: str | Path, pool: ShardPool, dtype="float32", device="cpu") -> Qwen3NextForCausalLM:

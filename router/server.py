@@ -82,7 +82,7 @@ async def start_router(options: RouterOptions) -> Router:
         raise ValueError(f"the plan is for {options.plan.num_experts} experts, the checkpoint has {config.num_experts}")
     loop = asyncio.get_running_loop()
     fingerprint = await loop.run_in_executor(None, checkpoint_fingerprint, options.checkpoint)
-    pool = ShardPool(options.plan, options.workers, fingerprint, request_timeout=options.expert_timeout)
+    pool = ShardPool(options.plan, options.workers, fingerprint, options.dtype, request_timeout=options.expert_timeout)
     await pool.start()
     try:
         model = await loop.run_in_executor(None, lambda: load_dense_model(
