@@ -295,16 +295,17 @@ class LayerDispatch:
 
     def __init__(self, pool: ShardPool, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
                  weights: torch.Tensor, device: torch.device):
-        # hidden, expert_ids, weights: the host copies, kept to resend a failed worker's rows
+        # hidden and weights: the host copies, kept to resend a failed worker's rows
         self.pool, self.layer, self.device = pool, layer, device
-        self.hidden, self.expert_ids, self.weights = hidden, expert_ids, weights
+        self.hidden, self.weights = hidden, weights
         self.started = time.perf_counter()
         self.requests = pool._requests(layer, hidden, expert_ids, weights, torch.arange(hidden.shape[0]))
         self.future = pool._send(self.requests)
 
     def result(self) -> torch.Tensor:
         """[T, H] fp32 on the model's device. A worker that failed is marked down (by its connection) and
-        its rows go to a healthy replica or another holder of its experts; ShardUnavailable otherwise."""
+        its rows go to a healthy replica or another holder of its experts; ShardUnavailable otherwise,
+        and at once for a request that a healthy worker rejected."""
         pool, T, H = self.pool, self.hidden.shape[0], self.hidden.shape[1]
         partials, sent, received = [], 0, 0
         requests, future = self.requests, self.future
@@ -328,6 +329,8 @@ class LayerDispatch:
                         sum(len(p.rows) for p, _ in failed), failed[0][1])
             requests = []
             for part, error in failed:
+                if pool.connections[part.connection].healthy:
+                    raise error  # a worker that is up but rejected the request: resending cannot help
                 try:
                     requests += pool._requests(self.layer, self.hidden, part.expert_ids, self.weights, part.rows)
                 except ShardUnavailable:
