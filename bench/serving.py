@@ -1,10 +1,12 @@
 """Serving benchmark: in-process generation vs router + 2 expert workers on loopback, same run.
 
     python bench/serving.py [--checkpoint checkpoints/small] [--concurrency 1 8 32] [--max-tokens 32]
+                            [--dtype float32|bfloat16]
 
 Reports, per concurrency: output tokens/s, time to first token (TTFT) and inter-token latency (ITL)
 p50/p99; for the router also the per-MoE-layer dispatch latency p50/p99 and bytes on the wire per
-generated token (requests and responses of the expert stream). Makes the `small` checkpoint if missing.
+generated token, sent (requests: hidden states in the serving dtype) and received (responses: fp32
+partial sums) on the expert streams. Makes the `small` checkpoint if missing.
 Workers run as subprocesses (like pods); the router and the in-process model run in this process.
 Not a test: numbers depend on the machine.
 """
@@ -88,6 +90,8 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: cores / 3)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="serving dtype of the in-process model, the router and the workers (default float32)")
     args = parser.parse_args()
 
     import torch
@@ -114,14 +118,14 @@ def main() -> int:
     ports = [free_port(), free_port()]
     workers = [subprocess.Popen([sys.executable, "-m", "nextserve.cli.main", "worker", "--checkpoint", str(checkpoint),
                                  "--plan", str(tmp / "plan.json"), "--shard", str(s), "--port", str(ports[s]),
-                                 "--host", "127.0.0.1", "--dtype", "float32", "--device", "cpu"],
+                                 "--host", "127.0.0.1", "--dtype", args.dtype, "--device", "cpu"],
                                 stdout=open(tmp / f"worker-{s}.log", "wb"), stderr=subprocess.STDOUT, env=env)
                for s in range(2)]
     try:
-        model = Qwen3NextForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+        model = Qwen3NextForCausalLM.from_pretrained(checkpoint, dtype=args.dtype)
         print(f"{checkpoint} ({config.num_experts} experts, top-{config.num_experts_per_tok}, hidden "
               f"{config.hidden_size}), prompt {PROMPT_LEN} tokens, {args.max_tokens} generated, greedy, "
-              f"float32 on cpu, {threads} torch threads per process, {os.cpu_count()} cores")
+              f"{args.dtype} on cpu, {threads} torch threads per process, {os.cpu_count()} cores")
         print(f"{'':<22}{'conc':>4} {'tok/s':>9} {'TTFT p50':>8} {'TTFT p99':>8} {'ITL p50':>8} {'ITL p99':>8}  (ms)")
         bench_in_process(model, 1, 4, eos)  # warm-up
         for c in args.concurrency:
@@ -131,7 +135,7 @@ def main() -> int:
         async def run_router():
             router = await start_router(RouterOptions(
                 checkpoint=str(checkpoint), plan=plan, workers={0: [f"127.0.0.1:{ports[0]}"], 1: [f"127.0.0.1:{ports[1]}"]},
-                host="127.0.0.1", port=0, dtype="float32", device="cpu", max_batch_tokens=4096))
+                host="127.0.0.1", port=0, dtype=args.dtype, device="cpu", max_batch_tokens=4096))
             deadline = time.monotonic() + 120
             while not router.pool.healthy:
                 if time.monotonic() > deadline:
@@ -147,10 +151,11 @@ def main() -> int:
                 result = await bench_router(address, c, args.max_tokens, config.vocab_size)
                 pool.record_stats = False
                 lat = pool.stats.latencies
-                wire = (pool.stats.bytes_sent + pool.stats.bytes_received) / (c * args.max_tokens)
+                sent, received = (b / (c * args.max_tokens) / 1024 for b in (pool.stats.bytes_sent, pool.stats.bytes_received))
                 print(row("router + 2 workers", c, result,
                           f" dispatch/layer p50 {percentile(lat, 50) * 1e3:.2f} ms p99 {percentile(lat, 99) * 1e3:.2f} ms,"
-                          f" wire {wire / 1024:.1f} KiB/token (prefill included)"), flush=True)
+                          f" wire {sent:.1f} KiB sent + {received:.1f} KiB received per token (prefill included)"),
+                      flush=True)
             await router.stop(0)
 
         asyncio.run(run_router())
