@@ -31,6 +31,7 @@ from nextserve.worker.plan import ExpertPlan
 from nextserve.worker.server import GRPC_OPTIONS
 
 from .dispatch import Assignment, Routing, add_partials, split_tokens, to_host, unowned_experts
+from .overlap import ComputeBaton
 
 log = logging.getLogger("nextserve.router")
 
@@ -199,6 +200,8 @@ class ShardPool:
         self.record_stats = False
         self._turns = itertools.count()
         self.routing = self._route()
+        # handed to the other micro-batch while a layer's tokens are away (when two ping-pong; see overlap.py)
+        self.baton = ComputeBaton()
 
     # -- lifecycle (on the event loop) --------------------------------------------------------------
 
@@ -312,7 +315,8 @@ class LayerDispatch:
         for _ in range(len(pool.connections) + 1):
             try:
                 # each request is bounded by request_timeout; this bounds a loop that stopped altogether
-                responses = future.result(pool.request_timeout + 5.0)
+                with pool.baton.away():
+                    responses = future.result(pool.request_timeout + 5.0)
             except concurrent.futures.TimeoutError:
                 future.cancel()
                 raise ShardUnavailable("the router's network loop did not answer; is it shutting down?") from None
