@@ -1,7 +1,7 @@
 """Serving benchmark: in-process generation vs router + 2 expert workers on loopback, same run.
 
     python bench/serving.py [--checkpoint checkpoints/small] [--concurrency 1 8 32] [--max-tokens 32]
-                            [--dtype float32|bfloat16]
+                            [--dtype float32|bfloat16] [--micro-batches 1|2]
 
 Reports, per concurrency: output tokens/s, time to first token (TTFT) and inter-token latency (ITL)
 p50/p99; for the router also the per-MoE-layer dispatch latency p50/p99 and bytes on the wire per
@@ -80,7 +80,7 @@ async def bench_router(address: str, concurrency: int, max_tokens: int, vocab: i
 
 def row(name: str, c: int, r: dict, extra: str = "") -> str:
     ms = lambda v: f"{v * 1e3:8.1f}"  # noqa: E731
-    return (f"{name:<22}{c:>4} {r['tok_s']:>9.1f} {ms(percentile(r['ttft'], 50))} {ms(percentile(r['ttft'], 99))} "
+    return (f"{name:<30}{c:>4} {r['tok_s']:>9.1f} {ms(percentile(r['ttft'], 50))} {ms(percentile(r['ttft'], 99))} "
             f"{ms(percentile(r['itl'], 50))} {ms(percentile(r['itl'], 99))} {extra}")
 
 
@@ -92,6 +92,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: cores / 3)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="serving dtype of the in-process model, the router and the workers (default float32)")
+    parser.add_argument("--micro-batches", type=int, default=1, choices=[1, 2],
+                        help="the router's --micro-batches: 2 ping-pongs two micro-batches (default 1)")
     args = parser.parse_args()
 
     import torch
@@ -126,7 +128,7 @@ def main() -> int:
         print(f"{checkpoint} ({config.num_experts} experts, top-{config.num_experts_per_tok}, hidden "
               f"{config.hidden_size}), prompt {PROMPT_LEN} tokens, {args.max_tokens} generated, greedy, "
               f"{args.dtype} on cpu, {threads} torch threads per process, {os.cpu_count()} cores")
-        print(f"{'':<22}{'conc':>4} {'tok/s':>9} {'TTFT p50':>8} {'TTFT p99':>8} {'ITL p50':>8} {'ITL p99':>8}  (ms)")
+        print(f"{'':<30}{'conc':>4} {'tok/s':>9} {'TTFT p50':>8} {'TTFT p99':>8} {'ITL p50':>8} {'ITL p99':>8}  (ms)")
         bench_in_process(model, 1, 4, eos)  # warm-up
         for c in args.concurrency:
             print(row("in-process", c, bench_in_process(model, c, args.max_tokens, eos)), flush=True)
@@ -135,7 +137,8 @@ def main() -> int:
         async def run_router():
             router = await start_router(RouterOptions(
                 checkpoint=str(checkpoint), plan=plan, workers={0: [f"127.0.0.1:{ports[0]}"], 1: [f"127.0.0.1:{ports[1]}"]},
-                host="127.0.0.1", port=0, dtype=args.dtype, device="cpu", max_batch_tokens=4096))
+                host="127.0.0.1", port=0, dtype=args.dtype, device="cpu", max_batch_tokens=4096,
+                micro_batches=args.micro_batches))
             deadline = time.monotonic() + 120
             while not router.pool.healthy:
                 if time.monotonic() > deadline:
@@ -152,7 +155,7 @@ def main() -> int:
                 pool.record_stats = False
                 lat = pool.stats.latencies
                 sent, received = (b / (c * args.max_tokens) / 1024 for b in (pool.stats.bytes_sent, pool.stats.bytes_received))
-                print(row("router + 2 workers", c, result,
+                print(row(f"router + 2 workers{' ping-pong' if args.micro_batches == 2 else ''}", c, result,
                           f" dispatch/layer p50 {percentile(lat, 50) * 1e3:.2f} ms p99 {percentile(lat, 99) * 1e3:.2f} ms,"
                           f" wire {sent:.1f} KiB sent + {received:.1f} KiB received per token (prefill included)"),
                       flush=True)
