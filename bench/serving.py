@@ -154,7 +154,8 @@ def main() -> int:
                 result = await bench_router(address, c, args.max_tokens, config.vocab_size)
                 pool.record_stats = False
                 lat = pool.stats.latencies
-                sent, received = (b / (c * args.max_tokens) / 1024 for b in (pool.stats.bytes_sent, pool.stats.bytes_received))
+                per_token = c * args.max_tokens * 1024
+                sent, received = pool.stats.bytes_sent / per_token, pool.stats.bytes_received / per_token
                 print(row(f"router + 2 workers{' ping-pong' if args.micro_batches == 2 else ''}", c, result,
                           f" dispatch/layer p50 {percentile(lat, 50) * 1e3:.2f} ms p99 {percentile(lat, 99) * 1e3:.2f} ms,"
                           f" wire {sent:.1f} KiB sent + {received:.1f} KiB received per token (prefill included)"),

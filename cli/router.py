@@ -53,7 +53,8 @@ def run(args) -> int:
             checkpoint=args.checkpoint, plan=load_plan(args.plan), workers=parse_workers(args.worker),
             host=args.host, port=args.port, dtype=args.dtype, device=args.device or default_device(),
             max_batch_tokens=args.max_batch_tokens, max_running_requests=args.max_running_requests,
-            max_queue=args.max_queue, micro_batches=args.micro_batches, cache_url=args.cache_url, cache_ttl=args.cache_ttl,
+            max_queue=args.max_queue, micro_batches=args.micro_batches, cache_url=args.cache_url,
+            cache_ttl=args.cache_ttl,
             otlp_endpoint=args.otlp_endpoint, trace_sample_ratio=args.trace_sample_ratio)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -26,7 +26,6 @@ from .config import Qwen3NextConfig
 from .layers import SwiGLU
 
 
-
 class RoutedExperts(Protocol):
     def dispatch(self, hidden: torch.Tensor, expert_ids: torch.Tensor,
                  weights: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -79,8 +78,8 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
-        self.experts: RoutedExperts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size,
-                                          expert_ids)
+        self.experts: RoutedExperts = Experts(config.num_experts, config.hidden_size,
+                                              config.moe_intermediate_size, expert_ids)
         self.shared_expert = SwiGLU(config.hidden_size, config.shared_expert_intermediate_size)
         self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 

@@ -254,7 +254,7 @@ class ShardPool:
 
     def dispatch(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
                  weights: torch.Tensor) -> "LayerDispatch":
-        """Send sum over the k slots of each token of weight * expert(hidden) to the workers; returns at once.
+        """Start each token's weighted sum over its k routed experts on the workers; returns at once.
 
         hidden [T, H] in the serving dtype (it travels in it); expert_ids [T, k] global; weights [T, k]
         fp32. `result()` of the returned LayerDispatch gives the [T, H] fp32 sum, or raises

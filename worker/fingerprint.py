@@ -2,8 +2,9 @@
 
 Two processes may only cooperate on the same weights in the same dtype: a worker built from another
 checkpoint would return plausible numbers and silently wrong text, and one computing in another dtype
-would break the promise that distributed serving equals in-process serving. The fingerprint hashes what is cheap to read and
-differs between checkpoints: the config, every tensor's name and shape, and the bytes of the tensors
+would break the promise that distributed serving equals in-process serving. `check_worker_identity`
+is the one place that compares them. The fingerprint hashes what is cheap to read and differs between
+checkpoints: the config, every tensor's name and shape, and the bytes of the tensors
 that decide routing (each MoE layer's router gate) and the final norm. It reads those few tensors
 only (~100 MB on the 80B model), never the experts.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from nextserve.model.checkpoint import CheckpointReader, load_config, resolve_dtype
+
 
 class FingerprintMismatch(Exception):
     """A worker serves another checkpoint, another shard of the plan, or another dtype than the router expects."""
