@@ -38,10 +38,10 @@ def to_host(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tenso
 
     The three tensors are packed as bytes side by side on the device, copied once and unpacked: on
     a GPU each separate copy would be a synchronisation of its own, per layer."""
-    T, k = expert_ids.shape
+    T = hidden.shape[0]
     parts = [hidden.contiguous(), expert_ids.to(torch.int32).contiguous(), weights.to(torch.float32).contiguous()]
-    packed = torch.cat([p.view(torch.uint8).view(T, -1) for p in parts], dim=1).cpu()
     widths = [p.shape[1] * p.element_size() for p in parts]
+    packed = torch.cat([p.view(torch.uint8).view(T, w) for p, w in zip(parts, widths)], dim=1).cpu()
     host = [chunk.contiguous().view(p.dtype) for chunk, p in zip(packed.split(widths, dim=1), parts)]
     return host[0], host[1], host[2]
 
