@@ -27,6 +27,9 @@ def add_parser(sub) -> None:
                    help="sequences decoding together (default 64)")
     p.add_argument("--max-queue", type=int, default=256, metavar="N",
                    help="requests waiting to start; beyond it new ones get RESOURCE_EXHAUSTED (default 256)")
+    p.add_argument("--micro-batches", type=int, default=1, choices=[1, 2],
+                   help="2: cut each step's sequences in two micro-batches that take turns, so the router runs "
+                        "one's dense layers while the other's tokens are at the workers (default 1)")
     later = p.add_argument_group("accepted for upcoming features (stored, no effect yet)")
     later.add_argument("--cache-url", metavar="URL", help="prefix-cache store, e.g. redis://host:6379/0")
     later.add_argument("--cache-ttl", type=float, metavar="SECONDS", help="prefix-cache entry lifetime")
@@ -50,7 +53,8 @@ def run(args) -> int:
             checkpoint=args.checkpoint, plan=load_plan(args.plan), workers=parse_workers(args.worker),
             host=args.host, port=args.port, dtype=args.dtype, device=args.device or default_device(),
             max_batch_tokens=args.max_batch_tokens, max_running_requests=args.max_running_requests,
-            max_queue=args.max_queue, cache_url=args.cache_url, cache_ttl=args.cache_ttl,
+            max_queue=args.max_queue, micro_batches=args.micro_batches, cache_url=args.cache_url,
+            cache_ttl=args.cache_ttl,
             otlp_endpoint=args.otlp_endpoint, trace_sample_ratio=args.trace_sample_ratio)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

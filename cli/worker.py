@@ -17,7 +17,8 @@ def add_parser(sub) -> None:
     p.add_argument("--port", required=True, type=int, metavar="P", help="port to listen on (0: any free port)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                   help="expert weight and compute dtype (default bfloat16)")
+                   help="expert weight and compute dtype; must be the router's --dtype, which it checks "
+                        "when it connects (default bfloat16)")
     p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
     p.set_defaults(func=run)
 

@@ -149,14 +149,15 @@ def moe_route(router_logits, top_k: int, *, renormalize: bool = True):
     return impl(router_logits, top_k, renormalize=renormalize)
 
 
-def expert_ffn(hidden, expert_ids, expert_weights, w13, w2):
+def expert_ffn(hidden, expert_ids, expert_weights, w13, w2, *, out_dtype=None):
     """The experts one shard holds, applied to the tokens routed to them, summed with weights.
 
     hidden: [T, H]; expert_ids: [T, k] int, LOCAL indices into w13/w2, -1 where the expert is
     held elsewhere (contributes nothing); expert_weights: [T, k] fp32;
     w13: [E_local, 2*I, H] (gate_proj rows then up_proj rows); w2: [E_local, H, I].
     out[t] = sum_j weights[t, j] * down_e(silu(gate_e h_t) * up_e h_t), e = expert_ids[t, j].
-    Returns [T, H] in hidden.dtype, accumulated in fp32.
+    Returns [T, H] in out_dtype (default hidden.dtype), accumulated in fp32: out_dtype=torch.float32
+    keeps a shard's partial sum unrounded until the shards' partials are added.
     """
     impl = _pick(hidden, "moe", "triton_moe:expert_ffn", "naive:expert_ffn")
-    return impl(hidden, expert_ids, expert_weights, w13, w2)
+    return impl(hidden, expert_ids, expert_weights, w13, w2, out_dtype=out_dtype)

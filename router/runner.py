@@ -6,6 +6,8 @@ tokens. It runs on its own thread; the expert dispatch inside the forward pass h
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -16,6 +18,7 @@ from nextserve.model.qwen3_next import Qwen3NextForCausalLM
 from nextserve.model.sampling import Sampler, SamplingParams
 from nextserve.model.state import ForwardBatch, SequenceState
 
+from .overlap import ComputeBaton, cut_in_two, ping_pong
 from .scheduler import ScheduledBatch
 from .shards import ShardPool
 
@@ -27,8 +30,8 @@ class RemoteExperts(nn.Module):
         super().__init__()
         self.pool, self.layer = pool, layer
 
-    def forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return self.pool.dispatch(self.layer, hidden, expert_ids, weights)
+    def dispatch(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor):
+        return self.pool.dispatch(self.layer, hidden, expert_ids, weights).result
 
 
 def load_dense_model(checkpoint: str | Path, pool: ShardPool, dtype="float32", device="cpu") -> Qwen3NextForCausalLM:
@@ -41,11 +44,15 @@ def load_dense_model(checkpoint: str | Path, pool: ShardPool, dtype="float32", d
 
 
 class ModelRunner:
-    def __init__(self, model: Qwen3NextForCausalLM):
+    def __init__(self, model: Qwen3NextForCausalLM, ping_pong: ComputeBaton | None = None):
+        """ping_pong: the shard pool's baton, to run each step as two micro-batches that take turns
+        (one computes while the other's tokens are at the workers); None: one forward pass per step."""
         self.model = model
         self.device = model.lm_head.weight.device
         self.states: dict[int, SequenceState] = {}
         self.samplers: dict[int, Sampler] = {}
+        self.baton = ping_pong
+        self._micro_batch_threads = ThreadPoolExecutor(2, thread_name_prefix="micro-batch") if ping_pong else None
 
     def add(self, seq_id: int, params: SamplingParams) -> None:
         self.states[seq_id] = self.model.new_state()
@@ -57,13 +64,25 @@ class ModelRunner:
 
     @torch.inference_mode()
     def step(self, batch: ScheduledBatch) -> dict[int, int]:
-        """Run one forward pass; returns seq_id -> sampled token for the sequences that reached their end."""
+        """Run the step's forward pass (as two micro-batches taking turns, with ping_pong); returns
+        seq_id -> sampled token for the sequences that reached their end."""
         seqs = batch.seqs
-        ids = [t for s, n in zip(seqs, batch.num_new_tokens) for t in s.token_slice(n)]
-        forward = ForwardBatch.build([self.states[s.seq_id] for s in seqs], batch.num_new_tokens, self.device)
-        logits, _ = self.model.forward_batch(torch.tensor(ids, dtype=torch.long, device=self.device), forward)
+        cut = cut_in_two(batch.num_new_tokens) if self.baton is not None else 0
+        if cut:
+            halves = [(seqs[:cut], batch.num_new_tokens[:cut]), (seqs[cut:], batch.num_new_tokens[cut:])]
+            logits = torch.cat(ping_pong(self.baton, self._micro_batch_threads,
+                                         [partial(self._forward, s, n) for s, n in halves]))
+        else:
+            logits = self._forward(seqs, batch.num_new_tokens)
         sampled = {}
         for row, (seq, samples) in enumerate(zip(seqs, batch.samples())):
             if samples:
                 sampled[seq.seq_id] = self.samplers[seq.seq_id](logits[row], seq.prompt_ids, seq.output_ids)
         return sampled
+
+    def _forward(self, seqs, num_new_tokens: list[int]) -> torch.Tensor:
+        """Logits [len(seqs), V] of the last new token of each sequence; advances their states."""
+        ids = [t for s, n in zip(seqs, num_new_tokens) for t in s.token_slice(n)]
+        forward = ForwardBatch.build([self.states[s.seq_id] for s in seqs], num_new_tokens, self.device)
+        logits, _ = self.model.forward_batch(torch.tensor(ids, dtype=torch.long, device=self.device), forward)
+        return logits

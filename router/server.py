@@ -39,6 +39,7 @@ class RouterOptions:
     max_running_requests: int = 64
     max_queue: int = 256
     expert_timeout: float = 60.0  # seconds a worker may take for one layer before it counts as failed
+    micro_batches: int = 1  # 2: two micro-batches ping-pong, one computing while the other's tokens are away
     # Accepted now, used by later features (prefix cache in Redis, OpenTelemetry tracing).
     cache_url: str | None = None
     cache_ttl: float | None = None
@@ -46,6 +47,8 @@ class RouterOptions:
     trace_sample_ratio: float = 0.0
 
     def __post_init__(self):
+        if self.micro_batches not in (1, 2):
+            raise ValueError(f"--micro-batches must be 1 or 2, got {self.micro_batches}")
         if self.max_batch_tokens < 1 or self.max_running_requests < 1 or self.max_queue < 0:
             raise ValueError(f"need --max-batch-tokens >= 1, --max-running-requests >= 1 and --max-queue >= 0; got "
                              f"{self.max_batch_tokens}, {self.max_running_requests}, {self.max_queue}")
@@ -82,7 +85,7 @@ async def start_router(options: RouterOptions) -> Router:
         raise ValueError(f"the plan is for {options.plan.num_experts} experts, the checkpoint has {config.num_experts}")
     loop = asyncio.get_running_loop()
     fingerprint = await loop.run_in_executor(None, checkpoint_fingerprint, options.checkpoint)
-    pool = ShardPool(options.plan, options.workers, fingerprint, request_timeout=options.expert_timeout)
+    pool = ShardPool(options.plan, options.workers, fingerprint, options.dtype, request_timeout=options.expert_timeout)
     await pool.start()
     try:
         model = await loop.run_in_executor(None, lambda: load_dense_model(
@@ -92,7 +95,8 @@ async def start_router(options: RouterOptions) -> Router:
         await pool.close()
         raise
     scheduler = Scheduler(options.max_batch_tokens, options.max_running_requests, options.max_queue)
-    engine = Engine(ModelRunner(model), scheduler, pool, tokenizer.eos_token_id, config.max_position_embeddings)
+    runner = ModelRunner(model, ping_pong=pool.baton if options.micro_batches == 2 else None)
+    engine = Engine(runner, scheduler, pool, tokenizer.eos_token_id, config.max_position_embeddings)
 
     server = grpc.aio.server(options=GRPC_OPTIONS)
     serving_pb2_grpc.add_ServingServicer_to_server(ServingService(engine, config, tokenizer, fingerprint), server)

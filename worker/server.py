@@ -9,7 +9,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from nextserve.proto.v1 import experts_pb2, experts_pb2_grpc
 
-from .fingerprint import checkpoint_fingerprint
+from .fingerprint import checkpoint_fingerprint, dtype_name
 from .plan import ExpertPlan
 from .service import ExpertWorkerService
 from .shard import ShardExperts
@@ -33,7 +33,7 @@ def build_service(checkpoint: str | Path, plan: ExpertPlan, shard: int, dtype: s
     info = experts_pb2.InfoResponse(
         fingerprint=checkpoint_fingerprint(checkpoint), shard=shard, expert_ids=experts.expert_ids,
         moe_layers=sorted(experts.layers), num_experts=experts.config.num_experts,
-        hidden_size=experts.config.hidden_size, dtype=str(experts.dtype).removeprefix("torch."),
+        hidden_size=experts.config.hidden_size, dtype=dtype_name(experts.dtype),
         parameter_bytes=experts.parameter_bytes)
     return ExpertWorkerService(experts, info)
 
