@@ -206,6 +206,12 @@ class ShardPool:
                 self._holders[e].append(i)
         self.stats = DispatchStats([])
         self.record_stats = False
+        # Observability hooks (nextserve.router.telemetry sets them): on_dispatch(layer, expert_ids) from the
+        # model thread for every layer, on_reply(shard, request, seconds, failed) on the event loop for every
+        # shard's answer, and the W3C trace context sent with the current step's requests ({}: not traced).
+        self.on_dispatch: Callable[[int, torch.Tensor], None] | None = None
+        self.on_reply: Callable[[int, experts_pb2.ExpertRequest, float, bool], None] | None = None
+        self.trace_context: dict[str, str] = {}
         self._owners = self._choose_owners()
 
     # -- lifecycle (on the event loop) --------------------------------------------------------------
@@ -255,6 +261,8 @@ class ShardPool:
         """
         assert self.loop is not None, "start() the pool first"
         start = time.perf_counter()
+        if self.on_dispatch is not None:
+            self.on_dispatch(layer, expert_ids)
         for _ in range(len(self.connections) + 1):
             parts = self._split(layer, hidden, expert_ids, weights)
             future = asyncio.run_coroutine_threadsafe(self._send(parts), self.loop)
@@ -311,10 +319,16 @@ class ShardPool:
 
     async def _send(self, parts) -> list:
         async def one(connection, message):
+            if self.trace_context:
+                message.trace_context.update(self.trace_context)
+            start = time.perf_counter()
             try:
-                return await connection.request(message)
+                result = await connection.request(message)
             except ShardUnavailable as e:
-                return e
+                result = e
+            if self.on_reply is not None:
+                self.on_reply(connection.shard, message, time.perf_counter() - start, isinstance(result, Exception))
+            return result
         return await asyncio.gather(*(one(c, m) for c, _, m in parts))
 
 
