@@ -68,6 +68,8 @@ class RouterTelemetry:
         """Read queue lengths from `scheduler` at scrape time; time every shard reply of `pool`."""
         self.metrics.watch_queue(lambda: len(scheduler.running), lambda: len(scheduler.waiting))
         self._pool = pool
+        for shard in {c.shard for c in pool.connections}:  # the error series exist before the first error
+            self.metrics.shard_dispatch_errors.labels(str(shard))
         pool.on_reply = self.shard_replied
         pool.on_dispatch = self.metrics.expert_tokens.add
 

@@ -82,3 +82,27 @@ def test_expert_token_counts_add_every_routed_slot_and_skip_the_unrouted():
 def _span_context(context):
     from opentelemetry.trace import get_current_span
     return get_current_span(context).get_span_context()
+
+
+def test_every_series_the_dashboard_reads_is_one_router_or_worker_exports():
+    import json
+    import pathlib
+    import re
+
+    from prometheus_client import CollectorRegistry
+
+    from nextserve.router.metrics import RouterMetrics
+    from nextserve.worker.telemetry import WorkerTelemetry
+
+    router, worker = CollectorRegistry(), CollectorRegistry()
+    metrics = RouterMetrics(router, moe_layers=[0, 1], num_experts=4)
+    for labelled in (metrics.shard_dispatch, metrics.shard_dispatch_errors, metrics.responses):
+        labelled.labels("0")
+    WorkerTelemetry(worker, None, shard=0)
+    exported = {sample.name for registry in (router, worker) for family in registry.collect()
+                for sample in family.samples}
+    dashboard = json.loads((pathlib.Path(__file__).parents[1] / "charts/nextserve/dashboards/nextserve.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    exprs += [v["query"]["query"] for v in dashboard["templating"]["list"] if isinstance(v.get("query"), dict)]
+    read = {name for e in exprs for name in re.findall(r"\bnextserve_[a-z_]+", e)}
+    assert len(read) >= 15 and read <= exported, sorted(read - exported)
