@@ -433,7 +433,8 @@ def router_service(body: Mapping[str, Any], spec: DeploymentSpec) -> dict[str, A
             "type": spec.router.service_type,
             "selector": selector_labels(name, "router"),
             "ports": [{"name": "grpc", "port": spec.router.service_port, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"},
-                      METRICS_SERVICE_PORT],
+                      # /metrics never goes on an externally reachable Service: scrape such routers by PodMonitor.
+                      *([METRICS_SERVICE_PORT] if spec.router.service_type == "ClusterIP" else [])],
         },
     }
 

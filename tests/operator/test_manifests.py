@@ -324,11 +324,15 @@ def test_tracing_block_becomes_otel_variables_and_every_pod_serves_metrics():
         assert ("OTEL_TRACES_SAMPLER_ARG" in env) is (role == "router")
         assert flag(container["args"], "--metrics-port") == str(m.METRICS_PORT)
         assert {"name": "metrics", "containerPort": m.METRICS_PORT, "protocol": "TCP"} in container["ports"]
-    services = [c for c in children if c["kind"] == "Service" and "redis" not in c["metadata"]["name"]]
+    services = {c["metadata"]["name"]: c["spec"] for c in children if c["kind"] == "Service" and "redis" not in
+                c["metadata"]["name"]}
     assert len(services) == 9
-    for service in services:
-        assert {"name": "metrics", "port": m.METRICS_PORT, "targetPort": "metrics", "protocol": "TCP",
-                "appProtocol": "http"} in service["spec"]["ports"]
+    for name, service in services.items():
+        # BIG's router Service is a LoadBalancer: its metrics stay off the outside (a PodMonitor scrapes them)
+        assert (m.METRICS_SERVICE_PORT in service["ports"]) is (service.get("type") != "LoadBalancer")
+    *_, tiny_children = build(TINY)
+    tiny_router = next(c for c in tiny_children if c["kind"] == "Service" and c["metadata"]["name"] == "qwen-router")
+    assert tiny_router["spec"]["type"] == "ClusterIP" and m.METRICS_SERVICE_PORT in tiny_router["spec"]["ports"]
 
 
 def test_operator_command_lines_are_accepted_by_the_nextserve_cli():
