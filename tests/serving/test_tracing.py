@@ -251,3 +251,58 @@ def test_tracing_off_exports_nothing_and_builds_no_span(helpers, receiver, serve
             servers.run(server.stop(0))
     time.sleep(0.5)
     assert made == [] and _export_threads() == [] and receiver.spans == []
+
+
+def test_overlapping_requests_share_steps_by_links_and_failures_are_recorded(helpers, receiver, in_process_workers,
+                                                                              routers, tiny_checkpoint, monkeypatch):
+    from nextserve.client import ServingError
+
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    router = routers(helpers.contiguous_plan(tiny_checkpoint, 2), in_process_workers(2).addresses,
+                     otlp_endpoint=receiver.endpoint, trace_sample_ratio=1.0)
+    late = {}
+    with Client(f"127.0.0.1:{router.port}") as client:
+        def send_late():
+            late["completion"] = client.generate([40, 41], max_tokens=3, temperature=0, ignore_eos=True)
+
+        first = []
+        thread = None
+        for chunk in client.generate_stream([7, 8, 9], max_tokens=12, temperature=0, ignore_eos=True):
+            first.extend(chunk.token_ids)
+            if len(first) == 2:  # decoding: the second request joins the running batch
+                thread = threading.Thread(target=send_late)
+                thread.start()
+        thread.join(60)
+        with pytest.raises(ServingError) as error:
+            client.generate([5, 6], max_tokens=2, temperature=-1.0)
+        assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        stream = client.generate_stream([5, 6, 7], max_tokens=50, temperature=0, ignore_eos=True)
+        next(stream)
+        stream.close()  # the caller goes away mid-generation
+
+    def complete(spans):
+        return sum(s.name == "text_completion tiny" for s in spans) == 4
+    spans = receiver.wait_for(complete)
+    requests = [s for s in spans if s.name == "text_completion tiny"]
+    ok = [r for r in requests if r.attributes.get("gen_ai.usage.output_tokens") in (12, 3)]
+    assert len(ok) == 2 and len({r.trace_id for r in ok}) == 2  # one trace per request
+    long, short = sorted(ok, key=lambda r: -r.attributes["gen_ai.usage.output_tokens"])
+    steps = [s for s in spans if s.name == "step"]
+    shared = [s for s in steps if s.parent_id == long.span_id and (short.trace_id, short.span_id) in s.links]
+    assert shared, "a step serving both requests is the older one's child and links to the other"
+    assert all(s.attributes["nextserve.step.sequences"] == 2 for s in shared)
+    assert len([s for s in steps if s.parent_id == long.span_id]) == 12
+
+    [invalid] = [r for r in requests if r.attributes["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]]
+    assert "gen_ai.usage.output_tokens" not in invalid.attributes  # never admitted
+    [cancelled] = [r for r in requests if r.attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]]
+    assert cancelled.attributes["gen_ai.response.finish_reasons"] == ["abort"]
+
+    registry = router.engine.telemetry.registry
+    sample = registry.get_sample_value
+    assert sample("nextserve_router_responses_total", {"code": "INVALID_ARGUMENT"}) == 1
+    assert sample("nextserve_router_responses_total", {"code": "CANCELLED"}) == 1
+    assert sample("nextserve_router_responses_total", {"code": "OK"}) == 2
+    assert sample("nextserve_router_requests_total", {"finish_reason": "length"}) == 2
+    assert sample("nextserve_router_requests_total", {"finish_reason": "abort"}) == 1
+    assert sample("nextserve_router_time_to_first_token_seconds_count") == 3
