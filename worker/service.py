@@ -41,8 +41,9 @@ class ExpertWorkerService(experts_pb2_grpc.ExpertWorkerServicer):
             hidden = tensors.from_wire(request.hidden)
             expert_ids = tensors.from_wire(request.expert_ids)
             weights = tensors.from_wire(request.weights)
+            traced = self.telemetry is not None and self.telemetry.tracer is not None and request.trace_context
             out = await self.batcher.submit(request.layer, hidden, expert_ids, weights,
-                                            extract(request.trace_context))
+                                            extract(request.trace_context) if traced else None)
         except ValueError as e:
             log.warning("request %d (layer %d) rejected: %s", request.request_id, request.layer, e)
             if self.telemetry is not None:
