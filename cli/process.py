@@ -1,4 +1,5 @@
-"""What every long-running `nextserve` process shares: picking its device and waiting for a stop signal."""
+"""What every long-running `nextserve` process shares: picking its device, its telemetry flags and
+waiting for a stop signal."""
 from __future__ import annotations
 
 import asyncio
@@ -18,3 +19,12 @@ async def until_signalled() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+
+
+def add_telemetry_arguments(parser) -> None:
+    """--metrics-port and --otlp-endpoint, the same on router and worker (the OTEL_* variables do the rest)."""
+    parser.add_argument("--metrics-port", type=int, default=None, metavar="P",
+                        help="serve Prometheus metrics at http://HOST:P/metrics (default: not served)")
+    parser.add_argument("--otlp-endpoint", metavar="URL",
+                        help="OpenTelemetry collector (OTLP/gRPC), e.g. http://otel-collector:4317; tracing is off "
+                             "without it or OTEL_EXPORTER_OTLP_ENDPOINT")

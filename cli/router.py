@@ -5,6 +5,8 @@ import asyncio
 import logging
 import sys
 
+from nextserve.cli.process import add_telemetry_arguments
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -30,12 +32,13 @@ def add_parser(sub) -> None:
     p.add_argument("--micro-batches", type=int, default=1, choices=[1, 2],
                    help="2: cut each step's sequences in two micro-batches that take turns, so the router runs "
                         "one's dense layers while the other's tokens are at the workers (default 1)")
+    add_telemetry_arguments(p)
+    p.add_argument("--trace-sample-ratio", type=float, default=None, metavar="F",
+                   help="fraction of requests that start a trace, in [0, 1]; a request whose caller traces it is "
+                        "always traced (default: OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG, else every request)")
     later = p.add_argument_group("accepted for upcoming features (stored, no effect yet)")
     later.add_argument("--cache-url", metavar="URL", help="prefix-cache store, e.g. redis://host:6379/0")
     later.add_argument("--cache-ttl", type=float, metavar="SECONDS", help="prefix-cache entry lifetime")
-    later.add_argument("--otlp-endpoint", metavar="URL", help="OpenTelemetry collector for traces")
-    later.add_argument("--trace-sample-ratio", type=float, default=0.0, metavar="F",
-                       help="fraction of requests traced, in [0, 1] (default 0)")
     p.set_defaults(func=run)
 
 
@@ -47,7 +50,7 @@ def run(args) -> int:
     from nextserve.worker.server import load_plan
 
     try:
-        if not 0.0 <= args.trace_sample_ratio <= 1.0:
+        if args.trace_sample_ratio is not None and not 0.0 <= args.trace_sample_ratio <= 1.0:
             raise ValueError(f"--trace-sample-ratio must be in [0, 1], got {args.trace_sample_ratio}")
         options = RouterOptions(
             checkpoint=args.checkpoint, plan=load_plan(args.plan), workers=parse_workers(args.worker),
@@ -55,7 +58,8 @@ def run(args) -> int:
             max_batch_tokens=args.max_batch_tokens, max_running_requests=args.max_running_requests,
             max_queue=args.max_queue, micro_batches=args.micro_batches, cache_url=args.cache_url,
             cache_ttl=args.cache_ttl,
-            otlp_endpoint=args.otlp_endpoint, trace_sample_ratio=args.trace_sample_ratio)
+            otlp_endpoint=args.otlp_endpoint, trace_sample_ratio=args.trace_sample_ratio,
+            metrics_port=args.metrics_port)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -202,6 +202,12 @@ class ShardPool:
         self.routing = self._route()
         # handed to the other micro-batch while a layer's tokens are away (when two ping-pong; see overlap.py)
         self.baton = ComputeBaton()
+        # Observability hooks (nextserve.router.telemetry sets them): on_dispatch(layer, expert_ids) from the
+        # model thread for every layer, on_reply(shard, request, seconds, failed) on the event loop for every
+        # shard's answer, and the W3C trace context sent with the current step's requests ({}: not traced).
+        self.on_dispatch: Callable[[int, torch.Tensor], None] | None = None
+        self.on_reply: Callable[[int, experts_pb2.ExpertRequest, float, bool], None] | None = None
+        self.trace_context: dict[str, str] = {}
 
     # -- lifecycle (on the event loop) --------------------------------------------------------------
 
@@ -261,7 +267,10 @@ class ShardPool:
         ShardUnavailable naming the shard that no healthy worker can stand in for.
         """
         assert self.loop is not None, "start() the pool first"
-        return LayerDispatch(self, layer, *to_host(hidden, expert_ids, weights), device=hidden.device)
+        hidden_host, ids_host, weights_host = to_host(hidden, expert_ids, weights)
+        if self.on_dispatch is not None:
+            self.on_dispatch(layer, ids_host)
+        return LayerDispatch(self, layer, hidden_host, ids_host, weights_host, device=hidden.device)
 
     def _requests(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                   rows: torch.Tensor) -> list[tuple[Assignment, experts_pb2.ExpertRequest]]:
@@ -283,10 +292,16 @@ class ShardPool:
 
     def _send(self, requests) -> concurrent.futures.Future:
         async def one(connection, message):
+            if self.trace_context:
+                message.trace_context.update(self.trace_context)
+            start = time.perf_counter()
             try:
-                return await connection.request(message)
+                result = await connection.request(message)
             except ShardUnavailable as e:
-                return e
+                result = e
+            if self.on_reply is not None:
+                self.on_reply(connection.shard, message, time.perf_counter() - start, isinstance(result, Exception))
+            return result
 
         async def every():
             return await asyncio.gather(*(one(self.connections[a.connection], m) for a, m in requests))
