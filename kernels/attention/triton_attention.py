@@ -137,15 +137,17 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_norm_weight: torch.Tensor, 
 # --- varlen gated attention -------------------------------------------------------------------
 
 @triton.jit
-def _key_rows(i_k, o_k, i_n, block_tables, stride_bt, stride_kb, stride_kt, stride_vb, stride_vt,
-              PAGED: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """Element offsets of key rows o_k (= i_k + arange(BN), i_k BN-aligned) of sequence i_n in k and
-    v: packed rows, or through the block table (the whole tile lies in block i_k // BLOCK_SIZE)."""
+def _key_tile_ptrs(p_k, p_v, i_k, o_rk, o_rv, i_n, block_tables, stride_bt, stride_kb, stride_kt, stride_vb, stride_vt,
+                   PAGED: tl.constexpr, BLOCK_SIZE: tl.constexpr, BN: tl.constexpr):
+    """Row pointers [BN] into k and v of the BN-aligned key tile starting at key i_k of sequence i_n.
+    Paged, the tile lies in one block (it never straddles two): one table lookup gives its base
+    and the rows follow at the loop-invariant offsets o_rk / o_rv."""
     if PAGED:
         i_blk = tl.load(block_tables + i_n.to(tl.int64) * stride_bt + i_k // BLOCK_SIZE).to(tl.int64)
-        o_t = (o_k % BLOCK_SIZE).to(tl.int64)
-        return i_blk * stride_kb + o_t * stride_kt, i_blk * stride_vb + o_t * stride_vt
-    return o_k.to(tl.int64) * stride_kt, o_k.to(tl.int64) * stride_vt
+        i_row = i_k % BLOCK_SIZE
+        return p_k + (i_blk * stride_kb + i_row * stride_kt) + o_rk, p_v + (i_blk * stride_vb + i_row * stride_vt) + o_rv
+    o_k = i_k + tl.arange(0, BN)
+    return p_k + o_k * stride_kt, p_v + o_k * stride_vt
 
 
 @triton.jit
@@ -213,15 +215,15 @@ def attention_kernel(
 
     p_k = k + bos_k * stride_kt + i_kvh * stride_kh
     p_v = v + bos_k * stride_vt + i_kvh * stride_vh
+    o_rk, o_rv = tl.arange(0, BN) * stride_kt, tl.arange(0, BN) * stride_vt   # row offsets within a paged tile
     b_m = tl.full([BM], -1e30, dtype=tl.float32)   # finite: a row without keys yet stays NaN-free
     b_l = tl.zeros([BM], dtype=tl.float32)
     b_acc = tl.zeros([BM, BDV], dtype=tl.float32)
     for i_k in range(i_start, tl.minimum(i_stop, i_diag), BN):
-        o_k = i_k + tl.arange(0, BN)
-        o_rk, o_rv = _key_rows(i_k, o_k, i_n, block_tables, stride_bt, stride_kb, stride_kt, stride_vb, stride_vt,
-                               PAGED, BLOCK_SIZE)
-        b_k = tl.load(p_k + o_rk[:, None] + o_d[None, :], mask=m_d[None, :], other=0.)
-        b_v = tl.load(p_v + o_rv[:, None] + o_dv[None, :], mask=m_dv[None, :], other=0.)
+        p_kt, p_vt = _key_tile_ptrs(p_k, p_v, i_k, o_rk, o_rv, i_n, block_tables, stride_bt, stride_kb, stride_kt,
+                                    stride_vb, stride_vt, PAGED, BLOCK_SIZE, BN)
+        b_k = tl.load(p_kt[:, None] + o_d[None, :], mask=m_d[None, :], other=0.)
+        b_v = tl.load(p_vt[:, None] + o_dv[None, :], mask=m_dv[None, :], other=0.)
         if UPCAST:
             b_k, b_v = b_k.to(tl.float32), b_v.to(tl.float32)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
@@ -234,10 +236,10 @@ def attention_kernel(
     for i_k in range(tl.maximum(i_start, i_diag), i_stop, BN):
         o_k = i_k + tl.arange(0, BN)
         m_k = o_k < Lk
-        o_rk, o_rv = _key_rows(i_k, o_k, i_n, block_tables, stride_bt, stride_kb, stride_kt, stride_vb, stride_vt,
-                               PAGED, BLOCK_SIZE)
-        b_k = tl.load(p_k + o_rk[:, None] + o_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.)
-        b_v = tl.load(p_v + o_rv[:, None] + o_dv[None, :], mask=m_k[:, None] & m_dv[None, :], other=0.)
+        p_kt, p_vt = _key_tile_ptrs(p_k, p_v, i_k, o_rk, o_rv, i_n, block_tables, stride_bt, stride_kb, stride_kt,
+                                    stride_vb, stride_vt, PAGED, BLOCK_SIZE, BN)
+        b_k = tl.load(p_kt[:, None] + o_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.)
+        b_v = tl.load(p_vt[:, None] + o_dv[None, :], mask=m_k[:, None] & m_dv[None, :], other=0.)
         if UPCAST:
             b_k, b_v = b_k.to(tl.float32), b_v.to(tl.float32)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale

@@ -82,7 +82,10 @@ def causal_conv1d_final_state_kernel(
     else:
         bos = tl.zeros([], dtype=tl.int64)
         L = tl.zeros([], dtype=tl.int64) + T
-    i_s = tl.load(state_slots + i_n).to(tl.int64) if HAS_SLOTS else i_n.to(tl.int64)
+    if HAS_SLOTS:
+        i_s = tl.load(state_slots + i_n).to(tl.int64)
+    else:
+        i_s = i_n.to(tl.int64)
     # column j of the new state is the input at position L - (W - 1) + j: from the sequence, or,
     # for a sequence shorter than W - 1, from the old state
     i_p = L - (W - 1) + o_w
@@ -109,7 +112,10 @@ def causal_conv1d_update_kernel(
     o_w = tl.arange(0, BW)
     m_c = o_c < C
     m_w = o_w < W - 1
-    i_s = tl.load(state_slots + i_n).to(tl.int64) if HAS_SLOTS else i_n.to(tl.int64)
+    if HAS_SLOTS:
+        i_s = tl.load(state_slots + i_n).to(tl.int64)
+    else:
+        i_s = i_n.to(tl.int64)
     p_s = conv_state + i_s * stride_s_n + o_c[:, None] * stride_s_c
     b_x = tl.load(x + i_n.to(tl.int64) * stride_x_n + o_c, mask=m_c, other=0)
     b_s = tl.load(p_s + o_w[None, :] * stride_s_w, mask=m_c[:, None] & m_w[None, :], other=0)
