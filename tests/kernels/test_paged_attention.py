@@ -72,8 +72,10 @@ def nan_cache(num_blocks, Hkv, D, dtype):
 PAGED_CASES = {
     # name: (Lq per sequence, Lk per sequence, Hq, Hkv, D)
     "prefill-across-blocks": ([65, 1, 64], [65, 1, 64], 4, 2, 32),
-    # chunked prefill after cached blocks; a tile's keys start mid-block
+    # chunked prefill after cached blocks
     "continuation": ([3, 70], [131, 140], 4, 2, 16),
+    # D > 128 takes 32-key tiles: every other tile starts mid-block
+    "continuation-D160": ([1, 40], [97, 100], 4, 2, 160),
     "decode": ([1, 1, 1, 1], [1, 64, 65, 130], 8, 2, 32),
     # an idle sequence (Lq = 0), MHA-like G = 3 and a head dim that is not a power of two
     "mixed-D24": ([5, 0, 1, 66], [5, 3, 129, 66], 6, 2, 24),
@@ -175,11 +177,12 @@ def test_triton_paged_attention_equals_contiguous(case, dtype, poisoned_empty):
     assert_attention_close(got, contiguous_reference(x, x["gate"]), x["max_len"] + x["D"])
 
 
+@pytest.mark.parametrize("case", ["decode", "continuation-D160"])
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_triton_paged_decode_split_keys_ungated_through_ops(num_splits, monkeypatch, poisoned_empty):
-    """Decode with the keys split over programs (splits that start mid-block, splits with no keys)."""
+def test_triton_paged_split_keys_ungated_through_ops(num_splits, case, monkeypatch, poisoned_empty):
+    """Keys split over programs (splits that start mid-block, splits with no keys), no gate."""
     monkeypatch.setenv("NEXTSERVE_KERNELS", "triton")
-    x = paged_inputs("decode", torch.float32, seed=11)
+    x = paged_inputs(case, torch.float32, seed=11)
     args = (x["q"], x["k_cache"], x["v_cache"], x["tables"], x["cu_q"], x["seq_lens_k"])
     with poisoned_empty():
         got = triton_attention.paged_attention(*args, scale=x["D"] ** -0.5, num_splits=num_splits)
