@@ -145,7 +145,8 @@ def _key_tile_ptrs(p_k, p_v, i_k, o_rk, o_rv, i_n, block_tables, stride_bt, stri
     if PAGED:
         i_blk = tl.load(block_tables + i_n.to(tl.int64) * stride_bt + i_k // BLOCK_SIZE).to(tl.int64)
         i_row = i_k % BLOCK_SIZE
-        return p_k + (i_blk * stride_kb + i_row * stride_kt) + o_rk, p_v + (i_blk * stride_vb + i_row * stride_vt) + o_rv
+        p_kt = p_k + (i_blk * stride_kb + i_row * stride_kt) + o_rk
+        return p_kt, p_v + (i_blk * stride_vb + i_row * stride_vt) + o_rv
     o_k = i_k + tl.arange(0, BN)
     return p_k + o_k * stride_kt, p_v + o_k * stride_vt
 

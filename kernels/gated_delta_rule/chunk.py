@@ -363,7 +363,8 @@ def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, 
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
     if state_slots is not None:
         if not initial_state.is_contiguous():
-            raise ValueError("the state pool (initial_state with state_slots) must be contiguous: it is updated in place")
+            raise ValueError("the state pool (initial_state with state_slots) must be contiguous: it is updated "
+                             "in place")
     elif initial_state is not None:
         initial_state = initial_state.float().contiguous()
     return chunk_gated_delta_rule_fwd(q, k, v, g, beta, shapes.K ** -0.5 if scale is None else float(scale),

@@ -150,7 +150,8 @@ def fused_recurrent_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, *, scale=Non
     final_state = None
     if state_slots is not None:
         if not initial_state.is_contiguous():
-            raise ValueError("the state pool (initial_state with state_slots) must be contiguous: it is updated in place")
+            raise ValueError("the state pool (initial_state with state_slots) must be contiguous: it is updated "
+                             "in place")
         q, k, v, a, b, A_log, dt_bias = (x.contiguous() for x in (q, k, v, a, b, A_log, dt_bias))
         o, _, all_states = fused_recurrent_gated_delta_rule_fwd(
             q, k, v, a, b, A_log, dt_bias, shapes.K ** -0.5 if scale is None else float(scale), initial_state, True,
