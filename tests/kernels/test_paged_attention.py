@@ -22,26 +22,9 @@ DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, i
 BACKENDS = [pytest.param("torch", id="torch"), pytest.param("triton", id="triton")]
 
 
-def attention_tolerance(dtype: torch.dtype, reduction_length: int, reference: torch.Tensor) -> float:
-    """Largest absolute error allowed between an attention kernel and the reference.
-
-    Relative to the reference's scale (max |o|, which |softmax . v| and the gate bound): four
-    roundings to `dtype` (probabilities before the PV dot, the output, sigmoid(gate), their
-    product; one ulp each, as Triton's interpreter truncates), plus fp32 accumulation whose error
-    grows as the square root of the reduction length (keys plus head dim), with a factor 2 for the
-    exp2 form of the online softmax. A local stand-in until tests/conftest.py has a shared helper.
-    """
-    eps, eps32 = torch.finfo(dtype).eps, torch.finfo(torch.float32).eps
-    scale = reference.abs().max().item()
-    return scale * (4 * eps + 2 * eps32 * math.sqrt(reduction_length))
-
-
-def assert_attention_close(got, expected, reduction_length):
-    assert got.dtype == expected.dtype and got.shape == expected.shape
-    assert torch.isfinite(got).all(), "non-finite output: something outside the block tables was read"
-    tol = attention_tolerance(expected.dtype, reduction_length, expected)
-    err = (got.float() - expected.float()).abs().max().item()
-    assert err <= tol, f"max abs error {err:.3g} > tolerance {tol:.3g}"
+# Roundings to the dtype on the way (probabilities before P @ V, the output, sigmoid(gate), their
+# product), for the conftest rule; the reduction is the keys plus the head dim.
+ATTENTION_ROUNDINGS = {torch.float32: 1, torch.bfloat16: 4}
 
 
 def pack(lengths):
@@ -169,17 +152,17 @@ def contiguous_reference(x, gate):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", list(PAGED_CASES))
-def test_triton_paged_attention_equals_contiguous(case, dtype, poisoned_empty):
+def test_triton_paged_attention_equals_contiguous(case, dtype, poisoned_empty, close):
     x = paged_inputs(case, dtype, seed=len(case))
     with poisoned_empty():
         got = triton_attention.paged_attention(x["q"], x["k_cache"], x["v_cache"], x["tables"], x["cu_q"],
                                                x["seq_lens_k"], scale=x["D"] ** -0.5, gate=x["gate"])
-    assert_attention_close(got, contiguous_reference(x, x["gate"]), x["max_len"] + x["D"])
+    close(got, contiguous_reference(x, x["gate"]), reduction=x["max_len"] + x["D"], roundings=ATTENTION_ROUNDINGS[dtype])
 
 
 @pytest.mark.parametrize("case", ["decode", "continuation-D160"])
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_triton_paged_split_keys_ungated_through_ops(num_splits, case, monkeypatch, poisoned_empty):
+def test_triton_paged_split_keys_ungated_through_ops(num_splits, case, monkeypatch, poisoned_empty, close):
     """Keys split over programs (splits that start mid-block, splits with no keys), no gate."""
     monkeypatch.setenv("NEXTSERVE_KERNELS", "triton")
     x = paged_inputs(case, torch.float32, seed=11)
@@ -188,8 +171,9 @@ def test_triton_paged_split_keys_ungated_through_ops(num_splits, case, monkeypat
         got = triton_attention.paged_attention(*args, scale=x["D"] ** -0.5, num_splits=num_splits)
         via_ops = ops.paged_attention(*args, scale=x["D"] ** -0.5)
     expected = contiguous_reference(x, None)
-    assert_attention_close(got, expected, x["max_len"] + x["D"])
-    assert_attention_close(via_ops, expected, x["max_len"] + x["D"])
+    roundings = ATTENTION_ROUNDINGS[expected.dtype]
+    close(got, expected, reduction=x["max_len"] + x["D"], roundings=roundings, what="kernel")
+    close(via_ops, expected, reduction=x["max_len"] + x["D"], roundings=roundings, what="through ops")
 
 
 def test_triton_paged_attention_rejects_what_it_cannot_read():
