@@ -13,6 +13,7 @@ import torch
 from .qwen3_next import Qwen3NextForCausalLM
 from .sampling import Sampler, SamplingParams
 from .state import ForwardBatch, SequenceState
+from nextserve.router.requests import check_prompt
 
 
 @dataclass
@@ -22,16 +23,6 @@ class Completion:
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (eos / stop token) or "length"
     state: SequenceState | None = None
-
-
-def check_prompt(prompt_ids: list[int], vocab_size: int, context_limit: int) -> None:
-    if not prompt_ids:
-        raise ValueError("the prompt is empty: give at least one token")
-    if len(prompt_ids) >= context_limit:
-        raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context limit is {context_limit}")
-    bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
-    if bad:
-        raise ValueError(f"token ids out of range [0, {vocab_size}): {bad[:5]}")
 
 
 def generate_stream(model: Qwen3NextForCausalLM, prompts: list[list[int]], params: list[SamplingParams],

@@ -16,6 +16,7 @@ from nextserve.model.qwen3_next import Qwen3NextForCausalLM
 from nextserve.model.sampling import Sampler, SamplingParams
 from nextserve.model.state import ForwardBatch, SequenceState
 
+from .cache_budget import PoolSizes, available_host_memory, block_bytes, parse_cache_memory, size_pools, slot_bytes
 from .scheduler import ScheduledBatch
 from .shards import ShardPool
 
@@ -40,6 +41,19 @@ def load_dense_model(checkpoint: str | Path, pool: ShardPool, dtype="float32", d
     return model
 
 
+def plan_cache(model: Qwen3NextForCausalLM, kv_cache_memory: str, max_seqs: int) -> PoolSizes:
+    """Pool sizes for `--kv-cache-memory` (an amount, or a fraction of the memory free now on the
+    model's device), with slots for up to `max_seqs` sequences."""
+    device = model.lm_head.weight.device
+    dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
+    spec = parse_cache_memory(kv_cache_memory)
+    if isinstance(spec, float):
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_host_memory()
+        spec = int(spec * free)
+    extra = 1 if model.mtp is not None else 0
+    return size_pools(spec, block_bytes(model.config, dtype, extra), slot_bytes(model.config, dtype), max_seqs)
+
+
 class ModelRunner:
     def __init__(self, model: Qwen3NextForCausalLM):
         self.model = model
@@ -59,6 +73,9 @@ class ModelRunner:
     def step(self, batch: ScheduledBatch) -> dict[int, int]:
         """Run one forward pass; returns seq_id -> sampled token for the sequences that reached their end."""
         seqs = batch.seqs
+        for s in seqs:
+            if s.num_computed == 0:  # admitted, or readmitted after a preemption: recompute from nothing
+                self.states[s.seq_id] = self.model.new_state()
         ids = [t for s, n in zip(seqs, batch.num_new_tokens) for t in s.token_slice(n)]
         forward = ForwardBatch.build([self.states[s.seq_id] for s in seqs], batch.num_new_tokens, self.device)
         logits, _ = self.model.forward_batch(torch.tensor(ids, dtype=torch.long, device=self.device), forward)

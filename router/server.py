@@ -17,7 +17,9 @@ from nextserve.worker.plan import ExpertPlan
 from nextserve.worker.server import GRPC_OPTIONS
 
 from .engine import Engine
-from .runner import ModelRunner, load_dense_model
+from .block_manager import BlockManager
+from .cache_budget import parse_cache_memory
+from .runner import ModelRunner, load_dense_model, plan_cache
 from .scheduler import Scheduler
 from .service import ServingService
 from .shards import ShardPool
@@ -38,6 +40,7 @@ class RouterOptions:
     max_batch_tokens: int = 2048
     max_running_requests: int = 64
     max_queue: int = 256
+    kv_cache_memory: str = "4GiB"  # KV blocks + DeltaNet state slots: an amount or a fraction of free memory
     expert_timeout: float = 60.0  # seconds a worker may take for one layer before it counts as failed
     # Accepted now, used by later features (prefix cache in Redis, OpenTelemetry tracing).
     cache_url: str | None = None
@@ -49,6 +52,7 @@ class RouterOptions:
         if self.max_batch_tokens < 1 or self.max_running_requests < 1 or self.max_queue < 0:
             raise ValueError(f"need --max-batch-tokens >= 1, --max-running-requests >= 1 and --max-queue >= 0; got "
                              f"{self.max_batch_tokens}, {self.max_running_requests}, {self.max_queue}")
+        parse_cache_memory(self.kv_cache_memory)  # a typo fails here, before any weight is loaded
 
 
 def parse_workers(specs: list[str]) -> dict[int, list[str]]:
@@ -88,10 +92,13 @@ async def start_router(options: RouterOptions) -> Router:
         model = await loop.run_in_executor(None, lambda: load_dense_model(
             options.checkpoint, pool, dtype=options.dtype, device=options.device))
         tokenizer = load_tokenizer(options.checkpoint)
+        sizes = plan_cache(model, options.kv_cache_memory, options.max_running_requests)
     except BaseException:
         await pool.close()
         raise
-    scheduler = Scheduler(options.max_batch_tokens, options.max_running_requests, options.max_queue)
+    log.info("%s", sizes.describe())
+    scheduler = Scheduler(options.max_batch_tokens, options.max_running_requests, options.max_queue,
+                          BlockManager(sizes.num_blocks, sizes.num_slots))
     engine = Engine(ModelRunner(model), scheduler, pool, tokenizer.eos_token_id, config.max_position_embeddings)
 
     server = grpc.aio.server(options=GRPC_OPTIONS)
