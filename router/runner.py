@@ -13,7 +13,7 @@ from torch import nn
 
 from nextserve.model.moe import SparseMoeBlock
 from nextserve.model.qwen3_next import Qwen3NextForCausalLM
-from nextserve.model.sampling import Sampler, SamplingParams
+from nextserve.model.sampling import Sampler, SamplingParams, sample_batch
 from nextserve.model.state import ForwardBatch, SequenceState
 
 from .cache_budget import PoolSizes, available_host_memory, block_bytes, parse_cache_memory, size_pools, slot_bytes
@@ -79,8 +79,10 @@ class ModelRunner:
         ids = [t for s, n in zip(seqs, batch.num_new_tokens) for t in s.token_slice(n)]
         forward = ForwardBatch.build([self.states[s.seq_id] for s in seqs], batch.num_new_tokens, self.device)
         logits, _ = self.model.forward_batch(torch.tensor(ids, dtype=torch.long, device=self.device), forward)
-        sampled = {}
-        for row, (seq, samples) in enumerate(zip(seqs, batch.samples())):
-            if samples:
-                sampled[seq.seq_id] = self.samplers[seq.seq_id](logits[row], seq.prompt_ids, seq.output_ids)
-        return sampled
+        rows = [i for i, samples in enumerate(batch.samples()) if samples]
+        if not rows:
+            return {}
+        tokens = sample_batch(logits[rows] if len(rows) < len(seqs) else logits,
+                              [self.samplers[seqs[i].seq_id] for i in rows],
+                              [(seqs[i].prompt_ids, seqs[i].output_ids) for i in rows])
+        return {seqs[i].seq_id: t for i, t in zip(rows, tokens)}
