@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .naive import rope_inv_freq
+from .naive import check_cache_args, check_paged_attention_args, rope_inv_freq
 
 
 def _interpreted() -> bool:
@@ -371,3 +371,58 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
             BDV=triton.next_power_of_2(Dv), HAS_GATE=gate is not None,
         )
     return o
+
+
+# --- paged KV cache: the slot-mapping scatter --------------------------------------------------
+
+@triton.jit
+def reshape_and_cache_kernel(
+    k, v, k_cache, v_cache, slot_mapping,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cb, stride_cs, stride_ch,
+    HKV, D, num_slots,
+    BLOCK_SIZE: tl.constexpr,
+    BD: tl.constexpr,
+):
+    i_t, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    i_slot = tl.load(slot_mapping + i_t).to(tl.int64)
+    # negative: padding; past the cache: an engine bug, and a store there would corrupt memory
+    if (i_slot < 0) | (i_slot >= num_slots):
+        return
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_c = (i_slot // BLOCK_SIZE) * stride_cb + (i_slot % BLOCK_SIZE) * stride_cs + i_h * stride_ch + o_d
+    b_k = tl.load(k + i_t * stride_kt + i_h * stride_kh + o_d, mask=m_d)
+    b_v = tl.load(v + i_t * stride_vt + i_h * stride_vh + o_d, mask=m_d)
+    tl.store(k_cache + o_c, b_k.to(k_cache.dtype.element_ty), mask=m_d)
+    tl.store(v_cache + o_c, b_v.to(v_cache.dtype.element_ty), mask=m_d)
+
+
+def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> None:
+    """Write new keys and values into the paged caches, in place: token t goes to slot
+    slot_mapping[t] (block slot // block_size, offset slot % block_size); a negative slot is
+    padding. One program per (token, KV head) row. Slots past the cache are skipped rather than
+    reported (reporting would cost a host sync; the torch reference raises).
+
+    Args:
+        k, v: [T, Hkv, D] (any strides with unit stride along D).
+        k_cache, v_cache: [num_blocks, block_size, Hkv, D], contiguous along D, same strides.
+        slot_mapping: [T] int64 (or int32).
+    """
+    check_cache_args(k, v, k_cache, v_cache, slot_mapping)
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1:
+        raise ValueError(f"reshape_and_cache: k_cache strides {k_cache.stride()} and v_cache strides "
+                         f"{v_cache.stride()} must be equal, with unit stride along D")
+    T, Hkv, D = k.shape
+    if T == 0:
+        return
+    k, v = _heads(k), _heads(v)
+    num_blocks, block_size = k_cache.shape[:2]
+    reshape_and_cache_kernel[(T, Hkv)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        Hkv, D, num_blocks * block_size,
+        BLOCK_SIZE=block_size, BD=triton.next_power_of_2(D),
+    )
