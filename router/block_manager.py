@@ -11,7 +11,7 @@ and keep freed blocks findable by content; today every block has one owner.
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 
 from nextserve.kernels.paging import BLOCK_SIZE
 
@@ -104,13 +104,13 @@ class BlockManager:
 
     def check(self) -> None:
         """Assert the books balance (tests call it after every step)."""
-        owned = [b for t in self._tables.values() for b in t]
+        owned = Counter(b for t in self._tables.values() for b in t)
         free = list(self._free_blocks)
         assert len(set(free)) == len(free), "a block is on the free list twice"
-        assert not set(free) & set(owned), "a free block is also owned"
-        assert len(set(owned)) + len(free) == self.num_blocks, "blocks were lost or invented"
-        for b in range(self.num_blocks):
-            assert self._ref_counts[b] == owned.count(b), f"block {b}: ref count {self._ref_counts[b]}"
+        assert not set(free) & owned.keys(), "a free block is also owned"
+        assert len(owned) + len(free) == self.num_blocks, "blocks were lost or invented"
+        wrong = [b for b in range(self.num_blocks) if self._ref_counts[b] != owned[b]]
+        assert not wrong, f"blocks {wrong[:5]}: ref counts disagree with the tables"
         slots = list(self._slots.values())
         assert len(set(slots)) == len(slots) and not set(slots) & set(self._free_slots), "a slot is shared"
         assert len(slots) + len(self._free_slots) == self.num_slots, "slots were lost or invented"

@@ -1,12 +1,15 @@
-"""The router's model: the dense weights in this process, the routed experts on the workers.
+"""The engine's model side: the memory pools, one forward pass per scheduled batch, batch sampling.
 
-`ModelRunner` is the only router file that touches torch tensors of the model: it keeps each
-sequence's state and sampler, and turns a `ScheduledBatch` into one forward pass and the sampled
-tokens. It runs on its own thread; the expert dispatch inside the forward pass hops to the event loop.
+`ModelRunner` is the only engine file that touches torch tensors of the model: it owns the KV block
+and DeltaNet state pools (sized by the block manager's counts), each sequence's sampler, and turns a
+`ScheduledBatch` into one `ForwardBatch`, one forward pass and the sampled tokens. In the router it
+runs on its own thread with the routed experts on the workers (the dispatch inside the forward pass
+hops to the event loop); in-process generation runs it with the experts local.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -14,17 +17,19 @@ from torch import nn
 from nextserve.model.moe import SparseMoeBlock
 from nextserve.model.qwen3_next import Qwen3NextForCausalLM
 from nextserve.model.sampling import Sampler, SamplingParams, sample_batch
-from nextserve.model.state import ForwardBatch, SequenceState
+from nextserve.model.state import ForwardBatch
 
 from .cache_budget import PoolSizes, available_host_memory, block_bytes, parse_cache_memory, size_pools, slot_bytes
 from .scheduler import ScheduledBatch
-from .shards import ShardPool
+
+if TYPE_CHECKING:  # the in-process engine runs without gRPC
+    from .shards import ShardPool
 
 
 class RemoteExperts(nn.Module):
     """Stands where a MoE block's local `Experts` would: sends the routed tokens to the workers."""
 
-    def __init__(self, pool: ShardPool, layer: int):
+    def __init__(self, pool: "ShardPool", layer: int):
         super().__init__()
         self.pool, self.layer = pool, layer
 
@@ -32,7 +37,7 @@ class RemoteExperts(nn.Module):
         return self.pool.dispatch(self.layer, hidden, expert_ids, weights)
 
 
-def load_dense_model(checkpoint: str | Path, pool: ShardPool, dtype="float32", device="cpu") -> Qwen3NextForCausalLM:
+def load_dense_model(checkpoint: str | Path, pool: "ShardPool", dtype="float32", device="cpu") -> Qwen3NextForCausalLM:
     """The model without a single routed-expert weight (expert_ids=[]), its experts served by `pool`."""
     model = Qwen3NextForCausalLM.from_pretrained(checkpoint, dtype=dtype, device=device, expert_ids=[])
     for i, layer in enumerate(model.model.layers):
@@ -55,29 +60,28 @@ def plan_cache(model: Qwen3NextForCausalLM, kv_cache_memory: str, max_seqs: int)
 
 
 class ModelRunner:
-    def __init__(self, model: Qwen3NextForCausalLM):
+    def __init__(self, model: Qwen3NextForCausalLM, sizes: PoolSizes):
         self.model = model
         self.device = model.lm_head.weight.device
-        self.states: dict[int, SequenceState] = {}
+        self.pools = model.allocate_pools(sizes.num_blocks, sizes.num_slots)
         self.samplers: dict[int, Sampler] = {}
 
     def add(self, seq_id: int, params: SamplingParams) -> None:
-        self.states[seq_id] = self.model.new_state()
         self.samplers[seq_id] = Sampler(params, device=self.device)
 
     def free(self, seq_id: int) -> None:
-        self.states.pop(seq_id, None)
         self.samplers.pop(seq_id, None)
 
     @torch.inference_mode()
     def step(self, batch: ScheduledBatch) -> dict[int, int]:
         """Run one forward pass; returns seq_id -> sampled token for the sequences that reached their end."""
         seqs = batch.seqs
-        for s in seqs:
-            if s.num_computed == 0:  # admitted, or readmitted after a preemption: recompute from nothing
-                self.states[s.seq_id] = self.model.new_state()
+        fresh = [slot for s, slot in zip(seqs, batch.state_slots) if s.num_computed == 0]
+        if fresh:  # admitted, or readmitted after a preemption: its DeltaNet state starts from zeros
+            self.pools.zero_slots(torch.tensor(fresh, device=self.device))
         ids = [t for s, n in zip(seqs, batch.num_new_tokens) for t in s.token_slice(n)]
-        forward = ForwardBatch.build([self.states[s.seq_id] for s in seqs], batch.num_new_tokens, self.device)
+        forward = ForwardBatch.build(self.pools, [s.num_computed for s in seqs], batch.num_new_tokens,
+                                     batch.block_tables, batch.state_slots, self.device)
         logits, _ = self.model.forward_batch(torch.tensor(ids, dtype=torch.long, device=self.device), forward)
         rows = [i for i, samples in enumerate(batch.samples()) if samples]
         if not rows:

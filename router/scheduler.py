@@ -76,6 +76,8 @@ class Sequence:
 class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]  # tokens each sequence feeds this step
+    block_tables: list[list[int]] = field(default_factory=list)  # each sequence's KV blocks, in order
+    state_slots: list[int] = field(default_factory=list)         # each sequence's DeltaNet state slot
 
     @property
     def num_tokens(self) -> int:
@@ -131,7 +133,7 @@ class Scheduler:
             if budget == 0:
                 break
             if seq.is_prefilling:
-                n = min(seq.num_pending, budget)
+                n = self._chunk(seq, budget)
                 seqs.append(seq)
                 counts.append(n)
                 budget -= n
@@ -143,11 +145,25 @@ class Scheduler:
             self.blocks.admit(seq.seq_id, seq.num_tokens)
             seq.status = Status.RUNNING
             self.running.append(seq)
-            n = min(seq.num_pending, budget)
+            n = self._chunk(seq, budget)
             seqs.append(seq)
             counts.append(n)
             budget -= n
-        return ScheduledBatch(seqs, counts) if seqs else None
+        if not seqs:
+            return None
+        return ScheduledBatch(seqs, counts, [self.blocks.table(s.seq_id) for s in seqs],
+                              [self.blocks.slot(s.seq_id) for s in seqs])
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """Prompt tokens to feed under `budget`. A cut chunk ends on a block boundary when it can, so the
+        DeltaNet states the chunked pass records (every 64 tokens of a pass) sit at absolute block
+        boundaries, where a prefix cache can use them."""
+        n = min(seq.num_pending, budget)
+        if n < seq.num_pending:
+            end = (seq.num_computed + n) // self.blocks.block_size * self.blocks.block_size
+            if end > seq.num_computed:
+                n = end - seq.num_computed
+        return n
 
     def _make_room(self, seq: Sequence) -> bool:
         """Blocks for one more token of `seq`, preempting newer sequences as needed; False if `seq` itself

@@ -99,7 +99,7 @@ async def start_router(options: RouterOptions) -> Router:
     log.info("%s", sizes.describe())
     scheduler = Scheduler(options.max_batch_tokens, options.max_running_requests, options.max_queue,
                           BlockManager(sizes.num_blocks, sizes.num_slots))
-    engine = Engine(ModelRunner(model), scheduler, pool, tokenizer.eos_token_id, config.max_position_embeddings)
+    engine = Engine(ModelRunner(model, sizes), scheduler, pool, tokenizer.eos_token_id, config.max_position_embeddings)
 
     server = grpc.aio.server(options=GRPC_OPTIONS)
     serving_pb2_grpc.add_ServingServicer_to_server(ServingService(engine, config, tokenizer, fingerprint), server)

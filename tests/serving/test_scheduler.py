@@ -162,13 +162,13 @@ def test_a_decode_that_is_the_newest_preempts_itself_and_older_ones_go_on():
     s.blocks.check()
 
 
-def test_prompt_chunks_of_a_long_prompt_hold_their_blocks_from_admission():
-    s = small(max_batch_tokens=3, num_blocks=4, num_slots=4)
-    a = seq(1, 10)
+def test_prompt_chunks_hold_their_blocks_from_admission_and_end_on_block_boundaries():
+    s = small(max_batch_tokens=6, num_blocks=5, num_slots=4)
+    a = seq(1, 14)
     s.add(a)
     batch = s.schedule()
-    assert plan_of(batch) == [(1, 3)] and len(s.blocks.table(1)) == 3   # all 10 prompt tokens' blocks
-    for n in (3, 3, 1):
+    assert plan_of(batch) == [(1, 4)] and len(s.blocks.table(1)) == 4   # all 14 prompt tokens' blocks
+    for n in (4, 6):  # 6 tokens of budget, cut at the block boundaries 4 and 8; the rest fits whole
         s.postprocess(batch, {})
         batch = s.schedule()
         assert plan_of(batch) == [(1, n)]
