@@ -10,6 +10,10 @@ attention is a flash-style kernel (online softmax in fp32) over packed sequences
   whose partial results a second kernel merges: a batch of one request with 2 KV heads would
   otherwise run on 2 programs.
 - the sigmoid gate multiplies in the epilogue.
+- paged (PAGED): keys and values live in caches of fixed-size blocks, [num_blocks, block_size,
+  Hkv, D], and each sequence's block table names its blocks in order. Key tiles are BN-aligned
+  and BN divides the block size, so every tile sits in one block: one table lookup per tile,
+  then the same loads as the packed layout at another base. Nothing is gathered.
 Sequence boundaries stay on the device: the grid is sized from static upper bounds, programs map
 themselves to (sequence, tile) by a binary search, and surplus programs return at once.
 """
@@ -133,12 +137,26 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_norm_weight: torch.Tensor, 
 # --- varlen gated attention -------------------------------------------------------------------
 
 @triton.jit
+def _key_rows(i_k, o_k, i_n, block_tables, stride_bt, stride_kb, stride_kt, stride_vb, stride_vt,
+              PAGED: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Element offsets of key rows o_k (= i_k + arange(BN), i_k BN-aligned) of sequence i_n in k and
+    v: packed rows, or through the block table (the whole tile lies in block i_k // BLOCK_SIZE)."""
+    if PAGED:
+        i_blk = tl.load(block_tables + i_n.to(tl.int64) * stride_bt + i_k // BLOCK_SIZE).to(tl.int64)
+        o_t = (o_k % BLOCK_SIZE).to(tl.int64)
+        return i_blk * stride_kb + o_t * stride_kt, i_blk * stride_vb + o_t * stride_vt
+    return o_k.to(tl.int64) * stride_kt, o_k.to(tl.int64) * stride_vt
+
+
+@triton.jit
 def attention_kernel(
     q, k, v, gate, o, o_partial, ml_partial,
-    cu_seqlens_q, cu_seqlens_k, tile_offsets,
+    cu_seqlens_q, cu_seqlens_k, tile_offsets, block_tables,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_gt, stride_gh,
+    stride_gt, stride_gh, stride_kb, stride_vb, stride_bt,
     N, HQ, D, DV, qk_scale,
+    PAGED: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
     G: tl.constexpr,
     BQ: tl.constexpr,
     BM: tl.constexpr,
@@ -163,8 +181,14 @@ def attention_kernel(
         i_hi = tl.where(b_take, i_hi, i_mid - 1)
     i_n = i_lo
     bos_q, eos_q = tl.load(cu_seqlens_q + i_n).to(tl.int64), tl.load(cu_seqlens_q + i_n + 1).to(tl.int64)
-    bos_k, eos_k = tl.load(cu_seqlens_k + i_n).to(tl.int64), tl.load(cu_seqlens_k + i_n + 1).to(tl.int64)
-    Lq, Lk = eos_q - bos_q, eos_k - bos_k
+    Lq = eos_q - bos_q
+    if PAGED:
+        # cu_seqlens_k holds the key counts seq_lens_k [N]; the keys start at each block's base
+        bos_k = tl.zeros([], dtype=tl.int64)
+        Lk = tl.load(cu_seqlens_k + i_n).to(tl.int64)
+    else:
+        bos_k = tl.load(cu_seqlens_k + i_n).to(tl.int64)
+        Lk = tl.load(cu_seqlens_k + i_n + 1).to(tl.int64) - bos_k
     i_q0 = (i_tile - tl.load(tile_offsets + i_n)) * BQ
 
     # Row r of the tile is query i_q0 + r // G of query head i_kvh * G + r % G.
@@ -194,8 +218,10 @@ def attention_kernel(
     b_acc = tl.zeros([BM, BDV], dtype=tl.float32)
     for i_k in range(i_start, tl.minimum(i_stop, i_diag), BN):
         o_k = i_k + tl.arange(0, BN)
-        b_k = tl.load(p_k + o_k[:, None] * stride_kt + o_d[None, :], mask=m_d[None, :], other=0.)
-        b_v = tl.load(p_v + o_k[:, None] * stride_vt + o_dv[None, :], mask=m_dv[None, :], other=0.)
+        o_rk, o_rv = _key_rows(i_k, o_k, i_n, block_tables, stride_bt, stride_kb, stride_kt, stride_vb, stride_vt,
+                               PAGED, BLOCK_SIZE)
+        b_k = tl.load(p_k + o_rk[:, None] + o_d[None, :], mask=m_d[None, :], other=0.)
+        b_v = tl.load(p_v + o_rv[:, None] + o_dv[None, :], mask=m_dv[None, :], other=0.)
         if UPCAST:
             b_k, b_v = b_k.to(tl.float32), b_v.to(tl.float32)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
@@ -208,8 +234,10 @@ def attention_kernel(
     for i_k in range(tl.maximum(i_start, i_diag), i_stop, BN):
         o_k = i_k + tl.arange(0, BN)
         m_k = o_k < Lk
-        b_k = tl.load(p_k + o_k[:, None] * stride_kt + o_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.)
-        b_v = tl.load(p_v + o_k[:, None] * stride_vt + o_dv[None, :], mask=m_k[:, None] & m_dv[None, :], other=0.)
+        o_rk, o_rv = _key_rows(i_k, o_k, i_n, block_tables, stride_bt, stride_kb, stride_kt, stride_vb, stride_vt,
+                               PAGED, BLOCK_SIZE)
+        b_k = tl.load(p_k + o_rk[:, None] + o_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.)
+        b_v = tl.load(p_v + o_rv[:, None] + o_dv[None, :], mask=m_k[:, None] & m_dv[None, :], other=0.)
         if UPCAST:
             b_k, b_v = b_k.to(tl.float32), b_v.to(tl.float32)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
@@ -327,17 +355,68 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
     if cu_seqlens_q.dim() != 1 or cu_seqlens_q.shape != cu_seqlens_k.shape or cu_seqlens_q.numel() < 2:
         raise ValueError(f"attention: cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k "
                          f"{tuple(cu_seqlens_k.shape)} must both be [N+1], N >= 1")
+    return _attention(q, k, v, gate, cu_seqlens_q, cu_seqlens_k, None, scale, num_splits, Tk)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    cu_seqlens_q: torch.Tensor, seq_lens_k: torch.Tensor, *, scale: float,
+                    gate: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """`attention` with keys and values read from paged caches through each sequence's block table.
+
+    Sequence n has queries cu_seqlens_q[n]:cu_seqlens_q[n+1] (Lq_n) and seq_lens_k[n] = Lk_n >= Lq_n
+    keys, its new ones included (already written by `reshape_and_cache`); its queries are the
+    last Lq_n positions. Key p of sequence n is row p % block_size of block
+    block_tables[n, p // block_size]; table entries past cdiv(Lk_n, block_size) are never read.
+    Nothing is checked against the data (that would cost host syncs): Lk_n within the table and
+    block ids within the cache are the caller's contract; the torch reference checks them.
+
+    Args:
+        q: [Tq, Hq, D]; gate: [Tq, Hq, D] or None.
+        k_cache, v_cache: [num_blocks, block_size, Hkv, D], unit stride along D; block_size a power
+            of two >= 16 (64 in nextserve).
+        block_tables: [N, max_blocks] int32; cu_seqlens_q: [N+1] int32; seq_lens_k: [N] int32.
+        num_splits: as in `attention`; None sizes decode splits from N * max_blocks * block_size,
+            a static bound (the same launch for every step of a batch shape).
+
+    Returns:
+        o [Tq, Hq, D] in q.dtype.
+    """
+    N = check_paged_attention_args(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, gate)
+    if not q.dtype == k_cache.dtype == v_cache.dtype:
+        raise ValueError(f"paged_attention: q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype} "
+                         f"must share a dtype")
+    block_size = k_cache.shape[1]
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"paged_attention: block_size {block_size} (k_cache {tuple(k_cache.shape)}) must be a "
+                         f"power of two >= 16")
+    if k_cache.stride(3) != 1 or v_cache.stride(3) != 1 or block_tables.stride(1) != 1:
+        raise ValueError("paged_attention: k_cache and v_cache need unit stride along D, block_tables along its rows")
+    return _attention(q, k_cache, v_cache, gate, cu_seqlens_q, seq_lens_k, block_tables, scale, num_splits,
+                      N * block_tables.shape[1] * block_size)
+
+
+def _attention(q, k, v, gate, cu_seqlens_q, lens_k, block_tables, scale, num_splits, Tk):
+    """Launch for both layouts. Packed: k, v [Tk, Hkv, D] and lens_k = cu_seqlens_k [N+1]. Paged
+    (block_tables given): k, v [num_blocks, block_size, Hkv, D] and lens_k = seq_lens_k [N]; Tk
+    is then an upper bound on the keys, used only to size decode splits."""
+    paged = block_tables is not None
+    Tq, Hq, D = q.shape
+    Hkv, Dv = v.shape[-2:]
     N, G = cu_seqlens_q.numel() - 1, Hq // Hkv
     o = torch.empty(Tq, Hq, Dv, dtype=q.dtype, device=q.device)
     if Tq == 0:
         return o
-    q, k, v = _heads(q), _heads(k), _heads(v)
-    gate = _heads(gate) if gate is not None else None
+    q, gate = _heads(q), _heads(gate) if gate is not None else None
+    if not paged:
+        k, v = _heads(k), _heads(v)
 
     BM, BN, auto_splits, num_warps, num_stages = _attention_config(Tq, Tk, N, Hkv, G, D, q.device)
     num_splits = num_splits or auto_splits
     if G > BM:
         BM = triton.next_power_of_2(G)
+    block_size = k.shape[1] if paged else 1
+    if paged:
+        BN = min(BN, block_size)   # a key tile never straddles two blocks
     BQ = BM // G
     # Tiles of sequence n: cdiv(Lq_n, BQ); their prefix sums locate each program's sequence.
     lq = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
@@ -350,12 +429,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
         ml_partial = torch.empty(Tq * Hq * num_splits, 2, dtype=torch.float32, device=q.device)
     else:
         o_partial = ml_partial = None
+    # [.., token, head, dim] strides of either layout; block strides only when paged
     attention_kernel[(max_tiles, Hkv, num_splits)](
         q, k, v, gate, o, o_partial, ml_partial,
-        cu_seqlens_q, cu_seqlens_k, tile_offsets,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cu_seqlens_q, lens_k, tile_offsets, block_tables,
+        q.stride(0), q.stride(1), k.stride(-3), k.stride(-2), v.stride(-3), v.stride(-2),
         gate.stride(0) if gate is not None else 0, gate.stride(1) if gate is not None else 0,
+        k.stride(0) if paged else 0, v.stride(0) if paged else 0, block_tables.stride(0) if paged else 0,
         N, Hq, D, Dv, scale * math.log2(math.e),
+        PAGED=paged, BLOCK_SIZE=block_size,
         G=G, BQ=BQ, BM=BM, BN=BN,
         BD=max(16, triton.next_power_of_2(D)), BDV=max(16, triton.next_power_of_2(Dv)),
         NUM_SPLITS=num_splits, HAS_GATE=gate is not None,

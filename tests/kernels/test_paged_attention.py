@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from nextserve.kernels import ops
-from nextserve.kernels.attention import naive
+from nextserve.kernels.attention import naive, triton_attention
 
 BLOCK = 64
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
@@ -157,3 +157,43 @@ def test_reshape_and_cache_rejects_bad_arguments():
 def backend(request, monkeypatch):
     monkeypatch.setenv("NEXTSERVE_KERNELS", request.param)
     return request.param
+
+
+# --- Triton (under the interpreter on CPU) ------------------------------------------------------
+
+def contiguous_reference(x, gate):
+    return naive.attention(x["q"], x["k"], x["v"], x["cu_q"], x["cu_k"], scale=x["D"] ** -0.5, gate=gate)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(PAGED_CASES))
+def test_triton_paged_attention_equals_contiguous(case, dtype, poisoned_empty):
+    x = paged_inputs(case, dtype, seed=len(case))
+    with poisoned_empty():
+        got = triton_attention.paged_attention(x["q"], x["k_cache"], x["v_cache"], x["tables"], x["cu_q"],
+                                               x["seq_lens_k"], scale=x["D"] ** -0.5, gate=x["gate"])
+    assert_attention_close(got, contiguous_reference(x, x["gate"]), x["max_len"] + x["D"])
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_triton_paged_decode_split_keys_ungated_through_ops(num_splits, monkeypatch, poisoned_empty):
+    """Decode with the keys split over programs (splits that start mid-block, splits with no keys)."""
+    monkeypatch.setenv("NEXTSERVE_KERNELS", "triton")
+    x = paged_inputs("decode", torch.float32, seed=11)
+    args = (x["q"], x["k_cache"], x["v_cache"], x["tables"], x["cu_q"], x["seq_lens_k"])
+    with poisoned_empty():
+        got = triton_attention.paged_attention(*args, scale=x["D"] ** -0.5, num_splits=num_splits)
+        via_ops = ops.paged_attention(*args, scale=x["D"] ** -0.5)
+    expected = contiguous_reference(x, None)
+    assert_attention_close(got, expected, x["max_len"] + x["D"])
+    assert_attention_close(via_ops, expected, x["max_len"] + x["D"])
+
+
+def test_triton_paged_attention_rejects_what_it_cannot_read():
+    x = paged_inputs("decode", torch.float32, seed=0)
+    with pytest.raises(ValueError, match="share a dtype"):
+        triton_attention.paged_attention(x["q"].bfloat16(), x["k_cache"], x["v_cache"], x["tables"], x["cu_q"],
+                                         x["seq_lens_k"], scale=1.0)
+    small = x["k_cache"].reshape(-1, 8, 2, 32)
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        triton_attention.paged_attention(x["q"], small, small, x["tables"], x["cu_q"], x["seq_lens_k"], scale=1.0)
