@@ -50,7 +50,9 @@ class PoolSizes:
         return self.num_blocks * self.block_bytes + self.num_slots * self.slot_bytes
 
     def describe(self) -> str:
-        return (f"KV cache {self.total_bytes / 2**30:.2f} GiB: {self.num_blocks} blocks of {BLOCK_SIZE} tokens "
+        size = self.total_bytes
+        amount = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+        return (f"KV cache {amount}: {self.num_blocks} blocks of {BLOCK_SIZE} tokens "
                 f"({self.num_tokens} tokens) and {self.num_slots} DeltaNet state slots ({self.num_slots} sequences)")
 
 
