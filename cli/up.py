@@ -147,6 +147,9 @@ def run(args) -> int:
         processes.append(router)
         wait_healthy([(router, f"127.0.0.1:{args.port}")], deadline)
         print(f"nextserve is up: router at 127.0.0.1:{args.port} ({args.shards} shards x {args.replicas} replicas)")
+        for line in router.log_path.read_text(errors="replace").splitlines():
+            if "KV cache" in line:  # the router's pool sizing: how many tokens and sequences it holds
+                print(line.split(" INFO ", 1)[-1])
         print(f"try: nextserve generate --router 127.0.0.1:{args.port} --max-tokens 32 \"Hello\"")
         sys.stdout.flush()
         while True:  # until a signal, or until a process dies (then say which)
