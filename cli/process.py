@@ -12,6 +12,22 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+CACHE_MEMORY_HELP = ("memory for the KV cache blocks and DeltaNet state slots: an amount such as 4GiB, or a "
+                     "fraction in (0, 1] of the memory free after loading the weights (default 4GiB)")
+
+
+def add_dtype_flag(parser, what: str) -> None:
+    """The `--dtype` every serving command takes, with the same choices and default."""
+    parser.add_argument("--dtype", default=None, choices=DTYPES,
+                        help=f"{what} dtype (default: bfloat16 on CUDA, float32 on CPU, the exactness mode)")
+
+
+def resolve_dtype(dtype: str | None, device: str) -> str:
+    # CPU defaults to float32: it is the exactness mode, and the CPU path is not faster in bf16 yet.
+    return dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+
+
 async def until_signalled() -> None:
     """Wait for SIGINT or SIGTERM (Kubernetes stops pods with SIGTERM)."""
     stop = asyncio.Event()

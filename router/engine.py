@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from nextserve.model.sampling import SamplingParams
 
 from .runner import ModelRunner
-from .scheduler import Scheduler, Sequence, StopCriteria
+from .requests import StopCriteria
+from .scheduler import Scheduler, Sequence
 from .shards import ShardPool, ShardUnavailable
 from .telemetry import RouterTelemetry
 
@@ -106,7 +107,8 @@ class Engine:
     # -- requests (event loop) ----------------------------------------------------------------------
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
-        """Queue a validated request. Raises ShardUnavailable when not serving, QueueFull when the queue is full."""
+        """Queue a validated request. Raises ShardUnavailable when not serving, QueueFull when the queue is
+        full, RequestTooLarge when it could never fit in the KV cache."""
         if not self.pool.healthy:
             raise ShardUnavailable("not serving: " + "; ".join(self.pool.down_shards()))
         stop = StopCriteria(max_tokens=params.max_tokens, context_limit=self.context_limit,

@@ -20,7 +20,9 @@ from nextserve.worker.plan import ExpertPlan
 from nextserve.worker.server import GRPC_OPTIONS
 
 from .engine import Engine
-from .runner import ModelRunner, load_dense_model
+from .block_manager import BlockManager
+from .cache_budget import parse_cache_memory
+from .runner import ModelRunner, load_dense_model, plan_cache
 from .scheduler import Scheduler
 from .service import ServingService
 from .shards import ShardPool
@@ -42,6 +44,7 @@ class RouterOptions:
     max_batch_tokens: int = 2048
     max_running_requests: int = 64
     max_queue: int = 256
+    kv_cache_memory: str = "4GiB"  # KV blocks + DeltaNet state slots: an amount or a fraction of free memory
     expert_timeout: float = 60.0  # seconds a worker may take for one layer before it counts as failed
     micro_batches: int = 1  # 2: two micro-batches ping-pong, one computing while the other's tokens are away
     # Accepted now, used by a later feature (prefix cache in Redis).
@@ -59,6 +62,7 @@ class RouterOptions:
         if self.max_batch_tokens < 1 or self.max_running_requests < 1 or self.max_queue < 0:
             raise ValueError(f"need --max-batch-tokens >= 1, --max-running-requests >= 1 and --max-queue >= 0; got "
                              f"{self.max_batch_tokens}, {self.max_running_requests}, {self.max_queue}")
+        parse_cache_memory(self.kv_cache_memory)  # a typo fails here, before any weight is loaded
 
 
 def parse_workers(specs: list[str]) -> dict[int, list[str]]:
@@ -108,10 +112,13 @@ async def start_router(options: RouterOptions) -> Router:
         model = await loop.run_in_executor(None, lambda: load_dense_model(
             options.checkpoint, pool, dtype=options.dtype, device=options.device))
         tokenizer = load_tokenizer(options.checkpoint)
+        sizes = plan_cache(model, options.kv_cache_memory, options.max_running_requests)
     except BaseException:
         await pool.close()
         raise
-    scheduler = Scheduler(options.max_batch_tokens, options.max_running_requests, options.max_queue)
+    log.info("%s", sizes.describe())
+    scheduler = Scheduler(options.max_batch_tokens, options.max_running_requests, options.max_queue,
+                          BlockManager(sizes.num_blocks, sizes.num_slots))
     try:
         tracing = setup_tracing("nextserve-router", options.otlp_endpoint, options.trace_sample_ratio)
     except ValueError:
@@ -119,7 +126,7 @@ async def start_router(options: RouterOptions) -> Router:
         raise
     telemetry = RouterTelemetry(CollectorRegistry(), tracing, Path(options.checkpoint).name, moe_layers(config),
                                 config.num_experts)
-    runner = ModelRunner(model, ping_pong=pool.baton if options.micro_batches == 2 else None)
+    runner = ModelRunner(model, sizes, ping_pong=pool.baton if options.micro_batches == 2 else None)
     engine = Engine(runner, scheduler, pool, tokenizer.eos_token_id, config.max_position_embeddings, telemetry)
 
     server = grpc.aio.server(options=GRPC_OPTIONS)

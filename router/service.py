@@ -9,13 +9,13 @@ import uuid
 import grpc
 
 from nextserve.model.config import Qwen3NextConfig
-from nextserve.model.generate import check_prompt
 from nextserve.model.sampling import SamplingParams
 from nextserve.model.tokenizer import TextTokenizer
 from nextserve.proto.v1 import serving_pb2, serving_pb2_grpc
 
 from .engine import Engine, Failed, Finished, RequestStream, Tokens
-from .scheduler import QueueFull
+from .requests import check_prompt, check_stop_token_ids
+from .scheduler import QueueFull, RequestTooLarge
 from .shards import ShardUnavailable
 from .stop_strings import StopStringMatcher
 
@@ -67,15 +67,15 @@ class ServingService(serving_pb2_grpc.ServingServicer):
             prompt_ids = self._prompt_ids(request)
             check_prompt(prompt_ids, self.config.vocab_size, self.config.max_position_embeddings)
             params = sampling_params(request.sampling)
-            bad = [t for t in params.stop_token_ids if not 0 <= t < self.config.vocab_size]
-            if bad:
-                raise ValueError(f"stop token ids out of range [0, {self.config.vocab_size}): {bad[:5]}")
+            check_stop_token_ids(params.stop_token_ids, self.config.vocab_size)
             if any(s == "" for s in request.sampling.stop):
                 raise ValueError("stop strings must not be empty")
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         try:
             stream = self.engine.submit(prompt_ids, params)
+        except RequestTooLarge as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except QueueFull as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the router is at capacity: {e}")
         except ShardUnavailable as e:
