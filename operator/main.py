@@ -10,6 +10,8 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,9 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     scope.add_argument("--namespace", "-n", action="append", default=[], metavar="NS",
                        help="watch this namespace (repeatable; globs like 'serving-*' work)")
     scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace (the default)")
-    parser.add_argument("--peering", default=os.environ.get("NEXTSERVE_PEERING", "nextserve"),
-                        help="kopf peering object shared by the operator replicas; '' runs standalone "
-                             "(default: %(default)s)")
+    parser.add_argument("--peering", default=os.environ.get("NEXTSERVE_PEERING", ""), metavar="NAME",
+                        help="kopf peering object (ClusterKopfPeering, or KopfPeering in each --namespace) through "
+                             "which several operator replicas agree that one works; it must exist. Empty (the "
+                             "default): this operator runs alone and needs no peering object")
+    parser.add_argument("--priority", type=int, default=None, metavar="N",
+                        help="peering priority; the live replica with the highest one works (default: derived "
+                             "from the pod name in $POD_ID, else from the host and process, so replicas differ)")
     parser.add_argument("--resync-seconds", type=float,
                         default=float(os.environ.get("NEXTSERVE_RESYNC_SECONDS", DEFAULT_RESYNC_SECONDS)),
                         help="how often each deployment's children are re-checked (default: %(default)s)")
@@ -47,12 +53,21 @@ async def operate(args: argparse.Namespace, *, stop_flag: Any = None, ready_flag
 
     from nextserve.operator import handlers
 
+    from nextserve.operator.health import priority_of
+
     clusterwide = not args.namespace
+    # kopf names this process in the peering object by $POD_ID (the chart sets the pod name).
+    identity = os.environ.get("POD_ID") or f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:6]}"
+    peering = handlers.Peering(
+        name=args.peering or None, identity=identity,
+        priority=args.priority if args.priority is not None else priority_of(identity),
+        namespaces=tuple(args.namespace), clusterwide=clusterwide)
     settings = kopf.OperatorSettings()
-    handlers.configure(settings, peering_name=args.peering or None, clusterwide=clusterwide)
+    handlers.configure(settings, peering)
     await kopf.operator(
-        registry=handlers.build_registry(args.resync_seconds),
+        registry=handlers.build_registry(peering, args.resync_seconds),
         settings=settings,
+        identity=identity,
         clusterwide=clusterwide,
         namespaces=args.namespace,
         liveness_endpoint=args.liveness or None,

@@ -49,6 +49,7 @@ def small_spec(**experts: Any) -> dict[str, Any]:
         "model": {"source": {"pvc": {"claimName": "models", "path": "qwen3-next-tiny"}}, "numExperts": 8, "dtype": "float32"},
         "experts": {"shards": 2, "replicasPerShard": 2, "device": "cpu", **experts},
         "router": {"replicas": 2, "device": "cpu"},
+        "images": {"serving": "nextserve:test"},
     }
 
 
