@@ -27,6 +27,9 @@ def add_parser(sub) -> None:
                    help="sequences decoding together (default 64)")
     p.add_argument("--max-queue", type=int, default=256, metavar="N",
                    help="requests waiting to start; beyond it new ones get RESOURCE_EXHAUSTED (default 256)")
+    p.add_argument("--drain-grace", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT: readiness turns NOT_SERVING, new generations get UNAVAILABLE, running "
+                        "ones may finish for this long, then what remains ends with UNAVAILABLE (default 30)")
     later = p.add_argument_group("accepted for upcoming features (stored, no effect yet)")
     later.add_argument("--cache-url", metavar="URL", help="prefix-cache store, e.g. redis://host:6379/0")
     later.add_argument("--cache-ttl", type=float, metavar="SECONDS", help="prefix-cache entry lifetime")
@@ -44,6 +47,8 @@ def run(args) -> int:
     from nextserve.worker.server import load_plan
 
     try:
+        if args.drain_grace < 0:
+            raise ValueError(f"--drain-grace must be >= 0, got {args.drain_grace}")
         if not 0.0 <= args.trace_sample_ratio <= 1.0:
             raise ValueError(f"--trace-sample-ratio must be in [0, 1], got {args.trace_sample_ratio}")
         options = RouterOptions(
@@ -63,7 +68,7 @@ def run(args) -> int:
             print(f"error: refusing to serve: {e}", file=sys.stderr)
             return 1
         await until_signalled()
-        await router.stop()
+        await router.shutdown(args.drain_grace)
         return 0
 
     return asyncio.run(main())

@@ -19,13 +19,18 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="expert weight and compute dtype (default bfloat16)")
     p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
+    p.add_argument("--drain-grace", type=float, default=10.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT: readiness turns NOT_SERVING, then requests in flight may finish for "
+                        "this long before the worker exits (default 10)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from nextserve.cli.process import default_device, until_signalled
-    from nextserve.worker.server import build_service, load_plan, serve
+    from grpc_health.v1 import health
+
+    from nextserve.worker.server import build_service, drain_worker, load_plan, serve
 
     try:
         device = args.device or default_device()
@@ -36,9 +41,10 @@ def run(args) -> int:
         return 2
 
     async def main() -> None:
-        server, _ = await serve(service, args.host, args.port)
+        health_service = health.aio.HealthServicer()
+        server, _ = await serve(service, args.host, args.port, health_service)
         await until_signalled()
-        await server.stop(grace=2)
+        await drain_worker(server, health_service, args.drain_grace)
 
     asyncio.run(main())
     return 0
