@@ -155,6 +155,10 @@ def configure(settings: kopf.OperatorSettings, peering: Peering) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP, key="last-handled-spec")
     settings.posting.level = 20  # INFO and above become Kubernetes events
+    if not peering.clusterwide and not any(c in ns for ns in peering.namespaces for c in "*?[!"):
+        # Named namespaces only: nothing to discover at runtime, so kopf needs no cluster-wide
+        # list/watch of namespaces and CRDs, and a namespaced install grants none.
+        settings.scanning.disabled = True
     if peering.name:
         # Several replicas of the operator: only the live one with the highest priority works.
         settings.peering.name = peering.name

@@ -101,19 +101,36 @@ async def test_chart_lints():
     assert all(m["Severity"] <= 1 for m in result["Messages"]), result["Messages"]
 
 
-async def test_chart_installs_into_emulated_cluster_and_validates(apiserver):
-    kmock, env = apiserver
-    values = {"replicaCount": 2, "watchNamespaces": ["team-a", "team-b"]}
-    rc, release, err = await helm("install", str(CHART), "ns", RELEASE_NS, json.dumps(values), env=env)
-    assert rc == 0, err
-
-    docs = [d for d in yaml.safe_load_all(release["manifest"]) if d]
-    kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["ClusterKopfPeering", "ClusterRole", "ClusterRoleBinding", "Deployment", "ServiceAccount"]
+def _validate(docs):
     for doc in docs:
         if doc["apiVersion"].startswith("kopf.dev"):
-            continue  # a custom resource: checked against its CRD below
+            continue  # a custom resource: its CRD is checked below
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def _rules(role) -> dict[tuple[str, str], set[str]]:
+    return {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+
+
+def _check_least_privilege(rules):
+    assert not any("*" in verbs or r == "*" or g == "*" for (g, r), verbs in rules.items())
+    assert not any(r == "secrets" for _, r in rules)  # the operator reads no Secret
+    # The children: exactly the verbs operator/kube.py uses on each kind, no more.
+    from nextserve.operator.kube import KINDS, VERBS_USED
+    groups = {"ConfigMap": "", "Service": "", "StatefulSet": "apps", "Deployment": "apps", "PodDisruptionBudget": "policy"}
+    for kind, verbs in VERBS_USED.items():
+        plural = {"PodDisruptionBudget": "poddisruptionbudgets"}.get(kind, kind.lower() + "s")
+        assert kind in KINDS and rules[(groups[kind], plural)] == verbs, kind
+
+
+async def test_default_install_cluster_wide(apiserver):
+    kmock, env = apiserver
+    rc, release, err = await helm("install", str(CHART), "ns", RELEASE_NS, "{}", env=env)
+    assert rc == 0, err
+    docs = [d for d in yaml.safe_load_all(release["manifest"]) if d]
+    assert sorted(d["kind"] for d in docs) == ["ClusterKopfPeering", "ClusterRole", "ClusterRoleBinding", "Deployment",
+                                                "ServiceAccount"]
+    _validate(docs)
 
     # Helm applied the CRDs from crds/ (the same file the operator tests load) and the objects.
     crds = {name for (res, _, name), obj in kmock.objects.items() if res.plural == "customresourcedefinitions"}
@@ -122,22 +139,48 @@ async def test_chart_installs_into_emulated_cluster_and_validates(apiserver):
         kubernetes_validate.validate(kmock.objects["apiextensions.k8s.io/v1/customresourcedefinitions", None, crd].raw,
                                      K8S_VERSION, strict=True)
     deployment = kmock.objects["apps/v1/deployments", RELEASE_NS, "ns-nextserve-operator"].raw
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    # Two replicas, each with its own peering priority from its pod name: one works, one stands by.
     assert deployment["spec"]["replicas"] == 2
     assert container["command"] == ["python", "-m", "nextserve.operator.main"]
-    assert container["args"][:2] == ["--namespace=team-a", "--namespace=team-b"]
-    assert "--peering=nextserve" in container["args"]
-    assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
-    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "ns-nextserve-operator"
+    assert "--all-namespaces" in container["args"] and "--peering=nextserve" in container["args"]
+    assert {"name": "POD_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in container["env"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["serviceAccountName"] == "ns-nextserve-operator"
+    assert ("kopf.dev/v1/clusterkopfpeerings", None, "nextserve") in {
+        (f"{r.group}/{r.version}/{r.plural}", ns, n) for (r, ns, n) in kmock.objects.keys()}
 
-    role = next(d for d in docs if d["kind"] == "ClusterRole")
-    rules = {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
-    assert rules[("kopf.dev", "clusterkopfpeerings")] >= {"get", "list", "watch", "patch"}
-    assert rules[("", "events")] >= {"create"}
-    assert rules[("apps", "statefulsets")] >= {"create", "patch", "delete"}
-    assert rules[("", "secrets")] == {"get"}  # read only, no listing of secrets
-    assert not any("*" in verbs or r == "*" for (g, r), verbs in rules.items())
-    assert "WARNING" not in release.get("info", {}).get("notes", "")
+    rules = _rules(next(d for d in docs if d["kind"] == "ClusterRole"))
+    assert rules[("kopf.dev", "clusterkopfpeerings")] == {"get", "list", "watch", "patch"}
+    assert rules[("", "events")] == {"create"}
+    _check_least_privilege(rules)
+    # No image is published: the default install says so first.
+    assert release["info"]["notes"].lstrip().startswith("WARNING: image.repository")
+
+
+async def test_namespaced_install_grants_roles_only(apiserver):
+    kmock, env = apiserver
+    values = {"watchNamespaces": ["team-a", "team-b"], "image": {"repository": "registry.example.com/nextserve-operator",
+                                                                 "pullPolicy": "IfNotPresent"}}
+    rc, release, err = await helm("install", str(CHART), "ns", RELEASE_NS, json.dumps(values), env=env)
+    assert rc == 0, err
+    docs = [d for d in yaml.safe_load_all(release["manifest"]) if d]
+    assert sorted((d["kind"], d["metadata"].get("namespace")) for d in docs) == sorted([
+        ("KopfPeering", "team-a"), ("KopfPeering", "team-b"), ("Role", "team-a"), ("Role", "team-b"),
+        ("RoleBinding", "team-a"), ("RoleBinding", "team-b"), ("Deployment", RELEASE_NS),
+        ("ServiceAccount", RELEASE_NS)])
+    _validate(docs)
+    for role in (d for d in docs if d["kind"] == "Role"):
+        rules = _rules(role)
+        assert rules[("kopf.dev", "kopfpeerings")] == {"get", "list", "watch", "patch"}
+        assert ("apiextensions.k8s.io", "customresourcedefinitions") not in rules
+        _check_least_privilege(rules)
+    for binding in (d for d in docs if d["kind"] == "RoleBinding"):
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ns-nextserve-operator", "namespace": RELEASE_NS}]
+    container = kmock.objects["apps/v1/deployments", RELEASE_NS, "ns-nextserve-operator"].raw["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][:2] == ["--namespace=team-a", "--namespace=team-b"]
+    assert "WARNING" not in release["info"]["notes"]
 
 
 async def test_values_schema_rejects_typos(apiserver):
@@ -151,9 +194,10 @@ async def test_long_release_names_are_truncated(apiserver):
     kmock, env = apiserver
     release = "r" * 50
     rc, result, err = await helm("install", str(CHART), release, RELEASE_NS,
-                                 json.dumps({"replicaCount": 3, "peering": {"create": False, "name": "x"}}), env=env)
+                                 json.dumps({"replicaCount": 3, "peering": {"create": False, "name": "x"},
+                                             "image": {"repository": "r.example/op", "pullPolicy": "Always"}}), env=env)
     assert rc == 0, err
     for doc in yaml.safe_load_all(result["manifest"]):
         if doc:
             assert len(doc["metadata"]["name"]) <= 63
-    assert result["info"]["notes"].lstrip().startswith("WARNING")
+    assert result["info"]["notes"].lstrip().startswith("WARNING: peering.create=false")
