@@ -116,12 +116,25 @@ def make_reconcile_handler(retry_delay: float) -> Any:
                     return
                 raise
             memo.problems.clear("rbac")
+            written = memo.get("last_status")
             memo["last_status"] = status
-        patch.status.update(status)
+        # Only a change is written: a resync that finds the same state sends no status PATCH
+        # (compared with what this process wrote too: the body a timer gets may predate it).
+        if _without_nones(status) not in (_without_nones(dict(body.get("status") or {})), _without_nones(written)):
+            patch.status.update(status)
         ready = next((c for c in status["conditions"] if c["type"] == "Ready"), None)
         if ready and ready["status"] != "True":
             logger.debug("not ready: %s: %s", ready["reason"], ready["message"])
     return reconcile_handler
+
+
+def _without_nones(value: Any) -> Any:
+    # A merge patch deletes keys set to None: the stored status has no such keys.
+    if isinstance(value, dict):
+        return {k: _without_nones(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nones(v) for v in value]
+    return value
 
 
 def _api_message(exc: kube.ApiError) -> str:
@@ -155,6 +168,9 @@ def configure(settings: kopf.OperatorSettings, peering: Peering) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP, key="last-handled-spec")
     settings.posting.level = 20  # INFO and above become Kubernetes events
+    # A deleted deployment is released once its running resync pass ends (a few seconds):
+    # look again every second rather than kopf's default minute.
+    settings.background.cancellation_polling = 1.0
     if not peering.clusterwide and not any(c in ns for ns in peering.namespaces for c in "*?[!"):
         # Named namespaces only: nothing to discover at runtime, so kopf needs no cluster-wide
         # list/watch of namespaces and CRDs, and a namespaced install grants none.

@@ -86,8 +86,7 @@ def run_parsed(args: argparse.Namespace) -> int:
     """Run with flags already parsed by a parser that add_arguments() filled."""
     import kopf
 
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # kopf's own logging setup covers the operator's loggers too (one handler on the root).
     kopf.configure(verbose=args.verbose)
     asyncio.run(operate(args))
     return 0

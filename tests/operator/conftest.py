@@ -263,7 +263,8 @@ async def cluster_wait(check: Callable[[], bool], what: str) -> None:
 
 @pytest_asyncio.fixture()
 async def operator(cluster):
-    op = Operator(["--all-namespaces", "--peering", "", "--resync-seconds", "0.2", "--liveness", ""])
+    # As the docs run it by hand: no peering flag, so no peering object is needed.
+    op = Operator(["--all-namespaces", "--resync-seconds", "0.2", "--liveness", ""])
     yield op
     if op.thread is not None:
         await op.stop()

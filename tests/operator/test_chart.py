@@ -7,6 +7,10 @@ import asyncio
 import json
 import os
 import pathlib
+import signal
+import socket
+import subprocess
+import sys
 
 import kmock as kmock_lib
 import kubernetes_validate
@@ -201,3 +205,166 @@ async def test_long_release_names_are_truncated(apiserver):
         if doc:
             assert len(doc["metadata"]["name"]) <= 63
     assert result["info"]["notes"].lstrip().startswith("WARNING: peering.create=false")
+
+
+# -- the operator as the chart runs it ------------------------------------------------------
+
+class OperatorProcess:
+    """The operator as a process with the Deployment's own args and POD_ID (the pod name).
+    Only the health endpoint's address differs: pods have a network namespace each, these
+    processes share one."""
+
+    def __init__(self, args: list[str], pod_id: str, kubeconfig: str, log_dir: pathlib.Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.health_port = s.getsockname()[1]
+        self.pod_id = pod_id
+        self.log_path = log_dir / f"operator-{pod_id}.log"
+        argv = [sys.executable, "-m", "nextserve.operator.main",
+                *[a for a in args if not a.startswith("--liveness=")],
+                f"--liveness=http://127.0.0.1:{self.health_port}/healthz"]
+        env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
+        self._log = open(self.log_path, "ab")
+        self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      env={**env, "KUBECONFIG": kubeconfig, "POD_ID": pod_id})
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    async def stop(self) -> int:
+        self.popen.send_signal(signal.SIGTERM)  # what the kubelet sends
+        for _ in range(300):
+            if self.popen.poll() is not None:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            self.popen.kill()
+        self._log.close()
+        return self.popen.wait(10)
+
+
+@pytest_asyncio.fixture()
+async def operator_processes():
+    started: list[OperatorProcess] = []
+
+    def start(*args, **kwargs) -> OperatorProcess:
+        started.append(OperatorProcess(*args, **kwargs))
+        return started[-1]
+
+    yield start
+    for op in started:
+        if op.popen.poll() is None:
+            op.popen.kill()
+            op.popen.wait(10)
+
+
+def _chart_container(kmock) -> dict:
+    deployment = kmock.objects["apps/v1/deployments", RELEASE_NS, "ns-nextserve-operator"].raw
+    return deployment["spec"]["template"]["spec"]["containers"][0]
+
+
+def _operator_requests(kmock) -> list:
+    """Requests the operators sent: kopf's own and the children client's (named by its user agent).
+    Discovery (/api, /apis/GROUP/VERSION: no resource) is open to every authenticated user."""
+    return [r for r in kmock if r.resource is not None and r.resource.plural is not None and
+            r.headers.get("User-Agent", "").startswith(("kopf/", "nextserve-operator/"))]
+
+
+def _child_writes(kmock, agent: str | None = None) -> list:
+    return [r for r in _operator_requests(kmock)
+            if r.method in ("POST", "PATCH", "PUT", "DELETE") and r.headers["User-Agent"].startswith("nextserve-operator/")
+            and (agent is None or r.headers["User-Agent"] == agent)]
+
+
+async def test_two_replicas_with_the_chart_defaults_one_works_then_the_other(apiserver, cluster, tmp_path,
+                                                                             operator_processes):
+    kmock, env = apiserver
+    rc, _, err = await helm("install", str(CHART), "ns", RELEASE_NS, json.dumps({"resyncSeconds": 1}), env=env)
+    assert rc == 0, err
+    args = _chart_container(kmock)["args"]
+    ops = [operator_processes(args, f"ns-nextserve-operator-5d8f9-{s}", env["KUBECONFIG"], tmp_path)
+           for s in ("x2k4q", "p7w9z")]
+
+    def peers() -> dict:
+        return kmock.objects["kopf.dev/v1/clusterkopfpeerings", None, "nextserve"].raw.get("status") or {}
+
+    await cluster.eventually(lambda: {op.pod_id for op in ops} <= set(peers()), timeout=60, what="both replicas peered")
+    priority = {op.pod_id: peers()[op.pod_id]["priority"] for op in ops}
+    assert len(set(priority.values())) == 2  # distinct: neither freezes
+    active, standby = sorted(ops, key=lambda op: -priority[op.pod_id])
+
+    await cluster.create_cr(cluster.make_body())
+    await cluster.eventually(lambda: "demo-router" in cluster.deployments() and cluster.condition("Ready"),
+                             timeout=30, what="reconciled")
+    cluster.ready_all()
+    await cluster.eventually(lambda: cluster.condition("Ready")["status"] == "True", timeout=30, what="Ready")
+    # Exactly one replica did the work: every child written once, all by the active one.
+    writes = _child_writes(kmock)
+    assert {r.headers["User-Agent"] for r in writes} == {f"nextserve-operator/{active.pod_id}"}
+    creates = sorted((r.resource.plural, r.data["metadata"]["name"]) for r in writes if r.method == "POST")
+    applies = sorted((r.resource.plural, r.name) for r in writes if r.method == "PATCH")
+    assert len(creates) == len(set(creates)) == len(cluster.statefulsets()) * 3 + 1 + 3  # shard: sts, svc, pdb; plan; router: 3
+    assert applies == creates  # the one apply of each new child (the emulator answers it 404, then the create)
+    assert "Handler 'create' succeeded" in active.log()
+    assert "Handler 'create' succeeded" not in standby.log() and "Timer 'resync' succeeded" not in standby.log()
+
+    # The active replica stops (a rollout, a node drain): it leaves the peering, the other takes over.
+    assert await active.stop() == 0
+    await cluster.eventually(lambda: active.pod_id not in peers(), timeout=20, what="active replica left the peering")
+    await cluster.create_cr(cluster.make_body("second"))
+    await cluster.eventually(lambda: "second-router" in cluster.deployments(), timeout=30, what="the standby took over")
+    assert _child_writes(kmock, f"nextserve-operator/{standby.pod_id}")
+    cluster.ready_all()
+    await cluster.eventually(lambda: cluster.condition("Ready", "second")["status"] == "True", timeout=30,
+                             what="second Ready")
+
+
+def _allowed(roles: list[dict], namespace: str | None, group: str, resource: str, verb: str) -> bool:
+    for role in roles:
+        if role["kind"] == "Role" and role["metadata"]["namespace"] != namespace:
+            continue
+        if verb in _rules(role).get((group, resource), set()):
+            return True
+    return False
+
+
+_VERBS = {"LIST": "list", "WATCH": "watch", "FETCH": "get", "CREATE": "create", "DELETE": "delete"}
+
+
+async def test_operator_works_with_only_the_namespaced_roles(apiserver, cluster, tmp_path, operator_processes):
+    kmock, env = apiserver
+    values = {"watchNamespaces": [cluster.NS], "resyncSeconds": 1}
+    rc, release, err = await helm("install", str(CHART), "ns", RELEASE_NS, json.dumps(values), env=env)
+    assert rc == 0, err
+    roles = [d for d in yaml.safe_load_all(release["manifest"]) if d and d["kind"] in ("Role", "ClusterRole")]
+    assert [r["kind"] for r in roles] == ["Role"]
+    op = operator_processes(_chart_container(kmock)["args"], "ns-nextserve-operator-5d8f9-q1", env["KUBECONFIG"],
+                            tmp_path)
+
+    # Create, become ready, re-shard (new workers, router switch, old ones deleted): every verb the operator has.
+    await cluster.create_cr(cluster.make_body())
+    await cluster.eventually(lambda: "demo-router" in cluster.deployments(), timeout=60, what="router")
+    cluster.ready_all()
+    await cluster.eventually(lambda: cluster.condition("Ready")["status"] == "True", timeout=30, what="Ready")
+    await cluster.patch_spec(cluster.small_spec(shards=4))
+    await cluster.eventually(lambda: len(cluster.statefulsets()) == 6, timeout=30, what="new shards")
+
+    def settle() -> bool:  # the kubelet keeps reporting ready: the router switches, then the old shards go
+        cluster.ready_all()
+        return len(cluster.statefulsets()) == 4
+
+    await cluster.eventually(settle, timeout=30, interval=0.2, what="old shards retired")
+
+    used = set()
+    for r in _operator_requests(kmock):
+        verb = {"PATCH": "patch", "PUT": "update"}.get(str(r.method.value), _VERBS.get(str(r.action.value)))
+        resource = r.resource.plural + (f"/{r.subresource}" if r.subresource else "")
+        used.add((r.namespace, r.resource.group, resource, verb))
+    denied = sorted(u for u in used if not _allowed(roles, *u))
+    assert not denied, f"requests the Roles do not allow: {denied}\n{op.log()[-3000:]}"
+    assert all(ns == cluster.NS for ns, *_ in used), sorted(used)  # nothing cluster-wide, nothing elsewhere
+    for needed in [("serving.nextserve.io", "qwen3nextdeployments", "watch"),
+                   ("serving.nextserve.io", "qwen3nextdeployments/status", "patch"), ("kopf.dev", "kopfpeerings", "patch"),
+                   ("apps", "statefulsets", "delete"), ("policy", "poddisruptionbudgets", "create")]:
+        assert (cluster.NS, *needed) in used, needed
+    assert op.popen.poll() is None, op.log()[-3000:]

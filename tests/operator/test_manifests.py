@@ -301,6 +301,14 @@ def test_cli_arguments():
         build_parser().parse_args(["--namespace", "a", "--all-namespaces"])
 
 
+def test_run_by_hand_needs_no_peering_and_replicas_get_distinct_priorities():
+    assert build_parser().parse_args(["--namespace", "team-a"]).peering == ""  # standalone: works out of the box
+    from nextserve.operator.health import priority_of
+    pods = [f"nextserve-operator-5d8f9-{s}" for s in ("x2k4q", "p7w9z", "a1b2c")]
+    assert len({priority_of(p) for p in pods}) == 3
+    assert priority_of(pods[0]) == priority_of(pods[0])  # a restarted process keeps its pod's priority
+
+
 def test_flag_registration_does_not_import_kopf():
     import subprocess
     import sys

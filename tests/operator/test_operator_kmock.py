@@ -7,6 +7,8 @@ and collect owned objects after a deletion (garbage collector).
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 
 import pytest
 
@@ -181,12 +183,17 @@ async def test_resync_without_change_writes_nothing(cluster, operator):
                 and r.resource is not None and r.resource.plural != "qwen3nextdeployments"
                 and not r.resource.group.startswith("kopf")]
 
-    before = len(child_writes())
+    def status_writes():
+        return [r for r in cluster.kmock if r.method == "PATCH" and r.resource is not None
+                and r.resource.plural == "qwen3nextdeployments" and r.subresource == "status"]
+
+    before, status_before = len(child_writes()), len(status_writes())
     resyncs_before = len([r for r in cluster.kmock if r.method == "GET" and r.name == "demo-router"])
     await asyncio.sleep(1.0)  # five resync periods
     resyncs = len([r for r in cluster.kmock if r.method == "GET" and r.name == "demo-router"]) - resyncs_before
     assert resyncs >= 3, "the resync timer did not run"
     assert len(child_writes()) == before, [f"{r.method} {r.resource.plural}/{r.name or ''}" for r in child_writes()[before:]]
+    assert len(status_writes()) == status_before  # the same status is not written again
 
     # Someone scales the router by hand: no spec change, so the operator leaves it alone.
     cluster.kmock.objects[DEPLOY, NS, "demo-router"].patch({"spec": {"replicas": 5}})
@@ -244,3 +251,29 @@ async def test_peering_replica_works_through_peering_object(cluster, operator):
     await cluster.eventually(lambda: "demo-router" in cluster.deployments(), what="router")
     peering = cluster.kmock.objects["kopf.dev/v1/clusterkopfpeerings", None, "nextserve"].raw
     assert peering.get("status"), "the operator did not announce itself in the peering object"
+
+
+async def test_missing_peering_object_is_a_warning_with_the_remedy_and_in_healthz(cluster, operator, caplog):
+    """An operator told to peer through an object that does not exist says so, never waits silently."""
+    port = free_port()
+    operator.argv = ["--all-namespaces", "--peering", "nextserve", "--resync-seconds", "0.2",
+                     "--liveness", f"http://127.0.0.1:{port}/healthz"]
+    with caplog.at_level(logging.WARNING, logger="nextserve.operator"):
+        await operator.start()
+        await cluster.eventually(lambda: any("does not exist" in r.getMessage() for r in caplog.records),
+                                 what="a warning about the missing peering object")
+    message = next(r.getMessage() for r in caplog.records if "does not exist" in r.getMessage())
+    assert "ClusterKopfPeering 'nextserve'" in message and "--peering ''" in message
+    async with cluster.session.get(f"http://127.0.0.1:{port}/healthz") as resp:
+        report = await resp.json()
+    assert report["operator"]["problems"] == [message]
+    # And it does wait: nothing is reconciled without the peering.
+    await cluster.create_cr(cluster.make_body())
+    await asyncio.sleep(1.0)
+    assert cluster.deployments() == {}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
