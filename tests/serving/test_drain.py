@@ -121,6 +121,8 @@ def test_liveness_stays_serving_while_a_worker_is_down(
         helpers, tmp_path, tiny_checkpoint, in_process_workers, worker_processes, routers):
     plan = helpers.contiguous_plan(tiny_checkpoint, 2)
     doomed = worker_processes(tiny_checkpoint, helpers.write_plan(tmp_path, plan), 1).wait_ready()
+    with Client(doomed.address, timeout=30) as worker:  # workers answer the same probes
+        assert worker.health(health_names.LIVENESS) and worker.health(health_names.WORKER_READINESS)
     router = routers(plan, {0: in_process_workers(2).addresses[0], 1: [doomed.address]})
     with Client(f"127.0.0.1:{router.port}", timeout=30) as client:
         assert client.health() and client.health(health_names.LIVENESS)
