@@ -277,3 +277,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+async def test_rbac_denial_is_a_warning_with_the_remedy_and_in_healthz(cluster, operator, caplog):
+    import kmock as kmock_lib
+
+    denied = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403,
+              "message": 'statefulsets.apps "x" is forbidden: User "system:serviceaccount:ops:op" cannot get resource'}
+    cluster.kmock[kmock_lib.action.FETCH, kmock_lib.resource("apps/v1/statefulsets")] << 403 << denied
+    port = free_port()
+    operator.argv = ["--all-namespaces", "--resync-seconds", "0.2", "--liveness", f"http://127.0.0.1:{port}/healthz"]
+    with caplog.at_level(logging.WARNING, logger="nextserve.operator"):
+        await operator.start()
+        await cluster.create_cr(cluster.make_body())
+        await cluster.eventually(lambda: any("RBAC denies" in r.getMessage() for r in caplog.records),
+                                 what="a warning about RBAC")
+    message = next(r.getMessage() for r in caplog.records if "RBAC denies" in r.getMessage())
+    assert "cannot get resource" in message and "templates/rbac.yaml" in message
+    async with cluster.session.get(f"http://127.0.0.1:{port}/healthz") as resp:
+        report = await resp.json()
+    assert report["operator"] == {"role": "standalone", "problems": [message]}
