@@ -63,6 +63,8 @@ async def _watch_peering(watch: health.PeeringWatch) -> None:
             await watch.check()
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             watch.problems.report("peering/api", f"cannot reach the API server to check peering: {exc!r}")
+        except Exception as exc:  # the check must outlive any surprise, and say what it was
+            watch.problems.report("peering/api", f"checking the peering failed: {exc!r}")
         else:
             watch.problems.clear("peering/api")
         await asyncio.sleep(health.CHECK_INTERVAL_SECONDS)

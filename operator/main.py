@@ -42,8 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=float(os.environ.get("NEXTSERVE_RESYNC_SECONDS", DEFAULT_RESYNC_SECONDS)),
                         help="how often each deployment's children are re-checked (default: %(default)s)")
     parser.add_argument("--liveness", default=os.environ.get("NEXTSERVE_LIVENESS", "http://0.0.0.0:8080/healthz"),
-                        help="liveness endpoint URL; '' disables it (default: %(default)s)")
-    parser.add_argument("--verbose", "-v", action="store_true")
+                        metavar="URL", help="health endpoint for the liveness probe; its JSON says whether this "
+                                            "replica works or stands by and what keeps it from working; '' "
+                                            "disables it (default: %(default)s)")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log every API call and handler step")
 
 
 async def operate(args: argparse.Namespace, *, stop_flag: Any = None, ready_flag: Any = None) -> None:
