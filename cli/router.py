@@ -31,8 +31,6 @@ def add_parser(sub) -> None:
                    help="on SIGTERM/SIGINT: readiness turns NOT_SERVING, new generations get UNAVAILABLE, running "
                         "ones may finish for this long, then what remains ends with UNAVAILABLE (default 30)")
     later = p.add_argument_group("accepted for upcoming features (stored, no effect yet)")
-    later.add_argument("--cache-url", metavar="URL", help="prefix-cache store, e.g. redis://host:6379/0")
-    later.add_argument("--cache-ttl", type=float, metavar="SECONDS", help="prefix-cache entry lifetime")
     later.add_argument("--otlp-endpoint", metavar="URL", help="OpenTelemetry collector for traces")
     later.add_argument("--trace-sample-ratio", type=float, default=0.0, metavar="F",
                        help="fraction of requests traced, in [0, 1] (default 0)")
@@ -55,8 +53,7 @@ def run(args) -> int:
             checkpoint=args.checkpoint, plan=load_plan(args.plan), workers=parse_workers(args.worker),
             host=args.host, port=args.port, dtype=args.dtype, device=args.device or default_device(),
             max_batch_tokens=args.max_batch_tokens, max_running_requests=args.max_running_requests,
-            max_queue=args.max_queue, cache_url=args.cache_url, cache_ttl=args.cache_ttl,
-            otlp_endpoint=args.otlp_endpoint, trace_sample_ratio=args.trace_sample_ratio)
+            max_queue=args.max_queue, otlp_endpoint=args.otlp_endpoint, trace_sample_ratio=args.trace_sample_ratio)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -43,9 +43,7 @@ class RouterOptions:
     max_running_requests: int = 64
     max_queue: int = 256
     expert_timeout: float = 60.0  # seconds a worker may take for one layer before it counts as failed
-    # Accepted now, used by later features (prefix cache in Redis, OpenTelemetry tracing).
-    cache_url: str | None = None
-    cache_ttl: float | None = None
+    # Accepted now, used by a later feature (OpenTelemetry tracing).
     otlp_endpoint: str | None = None
     trace_sample_ratio: float = 0.0
 
