@@ -1,5 +1,6 @@
 # The serving image: `nextserve router` and `nextserve worker` (one image for both).
-# Build from the repository root: docker build -t ghcr.io/nextserve/nextserve:0.1.0 .
+# Build from the repository root and push it where your nodes pull from (docs/operator.md):
+#   docker build -t REGISTRY/nextserve:0.1.0 . && docker push REGISTRY/nextserve:0.1.0
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -16,8 +17,9 @@ RUN apt-get update \
 
 WORKDIR /src
 COPY . .
+# Exactly the versions CI tested (deploy/constraints.txt; torch: the CUDA build of that release).
 RUN pip install --upgrade pip \
- && pip install . \
+ && pip install -c deploy/constraints.txt . \
  && rm -rf /src
 
 # The pods run as this user (the operator sets runAsUser 1000 and a read-only root).

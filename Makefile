@@ -10,7 +10,7 @@ SHARDS ?= 2
 HELM_PYTHON ?= $(shell pyenv root 2>/dev/null)/versions/3.12.1/bin/python
 HELM_VENV ?= .venv-helm
 
-.PHONY: serve test test-deps dev clean
+.PHONY: serve test test-deps dev clean constraints
 
 # The venv is rebuilt when the dependency list changes.
 $(VENV)/.installed: pyproject.toml
@@ -39,6 +39,11 @@ test-deps:
 
 test: dev $(HELM_VENV)/.installed test-deps
 	$(BIN)/python -m pytest -q
+
+# The versions the images install (deploy/constraints.txt): the runtime dependencies as
+# installed here, where the tests run. A test fails while the file is stale.
+constraints: dev
+	$(BIN)/python deploy/runtime_constraints.py > deploy/constraints.txt
 
 $(CHECKPOINT)/config.json: | dev
 	$(BIN)/nextserve checkpoint make --preset small --out $(CHECKPOINT)

@@ -32,13 +32,13 @@ def add_parser(sub) -> None:
     p.add_argument("--micro-batches", type=int, default=1, choices=[1, 2],
                    help="2: cut each step's sequences in two micro-batches that take turns, so the router runs "
                         "one's dense layers while the other's tokens are at the workers (default 1)")
+    p.add_argument("--drain-grace", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT: readiness turns NOT_SERVING, new generations get UNAVAILABLE, running "
+                        "ones may finish for this long, then what remains ends with UNAVAILABLE (default 30)")
     add_telemetry_arguments(p)
     p.add_argument("--trace-sample-ratio", type=float, default=None, metavar="F",
                    help="fraction of requests that start a trace, in [0, 1]; a request whose caller traces it is "
                         "always traced (default: OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG, else every request)")
-    later = p.add_argument_group("accepted for upcoming features (stored, no effect yet)")
-    later.add_argument("--cache-url", metavar="URL", help="prefix-cache store, e.g. redis://host:6379/0")
-    later.add_argument("--cache-ttl", type=float, metavar="SECONDS", help="prefix-cache entry lifetime")
     p.set_defaults(func=run)
 
 
@@ -50,6 +50,8 @@ def run(args) -> int:
     from nextserve.worker.server import load_plan
 
     try:
+        if args.drain_grace < 0:
+            raise ValueError(f"--drain-grace must be >= 0, got {args.drain_grace}")
         if args.trace_sample_ratio is not None and not 0.0 <= args.trace_sample_ratio <= 1.0:
             raise ValueError(f"--trace-sample-ratio must be in [0, 1], got {args.trace_sample_ratio}")
         options = RouterOptions(
@@ -57,8 +59,7 @@ def run(args) -> int:
             host=args.host, port=args.port, dtype=resolve_dtype(args.dtype, args.device or default_device()),
             device=args.device or default_device(), kv_cache_memory=args.kv_cache_memory,
             max_batch_tokens=args.max_batch_tokens, max_running_requests=args.max_running_requests,
-            max_queue=args.max_queue, micro_batches=args.micro_batches, cache_url=args.cache_url,
-            cache_ttl=args.cache_ttl,
+            max_queue=args.max_queue, micro_batches=args.micro_batches,
             otlp_endpoint=args.otlp_endpoint, trace_sample_ratio=args.trace_sample_ratio,
             metrics_port=args.metrics_port)
     except (ValueError, FileNotFoundError) as e:
@@ -72,7 +73,7 @@ def run(args) -> int:
             print(f"error: refusing to serve: {e}", file=sys.stderr)
             return 1
         await until_signalled()
-        await router.stop()
+        await router.shutdown(args.drain_grace)
         return 0
 
     return asyncio.run(main())

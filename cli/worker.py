@@ -22,15 +22,20 @@ def add_parser(sub) -> None:
                    help="expert weight and compute dtype; must be the router's --dtype, which it checks "
                         "when it connects (default bfloat16)")
     p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
+    p.add_argument("--drain-grace", type=float, default=10.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT: readiness turns NOT_SERVING, then requests in flight may finish for "
+                        "this long before the worker exits (default 10)")
     add_telemetry_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from grpc_health.v1 import health
+
     from nextserve.cli.process import default_device, until_signalled
     from nextserve.telemetry.metrics_http import MetricsServer
-    from nextserve.worker.server import build_service, load_plan, serve
+    from nextserve.worker.server import build_service, drain_worker, load_plan, serve
 
     try:
         device = args.device or default_device()
@@ -43,9 +48,10 @@ def run(args) -> int:
         return 2
 
     async def main() -> None:
-        server, _ = await serve(service, args.host, args.port)
+        health_service = health.aio.HealthServicer()
+        server, _ = await serve(service, args.host, args.port, health_service)
         await until_signalled()
-        await server.stop(grace=2)
+        await drain_worker(server, health_service, args.drain_grace)
         if metrics is not None:
             metrics.close()
         service.telemetry.shutdown()  # flush the spans still queued

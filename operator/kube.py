@@ -1,152 +1,146 @@
-"""A minimal asynchronous Kubernetes API client for the operator's children.
+"""The operator's hands on its children: kubernetes_asyncio's typed APIs behind five verbs.
 
-kopf talks to the API server for the custom resource itself but has no public client
-for other kinds.  The operator needs only get/list/apply/delete on a handful of kinds,
-so a few dozen lines over aiohttp (already a kopf dependency) replace a large client
-library.  Credentials come from kopf's own login functions, so the operator authenticates
-exactly as kopf does: in-cluster service account first, then the kubeconfig.
+kopf watches the custom resource itself; everything the operator builds (ConfigMaps,
+Services, StatefulSets, Deployments, PodDisruptionBudgets) goes through the official
+asyncio client. Credentials are loaded by that client the usual way: the in-cluster service
+account in a pod, the current kubeconfig context elsewhere.
+
+Children are written with server-side apply, and only when the desired object differs from
+what was last applied (a hash of it rides along as an annotation): a resync with nothing to
+change sends no write, and fields that others changed since (`kubectl scale` on the router)
+are left alone until the spec itself changes.
 """
 
 from __future__ import annotations
 
-import base64
+import hashlib
 import json
-import ssl
-import tempfile
-import urllib.parse
+import os
 from collections.abc import Mapping
 from typing import Any
 
-import aiohttp
-import kopf
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from nextserve.operator.spec import GROUP
 
 FIELD_MANAGER = "nextserve-operator"
+ANNOTATION_APPLIED = f"{GROUP}/applied-hash"
+APPLY_PATCH = "application/apply-patch+yaml"
 
-# kind -> (api prefix, plural) for the children the operator manages.
-KINDS: dict[str, tuple[str, str]] = {
-    "ConfigMap": ("api/v1", "configmaps"),
-    "Secret": ("api/v1", "secrets"),
-    "Service": ("api/v1", "services"),
-    "StatefulSet": ("apis/apps/v1", "statefulsets"),
-    "Deployment": ("apis/apps/v1", "deployments"),
+# kind -> (typed API class, the snake_case name in its method names)
+KINDS: dict[str, tuple[type, str]] = {
+    "ConfigMap": (client.CoreV1Api, "config_map"),
+    "Service": (client.CoreV1Api, "service"),
+    "StatefulSet": (client.AppsV1Api, "stateful_set"),
+    "Deployment": (client.AppsV1Api, "deployment"),
+    "PodDisruptionBudget": (client.PolicyV1Api, "pod_disruption_budget"),
 }
 
+# The verbs each kind is used with; the chart's RBAC rules are checked against this table.
+VERBS_USED: dict[str, set[str]] = {
+    "ConfigMap": {"get", "list", "create", "patch", "delete"},
+    "Service": {"get", "list", "create", "patch", "delete"},
+    "StatefulSet": {"get", "list", "create", "patch", "delete"},
+    "Deployment": {"get", "list", "create", "patch", "delete"},
+    "PodDisruptionBudget": {"get", "list", "create", "patch", "delete"},
+}
 
-class ApiError(Exception):
-    def __init__(self, status: int, text: str) -> None:
-        super().__init__(f"HTTP {status}: {text[:500]}")
-        self.status = status
-
-
-def _write_temp(data: str | bytes) -> str:
-    raw = base64.b64decode(data) if isinstance(data, str) else data
-    handle = tempfile.NamedTemporaryFile(delete=False, suffix=".pem")
-    handle.write(raw)
-    handle.close()
-    return handle.name
+ApiError = ApiException
 
 
-def connection_info(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
-    """The same credentials kopf would use: in-cluster first, then the kubeconfig."""
-    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
-    if info is None:
-        raise kopf.LoginError("no in-cluster service account and no kubeconfig found")
-    return info
+def applied_hash(obj: Mapping[str, Any]) -> str:
+    """A digest of the desired object, independent of key order."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:20]
+
+
+async def load_configuration() -> client.Configuration:
+    """In a pod: the service account; elsewhere: the current kubeconfig context."""
+    configuration = client.Configuration()
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        config.load_incluster_config(client_configuration=configuration)
+    else:
+        # $KUBECONFIG read now: the client's own default is read once, when it is imported.
+        await config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None,
+                                      client_configuration=configuration)
+    return configuration
 
 
 class Kube:
-    """get/list/apply/delete for namespaced objects of the kinds in KINDS."""
+    """get/list/apply/delete for namespaced children of the kinds in KINDS."""
 
-    def __init__(self, info: kopf.ConnectionInfo) -> None:
-        self._base = info.server.rstrip("/")
-        headers = {}
-        if info.token:
-            headers["Authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
-        auth = aiohttp.BasicAuth(info.username, info.password or "") if info.username else None
-        ctx: ssl.SSLContext | bool | None = None
-        if self._base.startswith("https"):
-            if info.insecure:
-                ctx = False
-            else:
-                ctx = ssl.create_default_context(
-                    cafile=info.ca_path or (_write_temp(info.ca_data) if info.ca_data else None)
-                )
-                cert = info.certificate_path or (_write_temp(info.certificate_data) if info.certificate_data else None)
-                key = info.private_key_path or (_write_temp(info.private_key_data) if info.private_key_data else None)
-                if cert and key:
-                    ctx.load_cert_chain(cert, key)
-        self._session = aiohttp.ClientSession(
-            headers=headers,
-            auth=auth,
-            connector=aiohttp.TCPConnector(ssl=ctx) if ctx is not None else None,
-            timeout=aiohttp.ClientTimeout(total=30),
-        )
+    def __init__(self, api_client: client.ApiClient) -> None:
+        self._client = api_client
+        self._apis = {cls: cls(api_client) for cls, _ in KINDS.values()}
+        self._closed = False
+
+    @classmethod
+    async def connect(cls, user_agent: str = FIELD_MANAGER) -> Kube:
+        api_client = client.ApiClient(await load_configuration())
+        api_client.user_agent = user_agent
+        return cls(api_client)
+
+    @property
+    def api_client(self) -> client.ApiClient:
+        return self._client
 
     @property
     def closed(self) -> bool:
-        return self._session.closed
+        return self._closed
 
     async def close(self) -> None:
-        await self._session.close()
+        self._closed = True
+        await self._client.close()
 
-    def _url(self, kind: str, namespace: str, name: str | None = None, query: Mapping[str, str] | None = None) -> str:
-        prefix, plural = KINDS[kind]
-        url = f"{self._base}/{prefix}/namespaces/{namespace}/{plural}"
-        if name:
-            url += f"/{name}"
-        if query:
-            url += "?" + urllib.parse.urlencode(query)
-        return url
+    def _method(self, verb: str, kind: str) -> Any:
+        api, noun = KINDS[kind]
+        return getattr(self._apis[api], f"{verb}_namespaced_{noun}")
 
-    async def _call(self, method: str, url: str, body: Any = None, content_type: str = "application/json") -> Any:
-        data = json.dumps(body) if body is not None else None
-        for attempt in (1, 2):
-            try:
-                async with self._session.request(method, url, data=data, headers={"Content-Type": content_type}) as resp:
-                    text = await resp.text()
-                    if resp.status >= 400:
-                        raise ApiError(resp.status, text)
-                    return json.loads(text) if text else None
-            except aiohttp.ServerDisconnectedError:
-                # A pooled keep-alive connection the server had already closed: the request
-                # never reached it, so sending it once more is safe.
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+    def _plain(self, obj: Any) -> dict[str, Any]:
+        # Typed model -> the API's own JSON shape (camelCase keys), which the builders and
+        # status code speak.
+        return self._client.sanitize_for_serialization(obj)
 
     async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return await self._call("GET", self._url(kind, namespace, name))
-        except ApiError as exc:
+            return self._plain(await self._method("read", kind)(name, namespace))
+        except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
 
     async def list(self, kind: str, namespace: str, selector: Mapping[str, str]) -> list[dict[str, Any]]:
-        query = {"labelSelector": ",".join(f"{k}={v}" for k, v in selector.items())}
-        result = await self._call("GET", self._url(kind, namespace, query=query))
-        items = result.get("items") or []
-        # Filter here too: cheap, and correct even against servers that ignore selectors.
-        return [
-            item for item in items
-            if all(((item.get("metadata") or {}).get("labels") or {}).get(k) == v for k, v in selector.items())
-        ]
+        label_selector = ",".join(f"{k}={v}" for k, v in selector.items())
+        result = await self._method("list", kind)(namespace, label_selector=label_selector)
+        items = [self._plain(item) for item in result.items or []]
+        # Filtered here too: cheap, and the retire step deletes what it lists, so it must stay
+        # correct even against an API emulator that ignores selectors.
+        return [item for item in items
+                if all(((item.get("metadata") or {}).get("labels") or {}).get(k) == v for k, v in selector.items())]
 
-    async def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
-        """Server-side apply: creates or updates, and drops fields the operator stopped setting."""
+    async def apply(self, obj: Mapping[str, Any]) -> bool:
+        """Server-side apply `obj` unless it is what was applied last; True when a write was sent."""
         meta = obj["metadata"]
-        url = self._url(obj["kind"], meta["namespace"], meta["name"], {"fieldManager": FIELD_MANAGER, "force": "true"})
+        digest = applied_hash(obj)
+        live = await self.get(obj["kind"], meta["namespace"], meta["name"])
+        if live is not None and ((live.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_APPLIED) == digest:
+            return False
+        body = {**obj, "metadata": {**meta, "annotations": {**(meta.get("annotations") or {}), ANNOTATION_APPLIED: digest}}}
         try:
-            return await self._call("PATCH", url, obj, "application/apply-patch+yaml")
-        except ApiError as exc:
-            # Real API servers create on apply; simpler ones answer 404, so create explicitly.
-            if exc.status != 404:
+            # force: the operator owns what it builds; a field someone else took over is taken back.
+            await self._method("patch", obj["kind"])(meta["name"], meta["namespace"], body, field_manager=FIELD_MANAGER,
+                                                     force=True, _content_type=APPLY_PATCH)
+        except ApiException as exc:
+            # The API server creates on apply (so one field manager owns every field from the
+            # start); an emulator without apply answers 404, and gets a plain create.
+            if exc.status != 404 or live is not None:
                 raise
-        return await self._call("POST", self._url(obj["kind"], meta["namespace"]), obj)
+            await self._method("create", obj["kind"])(meta["namespace"], body, field_manager=FIELD_MANAGER)
+        return True
 
     async def delete(self, kind: str, namespace: str, name: str) -> None:
         try:
-            await self._call("DELETE", self._url(kind, namespace, name), {"propagationPolicy": "Background"})
-        except ApiError as exc:
+            await self._method("delete", kind)(name, namespace, propagation_policy="Background")
+        except ApiException as exc:
             if exc.status != 404:
                 raise

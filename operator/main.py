@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
+import socket
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,15 +31,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     scope.add_argument("--namespace", "-n", action="append", default=[], metavar="NS",
                        help="watch this namespace (repeatable; globs like 'serving-*' work)")
     scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace (the default)")
-    parser.add_argument("--peering", default=os.environ.get("NEXTSERVE_PEERING", "nextserve"),
-                        help="kopf peering object shared by the operator replicas; '' runs standalone "
-                             "(default: %(default)s)")
+    parser.add_argument("--peering", default=os.environ.get("NEXTSERVE_PEERING", ""), metavar="NAME",
+                        help="kopf peering object (ClusterKopfPeering, or KopfPeering in each --namespace) through "
+                             "which several operator replicas agree that one works; it must exist. Empty (the "
+                             "default): this operator runs alone and needs no peering object")
+    parser.add_argument("--priority", type=int, default=None, metavar="N",
+                        help="peering priority; the live replica with the highest one works (default: derived "
+                             "from the pod name in $POD_ID, else from the host and process, so replicas differ)")
     parser.add_argument("--resync-seconds", type=float,
                         default=float(os.environ.get("NEXTSERVE_RESYNC_SECONDS", DEFAULT_RESYNC_SECONDS)),
                         help="how often each deployment's children are re-checked (default: %(default)s)")
     parser.add_argument("--liveness", default=os.environ.get("NEXTSERVE_LIVENESS", "http://0.0.0.0:8080/healthz"),
-                        help="liveness endpoint URL; '' disables it (default: %(default)s)")
-    parser.add_argument("--verbose", "-v", action="store_true")
+                        metavar="URL", help="health endpoint for the liveness probe; its JSON says whether this "
+                                            "replica works or stands by and what keeps it from working; '' "
+                                            "disables it (default: %(default)s)")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log every API call and handler step")
 
 
 async def operate(args: argparse.Namespace, *, stop_flag: Any = None, ready_flag: Any = None) -> None:
@@ -47,12 +54,21 @@ async def operate(args: argparse.Namespace, *, stop_flag: Any = None, ready_flag
 
     from nextserve.operator import handlers
 
+    from nextserve.operator.health import priority_of
+
     clusterwide = not args.namespace
+    # kopf names this process in the peering object by $POD_ID (the chart sets the pod name).
+    identity = os.environ.get("POD_ID") or f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:6]}"
+    peering = handlers.Peering(
+        name=args.peering or None, identity=identity,
+        priority=args.priority if args.priority is not None else priority_of(identity),
+        namespaces=tuple(args.namespace), clusterwide=clusterwide)
     settings = kopf.OperatorSettings()
-    handlers.configure(settings, peering_name=args.peering or None, clusterwide=clusterwide)
+    handlers.configure(settings, peering)
     await kopf.operator(
-        registry=handlers.build_registry(args.resync_seconds),
+        registry=handlers.build_registry(peering, args.resync_seconds),
         settings=settings,
+        identity=identity,
         clusterwide=clusterwide,
         namespaces=args.namespace,
         liveness_endpoint=args.liveness or None,
@@ -71,8 +87,7 @@ def run_parsed(args: argparse.Namespace) -> int:
     """Run with flags already parsed by a parser that add_arguments() filled."""
     import kopf
 
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # kopf's own logging setup covers the operator's loggers too (one handler on the root).
     kopf.configure(verbose=args.verbose)
     asyncio.run(operate(args))
     return 0

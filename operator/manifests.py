@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import re
 from collections.abc import Mapping
 from typing import Any
 
 from nextserve.operator.spec import GROUP, KIND, VERSION, DeploymentSpec, Placement
+from nextserve.proto import health
 from nextserve.worker.plan import ExpertPlan
 
 MANAGER = "nextserve-operator"
 PLAN_FILE = "plan.json"
 PLAN_DIR = "/etc/nextserve/plan"
 MODEL_DIR = "/model"
-REDIS_PORT = 6379
+# Seconds a terminating router keeps serving before it is told to stop: the endpoints controller
+# needs a moment to take the pod out of the Service, and requests sent meanwhile must not be refused.
+PRE_STOP_SECONDS = 5
+# Seconds a stopping process gets, beyond its drain, to close connections and exit.
+EXIT_MARGIN_SECONDS = 5
+WORKER_DRAIN_SECONDS = 10
 
 # Labels the operator selects its children by; the app.kubernetes.io ones are for people.
 LABEL_DEPLOYMENT = f"{GROUP}/deployment"
@@ -62,10 +67,6 @@ def worker_name(name: str, plan: ExpertPlan, shard: int) -> str:
 
 def router_name(name: str) -> str:
     return short_name(name, "router")
-
-
-def redis_name(name: str) -> str:
-    return short_name(name, "redis")
 
 
 def worker_addresses(name: str, namespace: str, spec: DeploymentSpec, plan: ExpertPlan) -> list[str]:
@@ -157,13 +158,15 @@ def _resources(raw: Mapping[str, Any], device: str, default_requests: Mapping[st
     return out
 
 
-def _grpc_probes(port: int) -> dict[str, Any]:
+def _grpc_probes(port: int, readiness_service: str) -> dict[str, Any]:
     # Loading a shard of an 80B checkpoint takes minutes: the startup probe allows 30 of
-    # them before the liveness probe may restart the container.
+    # them before the liveness probe may restart the container. Liveness asks a service that
+    # stays SERVING while the process runs: a router waiting for a lost worker is not restarted.
+    live = {"grpc": {"port": port, "service": health.LIVENESS}}
     return {
-        "startupProbe": {"grpc": {"port": port}, "periodSeconds": 10, "failureThreshold": 180},
-        "readinessProbe": {"grpc": {"port": port}, "periodSeconds": 5, "failureThreshold": 3},
-        "livenessProbe": {"grpc": {"port": port}, "periodSeconds": 20, "failureThreshold": 3},
+        "startupProbe": {**live, "periodSeconds": 10, "failureThreshold": 180},
+        "readinessProbe": {"grpc": {"port": port, "service": readiness_service}, "periodSeconds": 5, "failureThreshold": 2},
+        "livenessProbe": {**live, "periodSeconds": 20, "failureThreshold": 3},
     }
 
 
@@ -243,7 +246,7 @@ def telemetry_env(name: str, namespace: str, spec: DeploymentSpec, role: str) ->
 
 
 def _serving_container(spec: DeploymentSpec, role: str, args: list[str], port: int, env: list[dict[str, Any]],
-                       placement: Placement, device: str) -> dict[str, Any]:
+                       placement: Placement, device: str, readiness_service: str) -> dict[str, Any]:
     """A `nextserve worker` or `nextserve router` container: the serving image, its gRPC and metrics ports, probes."""
     return {
         "name": role,
@@ -257,7 +260,7 @@ def _serving_container(spec: DeploymentSpec, role: str, args: list[str], port: i
         "resources": _resources(placement.resources, device, {"cpu": "1", "memory": "4Gi"}),
         "securityContext": copy.deepcopy(CONTAINER_SECURITY),
         "volumeMounts": _mounts(spec),
-        **_grpc_probes(port),
+        **_grpc_probes(port, readiness_service),
     }
 
 
@@ -304,6 +307,7 @@ def worker_args(spec: DeploymentSpec, shard: int) -> list[str]:
         "--host", "0.0.0.0",
         "--dtype", spec.model.dtype,
         "--device", spec.experts.device,
+        "--drain-grace", str(WORKER_DRAIN_SECONDS),
     ]
 
 
@@ -333,7 +337,7 @@ def worker_statefulset(body: Mapping[str, Any], spec: DeploymentSpec, plan: Expe
     lbls = labels(name, "worker", **{LABEL_PLAN: fp, LABEL_SHARD: str(shard)})
     env = _base_env(spec) + telemetry_env(name, body["metadata"]["namespace"], spec, "worker")
     container = _serving_container(spec, "worker", worker_args(spec, shard), spec.experts.port, env,
-                                   spec.experts.placement, spec.experts.device)
+                                   spec.experts.placement, spec.experts.device, health.WORKER_READINESS)
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
@@ -349,14 +353,11 @@ def worker_statefulset(body: Mapping[str, Any], spec: DeploymentSpec, plan: Expe
                 "metadata": {"labels": lbls, "annotations": {ANNOTATION_PLAN: fp}},
                 "spec": {
                     **_pod_spec(spec, spec.experts.placement, [container], _pod_volumes(spec, plan_configmap_name(name, plan))),
-                    "terminationGracePeriodSeconds": 30,
+                    "terminationGracePeriodSeconds": WORKER_DRAIN_SECONDS + EXIT_MARGIN_SECONDS,
                 },
             },
         },
     }
-
-
-CACHE_URL_ENV = "NEXTSERVE_CACHE_URL"
 
 
 def router_args(name: str, namespace: str, spec: DeploymentSpec, plan: ExpertPlan) -> list[str]:
@@ -379,14 +380,7 @@ def router_args(name: str, namespace: str, spec: DeploymentSpec, plan: ExpertPla
         args += ["--max-running-requests", str(spec.router.max_running_requests)]
     if spec.router.max_queue is not None:
         args += ["--max-queue", str(spec.router.max_queue)]
-    if spec.cache is not None:
-        if spec.cache.managed:
-            url = f"redis://{redis_name(name)}.{namespace}.svc.cluster.local:{REDIS_PORT}/0"
-        else:
-            # Kubernetes expands $(VAR) in args from the container env: the URL (which may
-            # hold a password) stays in the Secret and out of the pod spec.
-            url = f"$({CACHE_URL_ENV})"
-        args += ["--cache-url", url, "--cache-ttl", str(spec.cache.ttl_seconds)]
+    args += ["--drain-grace", str(spec.router.drain_seconds)]
     return args
 
 
@@ -396,15 +390,12 @@ def router_deployment(body: Mapping[str, Any], spec: DeploymentSpec, plan: Exper
     namespace = body["metadata"]["namespace"]
     fp = plan.fingerprint()
     lbls = labels(name, "router")
-    env = _base_env(spec)
-    if spec.cache is not None and not spec.cache.managed:
-        env.append({
-            "name": CACHE_URL_ENV,
-            "valueFrom": {"secretKeyRef": {"name": spec.cache.secret_name, "key": spec.cache.secret_key}},
-        })
-    env += telemetry_env(name, namespace, spec, "router")
+    env = _base_env(spec) + telemetry_env(name, namespace, spec, "router")
     container = _serving_container(spec, "router", router_args(name, namespace, spec, plan), spec.router.port, env,
-                                   spec.router.placement, spec.router.device)
+                                   spec.router.placement, spec.router.device, health.ROUTER_READINESS)
+    # Kubernetes runs preStop before SIGTERM: the router keeps serving while the endpoints
+    # controller takes the pod out of the Service, then drains (router/drain.py).
+    container["lifecycle"] = {"preStop": {"exec": {"command": ["sleep", str(PRE_STOP_SECONDS)]}}}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -417,7 +408,10 @@ def router_deployment(body: Mapping[str, Any], spec: DeploymentSpec, plan: Exper
             "selector": {"matchLabels": selector_labels(name, "router")},
             "template": {
                 "metadata": {"labels": lbls, "annotations": {ANNOTATION_PLAN: fp}},
-                "spec": _pod_spec(spec, spec.router.placement, [container], _pod_volumes(spec, plan_configmap_name(name, plan))),
+                "spec": {
+                    **_pod_spec(spec, spec.router.placement, [container], _pod_volumes(spec, plan_configmap_name(name, plan))),
+                    "terminationGracePeriodSeconds": PRE_STOP_SECONDS + spec.router.drain_seconds + EXIT_MARGIN_SECONDS,
+                },
             },
         },
     }
@@ -439,91 +433,44 @@ def router_service(body: Mapping[str, Any], spec: DeploymentSpec) -> dict[str, A
     }
 
 
-_MEM_UNITS = {"kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30}
-
-
-def _redis_limit(max_memory: str) -> str:
-    match = re.fullmatch(r"([0-9]+)(kb|mb|gb)", max_memory)
-    if not match:
-        raise ValueError(f"bad maxMemory {max_memory!r}")
-    size = int(match.group(1)) * _MEM_UNITS[match.group(2)]
-    # Redis overhead (fragmentation, buffers) lives outside maxmemory: leave 25% headroom.
-    return f"{(size * 5 // 4) >> 20}Mi"
-
-
-def redis_deployment(body: Mapping[str, Any], spec: DeploymentSpec) -> dict[str, Any]:
-    assert spec.cache is not None and spec.cache.managed
-    name = body["metadata"]["name"]
-    lbls = labels(name, "cache")
-    memory = _redis_limit(spec.cache.max_memory)
-    resources = {
-        "requests": {"cpu": "100m", "memory": memory, **(spec.cache.resources.get("requests") or {})},
-        "limits": {"memory": memory, **(spec.cache.resources.get("limits") or {})},
-    }
-    probe = {"exec": {"command": ["redis-cli", "ping"]}, "periodSeconds": 10, "timeoutSeconds": 2}
-    container = {
-        "name": "redis",
-        "image": spec.images.redis,
-        "imagePullPolicy": spec.images.pull_policy,
-        # A cache, not a database: no persistence, evict least recently used keys.
-        "args": ["redis-server", "--maxmemory", spec.cache.max_memory, "--maxmemory-policy", "allkeys-lru",
-                 "--save", "", "--appendonly", "no"],
-        "ports": [{"name": "redis", "containerPort": REDIS_PORT, "protocol": "TCP"}],
-        "resources": resources,
-        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
-        "readinessProbe": probe,
-        "livenessProbe": {**probe, "periodSeconds": 20},
-        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
-    }
-    pod = {
-        # The official image's redis user.
-        "securityContext": {**POD_SECURITY, "runAsUser": 999, "runAsGroup": 999, "fsGroup": 999},
-        "containers": [container],
-        "volumes": [{"name": "data", "emptyDir": {}}],
-        "enableServiceLinks": False,
-    }
-    if spec.images.pull_secrets:
-        pod["imagePullSecrets"] = [{"name": s} for s in spec.images.pull_secrets]
+def disruption_budget(body: Mapping[str, Any], name: str, lbls: dict[str, str], selector: dict[str, str],
+                       max_unavailable: int) -> dict[str, Any]:
     return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": _metadata(body, redis_name(name), lbls),
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(body, name, lbls),
         "spec": {
-            "replicas": 1,
-            "strategy": {"type": "Recreate"},
-            "selector": {"matchLabels": selector_labels(name, "cache")},
-            "template": {"metadata": {"labels": lbls}, "spec": pod},
+            "maxUnavailable": max_unavailable,
+            "selector": {"matchLabels": selector},
+            # A pod that is not ready serves nothing: evicting it cannot hurt, and a budget
+            # that counted it would block node drains behind a crash-looping pod.
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
         },
     }
 
 
-def redis_service(body: Mapping[str, Any], spec: DeploymentSpec) -> dict[str, Any]:
+def worker_disruption_budget(body: Mapping[str, Any], spec: DeploymentSpec, plan: ExpertPlan, shard: int) -> dict[str, Any]:
     name = body["metadata"]["name"]
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": _metadata(body, redis_name(name), labels(name, "cache")),
-        "spec": {
-            "type": "ClusterIP",
-            "selector": selector_labels(name, "cache"),
-            "ports": [{"name": "redis", "port": REDIS_PORT, "targetPort": "redis", "protocol": "TCP"}],
-        },
-    }
+    fp = plan.fingerprint()
+    extra = {LABEL_PLAN: fp, LABEL_SHARD: str(shard)}
+    return disruption_budget(body, worker_name(name, plan, shard), labels(name, "worker", **extra),
+                             selector_labels(name, "worker", **extra), spec.experts.max_unavailable)
+
+
+def router_disruption_budget(body: Mapping[str, Any], spec: DeploymentSpec) -> dict[str, Any]:
+    name = body["metadata"]["name"]
+    return disruption_budget(body, router_name(name), labels(name, "router"), selector_labels(name, "router"),
+                             spec.router.max_unavailable)
 
 
 def worker_children(body: Mapping[str, Any], spec: DeploymentSpec, plan: ExpertPlan) -> list[dict[str, Any]]:
-    """The plan ConfigMap first (pods mount it), then a Service and StatefulSet per shard."""
+    """The plan ConfigMap first (pods mount it), then a Service, StatefulSet and budget per shard."""
     out = [plan_configmap(body, plan)]
     for shard in plan.shard_indices:
         out.append(worker_service(body, spec, plan, shard))
         out.append(worker_statefulset(body, spec, plan, shard))
+        out.append(worker_disruption_budget(body, spec, plan, shard))
     return out
-
-
-def cache_children(body: Mapping[str, Any], spec: DeploymentSpec) -> list[dict[str, Any]]:
-    if spec.cache is None or not spec.cache.managed:
-        return []
-    return [redis_service(body, spec), redis_deployment(body, spec)]
 
 
 def router_children(body: Mapping[str, Any], spec: DeploymentSpec, plan: ExpertPlan) -> list[dict[str, Any]]:
@@ -532,4 +479,5 @@ def router_children(body: Mapping[str, Any], spec: DeploymentSpec, plan: ExpertP
 
 def all_children(body: Mapping[str, Any], spec: DeploymentSpec, plan: ExpertPlan) -> list[dict[str, Any]]:
     """Everything a settled deployment consists of (no rollout in flight)."""
-    return worker_children(body, spec, plan) + cache_children(body, spec) + router_children(body, spec, plan)
+    return (worker_children(body, spec, plan) + router_children(body, spec, plan)
+            + [router_disruption_budget(body, spec)])

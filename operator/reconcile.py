@@ -38,8 +38,6 @@ async def reconcile(api: Kube, body: Mapping[str, Any], now: str | None = None,
     try:
         spec = s.parse_spec(body.get("spec") or {})
         target = s.resolve_plan(spec)
-        if spec.cache is not None and not spec.cache.managed:
-            s.check_cache_secret(spec, await api.get("Secret", namespace, spec.cache.secret_name or ""))
     except s.InvalidSpec as exc:
         # Nothing is created or changed for a spec that cannot work; what already runs
         # (from an earlier valid spec) keeps running.
@@ -51,8 +49,6 @@ async def reconcile(api: Kube, body: Mapping[str, Any], now: str | None = None,
 
     # Workers and plan of the target first: they are additive and never disturb serving.
     for child in m.worker_children(body, spec, target):
-        await api.apply(child)
-    for child in m.cache_children(body, spec):
         await api.apply(child)
 
     workers = await api.list("StatefulSet", namespace, {**selector, m.COMPONENT: "worker"})
@@ -72,6 +68,7 @@ async def reconcile(api: Kube, body: Mapping[str, Any], now: str | None = None,
         router = await api.get("Deployment", namespace, m.router_name(name))
     else:
         await api.apply(m.router_service(body, spec))
+    await api.apply(m.router_disruption_budget(body, spec))
 
     if step.retire_old:
         await _retire(api, namespace, selector, keep=fp)
@@ -91,17 +88,6 @@ async def reconcile(api: Kube, body: Mapping[str, Any], now: str | None = None,
             in_force = st.plan_ref(old_plan, old_cms[0]["metadata"]["name"])
             in_force_ready = len(old_sets) == old_plan.num_shards and all(st.statefulset_ready(w)[2] for w in old_sets)
 
-    cache = None
-    cache_mode = None
-    if spec.cache is not None:
-        cache_mode = "managed" if spec.cache.managed else "external"
-        if spec.cache.managed:
-            cache = await api.get("Deployment", namespace, m.redis_name(name))
-    else:
-        # The cache was switched off: the managed Redis goes with it.
-        await api.delete("Deployment", namespace, m.redis_name(name))
-        await api.delete("Service", namespace, m.redis_name(name))
-
     return st.compute_status(
         generation=generation,
         target=target,
@@ -110,8 +96,6 @@ async def reconcile(api: Kube, body: Mapping[str, Any], now: str | None = None,
         shard_sets=target_sets,
         in_force_ready=in_force_ready,
         router=router,
-        cache_mode=cache_mode,
-        cache=cache,
         endpoint=m.router_endpoint(name, namespace, spec),
         old=old_status,
         now=now,
@@ -119,8 +103,9 @@ async def reconcile(api: Kube, body: Mapping[str, Any], now: str | None = None,
 
 
 async def _retire(api: Kube, namespace: str, selector: dict[str, str], keep: str) -> None:
-    """Delete workers, their Services and plan ConfigMaps of every plan but `keep`."""
-    for kind, component in (("StatefulSet", "worker"), ("Service", "worker"), ("ConfigMap", "plan")):
+    """Delete workers, their Services, budgets and plan ConfigMaps of every plan but `keep`."""
+    for kind, component in (("StatefulSet", "worker"), ("Service", "worker"), ("PodDisruptionBudget", "worker"),
+                            ("ConfigMap", "plan")):
         for obj in await api.list(kind, namespace, {**selector, m.COMPONENT: component}):
             labels = obj["metadata"].get("labels") or {}
             if labels.get(m.LABEL_PLAN) != keep:

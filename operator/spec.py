@@ -19,8 +19,7 @@ VERSION = "v1alpha1"
 PLURAL = "qwen3nextdeployments"
 KIND = "Qwen3NextDeployment"
 
-DEFAULT_SERVING_IMAGE = "ghcr.io/nextserve/nextserve:0.1.0"
-DEFAULT_REDIS_IMAGE = "redis:7.4-alpine"
+DEFAULT_DRAIN_SECONDS = 30
 
 
 class InvalidSpec(Exception):
@@ -57,6 +56,7 @@ class ExpertsSpec:
     device: str
     port: int
     plan: list[dict[str, Any]] | None
+    max_unavailable: int        # PodDisruptionBudget of each shard
     placement: Placement
 
 
@@ -70,17 +70,9 @@ class RouterSpec:
     max_queue: int | None
     service_type: str
     service_port: int
+    drain_seconds: int          # running generations may finish for this long after SIGTERM
+    max_unavailable: int        # PodDisruptionBudget of the routers
     placement: Placement
-
-
-@dataclasses.dataclass(frozen=True)
-class CacheSpec:
-    managed: bool
-    ttl_seconds: int
-    max_memory: str
-    resources: dict[str, Any]
-    secret_name: str | None
-    secret_key: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +84,6 @@ class TracingSpec:
 @dataclasses.dataclass(frozen=True)
 class ImagesSpec:
     serving: str
-    redis: str
     pull_policy: str
     pull_secrets: list[str]
 
@@ -102,7 +93,6 @@ class DeploymentSpec:
     model: ModelSpec
     experts: ExpertsSpec
     router: RouterSpec
-    cache: CacheSpec | None
     tracing: TracingSpec | None
     images: ImagesSpec
 
@@ -130,25 +120,11 @@ def parse_spec(raw: Mapping[str, Any]) -> DeploymentSpec:
         raise InvalidSpec("InvalidSpec", "spec.model.source must set exactly one of pvc or hostPath")
     router = raw.get("router") or {}
     service = router.get("service") or {}
-    cache_raw = raw.get("cache")
-    tracing_raw = raw.get("tracing")
+    tracing = raw.get("tracing")
     images = raw.get("images") or {}
-
-    cache = None
-    if cache_raw:
-        managed = cache_raw.get("managed")
-        external = cache_raw.get("external")
-        if (managed is not None) == (external is not None):
-            raise InvalidSpec("InvalidSpec", "spec.cache must set exactly one of managed or external")
-        ref = (external or {}).get("urlSecretRef") or {}
-        cache = CacheSpec(
-            managed=managed is not None,
-            ttl_seconds=int(cache_raw.get("ttlSeconds", 3600)),
-            max_memory=str((managed or {}).get("maxMemory", "1gb")),
-            resources=dict((managed or {}).get("resources") or {}),
-            secret_name=ref.get("name"),
-            secret_key=ref.get("key", "url"),
-        )
+    if not images.get("serving"):
+        raise InvalidSpec("InvalidSpec", "spec.images.serving must name the serving image you built and pushed "
+                                         "(no image is published; see docs/operator.md)")
 
     return DeploymentSpec(
         model=ModelSpec(
@@ -165,6 +141,7 @@ def parse_spec(raw: Mapping[str, Any]) -> DeploymentSpec:
             device=experts.get("device", "cuda"),
             port=int(experts.get("port", 50051)),
             plan=list(experts["plan"]) if experts.get("plan") else None,
+            max_unavailable=int((experts.get("disruptionBudget") or {}).get("maxUnavailable", 1)),
             placement=_placement(experts),
         ),
         router=RouterSpec(
@@ -176,16 +153,16 @@ def parse_spec(raw: Mapping[str, Any]) -> DeploymentSpec:
             max_queue=router.get("maxQueue"),
             service_type=service.get("type", "ClusterIP"),
             service_port=int(service.get("port", 50050)),
+            drain_seconds=int(router.get("drainSeconds", DEFAULT_DRAIN_SECONDS)),
+            max_unavailable=int((router.get("disruptionBudget") or {}).get("maxUnavailable", 1)),
             placement=_placement(router),
         ),
-        cache=cache,
         tracing=TracingSpec(
-            otlp_endpoint=tracing_raw["otlpEndpoint"],
-            sample_ratio=float(tracing_raw.get("sampleRatio", 1.0)),
-        ) if tracing_raw else None,
+            otlp_endpoint=tracing["otlpEndpoint"],
+            sample_ratio=float(tracing.get("sampleRatio", 1.0)),
+        ) if tracing else None,
         images=ImagesSpec(
-            serving=images.get("serving", DEFAULT_SERVING_IMAGE),
-            redis=images.get("redis", DEFAULT_REDIS_IMAGE),
+            serving=images["serving"],
             pull_policy=images.get("pullPolicy", "IfNotPresent"),
             pull_secrets=list(images.get("pullSecrets") or []),
         ),
@@ -212,20 +189,3 @@ def resolve_plan(spec: DeploymentSpec) -> ExpertPlan:
             f"(spec.experts.shards is {spec.experts.shards}), got shards {plan.shard_indices}",
         )
     return plan
-
-
-def check_cache_secret(spec: DeploymentSpec, secret: Mapping[str, Any] | None) -> None:
-    """The external cache Secret must exist and hold the key; the router cannot start otherwise."""
-    if spec.cache is None or spec.cache.managed:
-        return
-    if secret is None:
-        raise InvalidSpec(
-            "SecretNotFound",
-            f"the cache URL Secret {spec.cache.secret_name!r} does not exist in this namespace",
-        )
-    data = {**(secret.get("data") or {}), **(secret.get("stringData") or {})}
-    if spec.cache.secret_key not in data:
-        raise InvalidSpec(
-            "SecretKeyNotFound",
-            f"the Secret {spec.cache.secret_name!r} has no key {spec.cache.secret_key!r}",
-        )

@@ -11,7 +11,9 @@ from typing import Any
 
 from nextserve.worker.plan import ExpertPlan
 
-CONDITION_TYPES = ("Ready", "WorkersReady", "RouterReady", "CacheReady", "Progressing", "Degraded")
+# A condition exists only for a feature that works end to end: no cache or tracing condition
+# until the router uses a cache or exports traces.
+CONDITION_TYPES = ("Ready", "WorkersReady", "RouterReady", "Progressing", "Degraded")
 
 
 # -- readiness of single children ---------------------------------------------------------
@@ -130,7 +132,6 @@ def invalid_status(generation: int | None, reason: str, message: str, old: Mappi
         condition("Ready", False, reason, message, generation),
         condition("WorkersReady", None, reason, unknown, generation),
         condition("RouterReady", None, reason, unknown, generation),
-        condition("CacheReady", None, reason, unknown, generation),
         condition("Progressing", False, reason, "nothing is rolled out until the spec is fixed", generation),
         condition("Degraded", False, reason, unknown, generation),
     ]
@@ -159,8 +160,6 @@ def compute_status(
     shard_sets: Mapping[int, Mapping[str, Any] | None],
     in_force_ready: bool,
     router: Mapping[str, Any] | None,
-    cache_mode: str | None,
-    cache: Mapping[str, Any] | None,
     endpoint: str,
     old: Mapping[str, Any] | None,
     now: str,
@@ -199,30 +198,16 @@ def compute_status(
     else:
         router_cond = condition("RouterReady", False, "RouterNotReady", f"{r_ready}/{r_desired} router replicas ready and updated", generation)
 
-    if cache_mode is None:
-        cache_ok = True
-        cache_cond = condition("CacheReady", True, "NoCache", "no response cache is configured", generation)
-    elif cache_mode == "external":
-        cache_ok = True
-        cache_cond = condition("CacheReady", True, "ExternalCache", "using the cache URL from the referenced Secret", generation)
-    else:
-        _, _, cache_ok = deployment_ready(cache)
-        cache_cond = condition(
-            "CacheReady", cache_ok, "RedisReady" if cache_ok else "RedisNotReady",
-            "the managed Redis is ready" if cache_ok else "waiting for the managed Redis to become ready",
-            generation,
-        )
-
     rolling = router_plan is not None and router_plan != target.fingerprint()
     # Serving now: routers are up with a plan whose workers are all up.
-    serving = r_ready > 0 and in_force_ready and cache_ok
-    fully = workers_ok and router_ok and cache_ok and not rolling
+    serving = r_ready > 0 and in_force_ready
+    fully = workers_ok and router_ok and not rolling
     ready_cond = condition(
         "Ready", serving and (fully or rolling),
         "Ready" if fully else ("ServingDuringRollout" if serving and rolling else "NotReady"),
-        "all shards, routers and cache are ready" if fully else (
+        "all shards and routers are ready" if fully else (
             "serving with the previous plan while the new plan rolls out" if serving and rolling
-            else "; ".join(c["message"] for c in (workers, router_cond, cache_cond) if c["status"] != "True")
+            else "; ".join(c["message"] for c in (workers, router_cond) if c["status"] != "True")
         ),
         generation,
     )
@@ -263,7 +248,7 @@ def compute_status(
         "plan": in_force,
         "targetPlan": plan_ref(target, target_configmap) if rolling else None,
         "conditions": stamp_transitions(
-            [ready_cond, workers, router_cond, cache_cond, progressing, degraded], old.get("conditions"), now
+            [ready_cond, workers, router_cond, progressing, degraded], old.get("conditions"), now
         ),
     }
     return status

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from nextserve.model.checkpoint import load_config
 from nextserve.model.tokenizer import load_tokenizer
+from nextserve.proto import health as health_names
 from nextserve.proto.v1 import serving_pb2_grpc
 from nextserve.telemetry.metrics_http import MetricsServer
 from nextserve.telemetry.tracing import setup_tracing
@@ -19,6 +20,7 @@ from nextserve.worker.fingerprint import checkpoint_fingerprint
 from nextserve.worker.plan import ExpertPlan
 from nextserve.worker.server import GRPC_OPTIONS
 
+from .drain import Drain, RefuseWhileDraining
 from .engine import Engine
 from .block_manager import BlockManager
 from .cache_budget import parse_cache_memory
@@ -29,7 +31,9 @@ from .shards import ShardPool
 from .telemetry import RouterTelemetry, moe_layers
 
 log = logging.getLogger("nextserve.router")
-SERVICE_NAME = "nextserve.v1.Serving"
+SERVICE_NAME = health_names.ROUTER_READINESS
+# Seconds the server gets, once the drain is over, to send the last messages of the generations it cut.
+EXIT_GRACE_SECONDS = 2.0
 
 
 @dataclass(slots=True)
@@ -47,9 +51,6 @@ class RouterOptions:
     kv_cache_memory: str = "4GiB"  # KV blocks + DeltaNet state slots: an amount or a fraction of free memory
     expert_timeout: float = 60.0  # seconds a worker may take for one layer before it counts as failed
     micro_batches: int = 1  # 2: two micro-batches ping-pong, one computing while the other's tokens are away
-    # Accepted now, used by a later feature (prefix cache in Redis).
-    cache_url: str | None = None
-    cache_ttl: float | None = None
     # Tracing: off unless an endpoint is given here or in OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT; the ratio
     # overrides OTEL_TRACES_SAMPLER(_ARG). Metrics: /metrics on this port (None: not served; 0: any free port).
     otlp_endpoint: str | None = None
@@ -77,21 +78,50 @@ def parse_workers(specs: list[str]) -> dict[int, list[str]]:
 
 
 class Router:
-    """A running router (server, engine, pool); `await stop()` releases everything."""
+    """A running router (server, engine, pool); `await shutdown(grace)` drains and releases everything."""
 
     def __init__(self, server: grpc.aio.Server, port: int, engine: Engine, pool: ShardPool, health_service,
-                 metrics: MetricsServer | None = None):
+                 drain: Drain, metrics: MetricsServer | None = None):
         self.server, self.port, self.engine, self.pool, self.health = server, port, engine, pool, health_service
-        self.metrics = metrics
+        self.drain, self.metrics = drain, metrics
 
     @property
     def metrics_port(self) -> int | None:
         return self.metrics.port if self.metrics is not None else None
 
+    async def set_readiness(self) -> None:
+        """Readiness ("" and the Serving service): every expert reachable and not draining."""
+        serving = self.pool.healthy and self.drain.admitting
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def shutdown(self, grace: float) -> int:
+        """Drain (router/drain.py), then stop. Returns how many generations the grace period cut."""
+        self.drain.begin(grace)
+        await self.set_readiness()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        if self.engine.num_active:
+            log.info("draining: %d generations running, up to %.0f s for them to finish", self.engine.num_active, grace)
+        while self.engine.num_active and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        cut = self.engine.num_active
+        if cut:
+            log.warning("drain grace of %.0f s over: ending %d running generations with UNAVAILABLE", grace, cut)
+        await self.engine.stop()  # what still runs gets its UNAVAILABLE now, while the server can send it
+        await self.server.stop(EXIT_GRACE_SECONDS)
+        await self.pool.close()
+        await self._close_telemetry()
+        return cut
+
     async def stop(self, grace: float = 1.0) -> None:
         await self.server.stop(grace)
         await self.pool.close()  # first: a forward pass in flight then fails fast instead of waiting on workers
         await self.engine.stop()
+        await self._close_telemetry()
+
+    async def _close_telemetry(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
         # Flushes the spans still queued (bounded by the exporter's timeout).
@@ -100,7 +130,8 @@ class Router:
 
 async def start_router(options: RouterOptions) -> Router:
     """Check the workers (FingerprintMismatch if one serves another checkpoint), load the dense model,
-    then serve. Health is SERVING while every expert is reachable and NOT_SERVING otherwise."""
+    then serve. Readiness is SERVING while every expert is reachable and the router is not draining;
+    liveness (proto/health.py) is SERVING while it runs."""
     config = load_config(options.checkpoint)
     if options.plan.num_experts != config.num_experts:
         raise ValueError(f"the plan is for {options.plan.num_experts} experts, the checkpoint has {config.num_experts}")
@@ -129,7 +160,8 @@ async def start_router(options: RouterOptions) -> Router:
     runner = ModelRunner(model, sizes, ping_pong=pool.baton if options.micro_batches == 2 else None)
     engine = Engine(runner, scheduler, pool, tokenizer.eos_token_id, config.max_position_embeddings, telemetry)
 
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    drain = Drain()
+    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[RefuseWhileDraining(drain)])
     serving_pb2_grpc.add_ServingServicer_to_server(ServingService(engine, config, tokenizer, fingerprint), server)
     health_service = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
@@ -145,16 +177,14 @@ async def start_router(options: RouterOptions) -> Router:
         await pool.close()
         raise
 
-    async def set_health(healthy: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", SERVICE_NAME):
-            await health_service.set(name, status)
-
-    pool.listeners.append(lambda healthy: asyncio.ensure_future(set_health(healthy)))
-    await set_health(pool.healthy)
+    router = Router(server, port, engine, pool, health_service, drain, metrics)
+    # Liveness: SERVING for as long as this process serves at all (a lost worker or a drain is no reason to restart it).
+    await health_service.set(health_names.LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+    pool.listeners.append(lambda healthy: asyncio.ensure_future(router.set_readiness()))
+    await router.set_readiness()
     engine.start()
     await server.start()
     log.info("router serving %s on %s:%d (fingerprint %s, %d workers, %s)", Path(options.checkpoint).name,
              options.host, port, fingerprint, len(pool.connections),
              "healthy" if pool.healthy else "waiting for: " + "; ".join(pool.down_shards()))
-    return Router(server, port, engine, pool, health_service, metrics)
+    return router

@@ -8,6 +8,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
+from nextserve.proto import health as health_names
 from nextserve.proto.v1 import experts_pb2, experts_pb2_grpc
 from nextserve.telemetry import attributes as attr
 from nextserve.telemetry.tracing import setup_tracing
@@ -46,20 +47,30 @@ def build_service(checkpoint: str | Path, plan: ExpertPlan, shard: int, dtype: s
     return ExpertWorkerService(experts, info, WorkerTelemetry(CollectorRegistry(), tracing, shard))
 
 
-async def serve(service: ExpertWorkerService, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    """Start serving; returns (server, bound port). Health is SERVING from here on: the weights are loaded."""
+async def serve(service: ExpertWorkerService, host: str, port: int,
+                health_service: health.aio.HealthServicer | None = None) -> tuple[grpc.aio.Server, int]:
+    """Start serving; returns (server, bound port). Health is SERVING from here on: the weights are loaded.
+    Pass `health_service` to change readiness later (drain_worker)."""
     server = grpc.aio.server(options=GRPC_OPTIONS)
     experts_pb2_grpc.add_ExpertWorkerServicer_to_server(service, server)
-    health_service = health.aio.HealthServicer()
+    health_service = health_service or health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     await server.start()
-    for name in ("", "nextserve.v1.ExpertWorker"):
+    for name in ("", health_names.WORKER_READINESS, health_names.LIVENESS):
         await health_service.set(name, health_pb2.HealthCheckResponse.SERVING)
     info = service.info
     log.info("worker shard %d serving %d experts x %d layers (%.1f MiB, %s) on %s:%d, fingerprint %s",
              info.shard, len(info.expert_ids), len(info.moe_layers), info.parameter_bytes / 2**20, info.dtype,
              host, bound, info.fingerprint)
     return server, bound
+
+
+async def drain_worker(server: grpc.aio.Server, health_service: health.aio.HealthServicer, grace: float) -> None:
+    """Stop: readiness NOT_SERVING first (routers and the Service move on), then requests in flight
+    get up to `grace` seconds to finish; liveness stays SERVING until the server is gone."""
+    for name in ("", health_names.WORKER_READINESS):
+        await health_service.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.stop(grace)

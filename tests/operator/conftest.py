@@ -49,6 +49,7 @@ def small_spec(**experts: Any) -> dict[str, Any]:
         "model": {"source": {"pvc": {"claimName": "models", "path": "qwen3-next-tiny"}}, "numExperts": 8, "dtype": "float32"},
         "experts": {"shards": 2, "replicasPerShard": 2, "device": "cpu", **experts},
         "router": {"replicas": 2, "device": "cpu"},
+        "images": {"serving": "nextserve:test"},
     }
 
 
@@ -262,7 +263,8 @@ async def cluster_wait(check: Callable[[], bool], what: str) -> None:
 
 @pytest_asyncio.fixture()
 async def operator(cluster):
-    op = Operator(["--all-namespaces", "--peering", "", "--resync-seconds", "0.2", "--liveness", ""])
+    # As the docs run it by hand: no peering flag, so no peering object is needed.
+    op = Operator(["--all-namespaces", "--resync-seconds", "0.2", "--liveness", ""])
     yield op
     if op.thread is not None:
         await op.stop()

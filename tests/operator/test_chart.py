@@ -7,6 +7,10 @@ import asyncio
 import json
 import os
 import pathlib
+import signal
+import socket
+import subprocess
+import sys
 
 import kmock as kmock_lib
 import kubernetes_validate
@@ -101,19 +105,36 @@ async def test_chart_lints():
     assert all(m["Severity"] <= 1 for m in result["Messages"]), result["Messages"]
 
 
-async def test_chart_installs_into_emulated_cluster_and_validates(apiserver):
-    kmock, env = apiserver
-    values = {"replicaCount": 2, "watchNamespaces": ["team-a", "team-b"]}
-    rc, release, err = await helm("install", str(CHART), "ns", RELEASE_NS, json.dumps(values), env=env)
-    assert rc == 0, err
-
-    docs = [d for d in yaml.safe_load_all(release["manifest"]) if d]
-    kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["ClusterKopfPeering", "ClusterRole", "ClusterRoleBinding", "Deployment", "ServiceAccount"]
+def _validate(docs):
     for doc in docs:
         if doc["apiVersion"].startswith("kopf.dev"):
-            continue  # a custom resource: checked against its CRD below
+            continue  # a custom resource: its CRD is checked below
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def _rules(role) -> dict[tuple[str, str], set[str]]:
+    return {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+
+
+def _check_least_privilege(rules):
+    assert not any("*" in verbs or r == "*" or g == "*" for (g, r), verbs in rules.items())
+    assert not any(r == "secrets" for _, r in rules)  # the operator reads no Secret
+    # The children: exactly the verbs operator/kube.py uses on each kind, no more.
+    from nextserve.operator.kube import KINDS, VERBS_USED
+    groups = {"ConfigMap": "", "Service": "", "StatefulSet": "apps", "Deployment": "apps", "PodDisruptionBudget": "policy"}
+    for kind, verbs in VERBS_USED.items():
+        plural = {"PodDisruptionBudget": "poddisruptionbudgets"}.get(kind, kind.lower() + "s")
+        assert kind in KINDS and rules[(groups[kind], plural)] == verbs, kind
+
+
+async def test_default_install_cluster_wide(apiserver):
+    kmock, env = apiserver
+    rc, release, err = await helm("install", str(CHART), "ns", RELEASE_NS, "{}", env=env)
+    assert rc == 0, err
+    docs = [d for d in yaml.safe_load_all(release["manifest"]) if d]
+    assert sorted(d["kind"] for d in docs) == ["ClusterKopfPeering", "ClusterRole", "ClusterRoleBinding", "Deployment",
+                                                "ServiceAccount"]
+    _validate(docs)
 
     # Helm applied the CRDs from crds/ (the same file the operator tests load) and the objects.
     crds = {name for (res, _, name), obj in kmock.objects.items() if res.plural == "customresourcedefinitions"}
@@ -122,22 +143,48 @@ async def test_chart_installs_into_emulated_cluster_and_validates(apiserver):
         kubernetes_validate.validate(kmock.objects["apiextensions.k8s.io/v1/customresourcedefinitions", None, crd].raw,
                                      K8S_VERSION, strict=True)
     deployment = kmock.objects["apps/v1/deployments", RELEASE_NS, "ns-nextserve-operator"].raw
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    # Two replicas, each with its own peering priority from its pod name: one works, one stands by.
     assert deployment["spec"]["replicas"] == 2
     assert container["command"] == ["python", "-m", "nextserve.operator.main"]
-    assert container["args"][:2] == ["--namespace=team-a", "--namespace=team-b"]
-    assert "--peering=nextserve" in container["args"]
-    assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
-    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "ns-nextserve-operator"
+    assert "--all-namespaces" in container["args"] and "--peering=nextserve" in container["args"]
+    assert {"name": "POD_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in container["env"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["serviceAccountName"] == "ns-nextserve-operator"
+    assert ("kopf.dev/v1/clusterkopfpeerings", None, "nextserve") in {
+        (f"{r.group}/{r.version}/{r.plural}", ns, n) for (r, ns, n) in kmock.objects.keys()}
 
-    role = next(d for d in docs if d["kind"] == "ClusterRole")
-    rules = {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
-    assert rules[("kopf.dev", "clusterkopfpeerings")] >= {"get", "list", "watch", "patch"}
-    assert rules[("", "events")] >= {"create"}
-    assert rules[("apps", "statefulsets")] >= {"create", "patch", "delete"}
-    assert rules[("", "secrets")] == {"get"}  # read only, no listing of secrets
-    assert not any("*" in verbs or r == "*" for (g, r), verbs in rules.items())
-    assert "WARNING" not in release.get("info", {}).get("notes", "")
+    rules = _rules(next(d for d in docs if d["kind"] == "ClusterRole"))
+    assert rules[("kopf.dev", "clusterkopfpeerings")] == {"get", "list", "watch", "patch"}
+    assert rules[("", "events")] == {"create"}
+    _check_least_privilege(rules)
+    # No image is published: the default install says so first.
+    assert release["info"]["notes"].lstrip().startswith("WARNING: image.repository")
+
+
+async def test_namespaced_install_grants_roles_only(apiserver):
+    kmock, env = apiserver
+    values = {"watchNamespaces": ["team-a", "team-b"], "image": {"repository": "registry.example.com/nextserve-operator",
+                                                                 "pullPolicy": "IfNotPresent"}}
+    rc, release, err = await helm("install", str(CHART), "ns", RELEASE_NS, json.dumps(values), env=env)
+    assert rc == 0, err
+    docs = [d for d in yaml.safe_load_all(release["manifest"]) if d]
+    assert sorted((d["kind"], d["metadata"].get("namespace")) for d in docs) == sorted([
+        ("KopfPeering", "team-a"), ("KopfPeering", "team-b"), ("Role", "team-a"), ("Role", "team-b"),
+        ("RoleBinding", "team-a"), ("RoleBinding", "team-b"), ("Deployment", RELEASE_NS),
+        ("ServiceAccount", RELEASE_NS)])
+    _validate(docs)
+    for role in (d for d in docs if d["kind"] == "Role"):
+        rules = _rules(role)
+        assert rules[("kopf.dev", "kopfpeerings")] == {"get", "list", "watch", "patch"}
+        assert ("apiextensions.k8s.io", "customresourcedefinitions") not in rules
+        _check_least_privilege(rules)
+    for binding in (d for d in docs if d["kind"] == "RoleBinding"):
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ns-nextserve-operator", "namespace": RELEASE_NS}]
+    container = kmock.objects["apps/v1/deployments", RELEASE_NS, "ns-nextserve-operator"].raw["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][:2] == ["--namespace=team-a", "--namespace=team-b"]
+    assert "WARNING" not in release["info"]["notes"]
 
 
 async def test_values_schema_rejects_typos(apiserver):
@@ -151,12 +198,177 @@ async def test_long_release_names_are_truncated(apiserver):
     kmock, env = apiserver
     release = "r" * 50
     rc, result, err = await helm("install", str(CHART), release, RELEASE_NS,
-                                 json.dumps({"replicaCount": 3, "peering": {"create": False, "name": "x"}}), env=env)
+                                 json.dumps({"replicaCount": 3, "peering": {"create": False, "name": "x"},
+                                             "image": {"repository": "r.example/op", "pullPolicy": "Always"}}), env=env)
     assert rc == 0, err
     for doc in yaml.safe_load_all(result["manifest"]):
         if doc:
             assert len(doc["metadata"]["name"]) <= 63
-    assert result["info"]["notes"].lstrip().startswith("WARNING")
+    assert result["info"]["notes"].lstrip().startswith("WARNING: peering.create=false")
+
+
+# -- the operator as the chart runs it ------------------------------------------------------
+
+class OperatorProcess:
+    """The operator as a process with the Deployment's own args and POD_ID (the pod name).
+    Only the health endpoint's address differs: pods have a network namespace each, these
+    processes share one."""
+
+    def __init__(self, args: list[str], pod_id: str, kubeconfig: str, log_dir: pathlib.Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.health_port = s.getsockname()[1]
+        self.pod_id = pod_id
+        self.log_path = log_dir / f"operator-{pod_id}.log"
+        argv = [sys.executable, "-m", "nextserve.operator.main",
+                *[a for a in args if not a.startswith("--liveness=")],
+                f"--liveness=http://127.0.0.1:{self.health_port}/healthz"]
+        env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
+        self._log = open(self.log_path, "ab")
+        self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      env={**env, "KUBECONFIG": kubeconfig, "POD_ID": pod_id})
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    async def stop(self) -> int:
+        self.popen.send_signal(signal.SIGTERM)  # what the kubelet sends
+        for _ in range(300):
+            if self.popen.poll() is not None:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            self.popen.kill()
+        self._log.close()
+        return self.popen.wait(10)
+
+
+@pytest_asyncio.fixture()
+async def operator_processes():
+    started: list[OperatorProcess] = []
+
+    def start(*args, **kwargs) -> OperatorProcess:
+        started.append(OperatorProcess(*args, **kwargs))
+        return started[-1]
+
+    yield start
+    for op in started:
+        if op.popen.poll() is None:
+            op.popen.kill()
+            op.popen.wait(10)
+
+
+def _chart_container(kmock) -> dict:
+    deployment = kmock.objects["apps/v1/deployments", RELEASE_NS, "ns-nextserve-operator"].raw
+    return deployment["spec"]["template"]["spec"]["containers"][0]
+
+
+def _operator_requests(kmock) -> list:
+    """Requests the operators sent: kopf's own and the children client's (named by its user agent).
+    Discovery (/api, /apis/GROUP/VERSION: no resource) is open to every authenticated user."""
+    return [r for r in kmock if r.resource is not None and r.resource.plural is not None and
+            r.headers.get("User-Agent", "").startswith(("kopf/", "nextserve-operator/"))]
+
+
+def _child_writes(kmock, agent: str | None = None) -> list:
+    return [r for r in _operator_requests(kmock)
+            if r.method in ("POST", "PATCH", "PUT", "DELETE") and r.headers["User-Agent"].startswith("nextserve-operator/")
+            and (agent is None or r.headers["User-Agent"] == agent)]
+
+
+async def test_two_replicas_with_the_chart_defaults_one_works_then_the_other(apiserver, cluster, tmp_path,
+                                                                             operator_processes):
+    kmock, env = apiserver
+    rc, _, err = await helm("install", str(CHART), "ns", RELEASE_NS, json.dumps({"resyncSeconds": 1}), env=env)
+    assert rc == 0, err
+    args = _chart_container(kmock)["args"]
+    ops = [operator_processes(args, f"ns-nextserve-operator-5d8f9-{s}", env["KUBECONFIG"], tmp_path)
+           for s in ("x2k4q", "p7w9z")]
+
+    def peers() -> dict:
+        return kmock.objects["kopf.dev/v1/clusterkopfpeerings", None, "nextserve"].raw.get("status") or {}
+
+    await cluster.eventually(lambda: {op.pod_id for op in ops} <= set(peers()), timeout=60, what="both replicas peered")
+    priority = {op.pod_id: peers()[op.pod_id]["priority"] for op in ops}
+    assert len(set(priority.values())) == 2  # distinct: neither freezes
+    active, standby = sorted(ops, key=lambda op: -priority[op.pod_id])
+
+    await cluster.create_cr(cluster.make_body())
+    await cluster.eventually(lambda: "demo-router" in cluster.deployments() and cluster.condition("Ready"),
+                             timeout=30, what="reconciled")
+    cluster.ready_all()
+    await cluster.eventually(lambda: cluster.condition("Ready")["status"] == "True", timeout=30, what="Ready")
+    # Exactly one replica did the work: every child written once, all by the active one.
+    writes = _child_writes(kmock)
+    assert {r.headers["User-Agent"] for r in writes} == {f"nextserve-operator/{active.pod_id}"}
+    creates = sorted((r.resource.plural, r.data["metadata"]["name"]) for r in writes if r.method == "POST")
+    applies = sorted((r.resource.plural, r.name) for r in writes if r.method == "PATCH")
+    assert len(creates) == len(set(creates)) == len(cluster.statefulsets()) * 3 + 1 + 3  # shard: sts, svc, pdb; plan; router: 3
+    assert applies == creates  # the one apply of each new child (the emulator answers it 404, then the create)
+    assert "Handler 'create' succeeded" in active.log()
+    assert "Handler 'create' succeeded" not in standby.log() and "Timer 'resync' succeeded" not in standby.log()
+
+    # The active replica stops (a rollout, a node drain): it leaves the peering, the other takes over.
+    assert await active.stop() == 0
+    await cluster.eventually(lambda: active.pod_id not in peers(), timeout=20, what="active replica left the peering")
+    await cluster.create_cr(cluster.make_body("second"))
+    await cluster.eventually(lambda: "second-router" in cluster.deployments(), timeout=30, what="the standby took over")
+    assert _child_writes(kmock, f"nextserve-operator/{standby.pod_id}")
+    cluster.ready_all()
+    await cluster.eventually(lambda: cluster.condition("Ready", "second")["status"] == "True", timeout=30,
+                             what="second Ready")
+
+
+def _allowed(roles: list[dict], namespace: str | None, group: str, resource: str, verb: str) -> bool:
+    for role in roles:
+        if role["kind"] == "Role" and role["metadata"]["namespace"] != namespace:
+            continue
+        if verb in _rules(role).get((group, resource), set()):
+            return True
+    return False
+
+
+_VERBS = {"LIST": "list", "WATCH": "watch", "FETCH": "get", "CREATE": "create", "DELETE": "delete"}
+
+
+async def test_operator_works_with_only_the_namespaced_roles(apiserver, cluster, tmp_path, operator_processes):
+    kmock, env = apiserver
+    values = {"watchNamespaces": [cluster.NS], "resyncSeconds": 1}
+    rc, release, err = await helm("install", str(CHART), "ns", RELEASE_NS, json.dumps(values), env=env)
+    assert rc == 0, err
+    roles = [d for d in yaml.safe_load_all(release["manifest"]) if d and d["kind"] in ("Role", "ClusterRole")]
+    assert [r["kind"] for r in roles] == ["Role"]
+    op = operator_processes(_chart_container(kmock)["args"], "ns-nextserve-operator-5d8f9-q1", env["KUBECONFIG"],
+                            tmp_path)
+
+    # Create, become ready, re-shard (new workers, router switch, old ones deleted): every verb the operator has.
+    await cluster.create_cr(cluster.make_body())
+    await cluster.eventually(lambda: "demo-router" in cluster.deployments(), timeout=60, what="router")
+    cluster.ready_all()
+    await cluster.eventually(lambda: cluster.condition("Ready")["status"] == "True", timeout=30, what="Ready")
+    await cluster.patch_spec(cluster.small_spec(shards=4))
+    await cluster.eventually(lambda: len(cluster.statefulsets()) == 6, timeout=30, what="new shards")
+
+    def settle() -> bool:  # the kubelet keeps reporting ready: the router switches, then the old shards go
+        cluster.ready_all()
+        return len(cluster.statefulsets()) == 4
+
+    await cluster.eventually(settle, timeout=30, interval=0.2, what="old shards retired")
+
+    used = set()
+    for r in _operator_requests(kmock):
+        verb = {"PATCH": "patch", "PUT": "update"}.get(str(r.method.value), _VERBS.get(str(r.action.value)))
+        resource = r.resource.plural + (f"/{r.subresource}" if r.subresource else "")
+        used.add((r.namespace, r.resource.group, resource, verb))
+    denied = sorted(u for u in used if not _allowed(roles, *u))
+    assert not denied, f"requests the Roles do not allow: {denied}\n{op.log()[-3000:]}"
+    assert all(ns == cluster.NS for ns, *_ in used), sorted(used)  # nothing cluster-wide, nothing elsewhere
+    for needed in [("serving.nextserve.io", "qwen3nextdeployments", "watch"),
+                   ("serving.nextserve.io", "qwen3nextdeployments/status", "patch"), ("kopf.dev", "kopfpeerings", "patch"),
+                   ("apps", "statefulsets", "delete"), ("policy", "poddisruptionbudgets", "create")]:
+        assert (cluster.NS, *needed) in used, needed
+    assert op.popen.poll() is None, op.log()[-3000:]
+
 
 
 def _monitoring_crds(kmock):
@@ -178,8 +390,7 @@ async def test_monitoring_objects_select_every_router_and_worker_metrics_port(ap
     assert rc == 0, err
     docs = {d["kind"]: d for d in yaml.safe_load_all(release["manifest"]) if d}
     kind = monitor[0].upper() + monitor[1:]
-    assert set(docs) == {kind, "ConfigMap", "ClusterKopfPeering", "ClusterRole", "ClusterRoleBinding", "Deployment",
-                         "ServiceAccount"}
+    assert set(docs) == {kind, "ConfigMap", "KopfPeering", "Role", "RoleBinding", "Deployment", "ServiceAccount"}
     spec = docs[kind]["spec"]
     assert docs[kind]["metadata"]["labels"]["release"] == "kps"
     assert spec["namespaceSelector"] == {"matchNames": ["team-a"]}

@@ -35,8 +35,8 @@ BIG = {
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
     },
     "router": {"replicas": 2, "maxBatchTokens": 8192, "maxRunningRequests": 64, "maxQueue": 256,
-               "service": {"type": "LoadBalancer", "port": 443}},
-    "cache": {"managed": {"maxMemory": "2gb"}, "ttlSeconds": 600},
+               "service": {"type": "LoadBalancer", "port": 443}, "drainSeconds": 90,
+               "disruptionBudget": {"maxUnavailable": 0}},
     "tracing": {"otlpEndpoint": "http://otel-collector.observability:4317", "sampleRatio": 0.1},
     "images": {"serving": "registry.example/nextserve:1.2.3", "pullPolicy": "Always", "pullSecrets": ["regcred"]},
 }
@@ -44,7 +44,7 @@ TINY = {
     "model": {"source": {"hostPath": {"path": "/srv/models/tiny"}}, "numExperts": 8, "dtype": "float32"},
     "experts": {"shards": 2, "device": "cpu"},
     "router": {"device": "cpu"},
-    "cache": {"external": {"urlSecretRef": {"name": "redis-url", "key": "uri"}}},
+    "images": {"serving": "nextserve:dev"},
 }
 
 
@@ -89,8 +89,11 @@ def test_big_spec_children():
         c = pod["containers"][0]
         assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
         assert c["resources"]["requests"]["memory"] == "96Gi"
-        assert c["readinessProbe"]["grpc"] == {"port": 50051}
-        assert c["livenessProbe"]["grpc"] == {"port": 50051}
+        # Liveness asks a service that is SERVING while the process runs; readiness asks the worker's own.
+        assert c["livenessProbe"]["grpc"] == c["startupProbe"]["grpc"] == {"port": 50051, "service": "liveness"}
+        assert c["readinessProbe"]["grpc"] == {"port": 50051, "service": "nextserve.v1.ExpertWorker"}
+        assert flag(args, "--drain-grace") == str(m.WORKER_DRAIN_SECONDS)
+        assert pod["terminationGracePeriodSeconds"] > m.WORKER_DRAIN_SECONDS
         assert pod["nodeSelector"] == BIG["experts"]["nodeSelector"]
         assert pod["tolerations"] == BIG["experts"]["tolerations"]
         assert pod["securityContext"]["runAsNonRoot"] is True
@@ -110,20 +113,35 @@ def test_big_spec_children():
     assert flag(args, "--max-batch-tokens") == "8192"
     assert flag(args, "--max-running-requests") == "64"
     assert flag(args, "--max-queue") == "256"
-    assert flag(args, "--cache-url") == "redis://qwen-redis.prod.svc.cluster.local:6379/0"
-    assert flag(args, "--cache-ttl") == "600"
+    # No flag for a feature the router does not have yet (the cache); tracing travels as OTEL_* variables.
+    assert not {"--cache-url", "--cache-ttl", "--otlp-endpoint", "--trace-sample-ratio"} & set(args)
     router_env = {e["name"]: e.get("value") for e in router["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert router_env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.observability:4317"
     assert float(router_env["OTEL_TRACES_SAMPLER_ARG"]) == 0.1
+    # Drain: preStop keeps the router serving while it leaves the Service's endpoints, then
+    # SIGTERM starts the drain; the kubelet's hard kill comes only after both and a margin.
+    rpod = router["spec"]["template"]["spec"]
+    rc = rpod["containers"][0]
+    assert flag(args, "--drain-grace") == "90"
+    assert rc["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(m.PRE_STOP_SECONDS)]
+    assert rpod["terminationGracePeriodSeconds"] == m.PRE_STOP_SECONDS + 90 + m.EXIT_MARGIN_SECONDS
+    assert rc["livenessProbe"]["grpc"] == {"port": 50050, "service": "liveness"}
+    assert rc["readinessProbe"]["grpc"] == {"port": 50050, "service": "nextserve.v1.Serving"}
     assert router["spec"]["replicas"] == 2
     assert router["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
     assert router["metadata"]["annotations"][m.ANNOTATION_PLAN] == fp
     assert svcs["qwen-router"]["spec"]["type"] == "LoadBalancer"
     assert svcs["qwen-router"]["spec"]["ports"][0]["port"] == 443
-    redis = next(c for c in children if c["metadata"]["name"] == "qwen-redis" and c["kind"] == "Deployment")
-    rc = redis["spec"]["template"]["spec"]["containers"][0]
-    assert flag(rc["args"], "--maxmemory") == "2gb"
-    assert rc["resources"]["limits"]["memory"] == "2560Mi"
+    assert not any(c["kind"] == "Deployment" and c["metadata"]["name"] != "qwen-router" for c in children)
+
+    # A budget per shard, selecting exactly that shard's pods, and one for the routers.
+    pdbs = {c["metadata"]["name"]: c for c in children if c["kind"] == "PodDisruptionBudget"}
+    assert set(pdbs) == {o["metadata"]["name"] for o in sts} | {"qwen-router"}
+    for obj in sts:
+        pdb = pdbs[obj["metadata"]["name"]]
+        assert pdb["spec"]["selector"] == obj["spec"]["selector"] and pdb["spec"]["maxUnavailable"] == 1
+    assert pdbs["qwen-router"]["spec"]["selector"] == router["spec"]["selector"]
+    assert pdbs["qwen-router"]["spec"]["maxUnavailable"] == 0
 
     for child in children:
         meta = child["metadata"]
@@ -135,10 +153,9 @@ def test_big_spec_children():
         assert meta["labels"]["app.kubernetes.io/name"] == "nextserve"
 
 
-def test_tiny_cpu_external_cache_children():
+def test_tiny_cpu_children():
     b, parsed, plan, children = build(TINY)
     assert [c["kind"] for c in children].count("StatefulSet") == 2
-    assert not any(c["metadata"]["name"].endswith("-redis") for c in children)
     sts = next(c for c in children if c["kind"] == "StatefulSet")
     pod = sts["spec"]["template"]["spec"]
     c = pod["containers"][0]
@@ -148,9 +165,8 @@ def test_tiny_cpu_external_cache_children():
     assert {"name": "model", "hostPath": {"path": "/srv/models/tiny", "type": "Directory"}} in pod["volumes"]
     router = next(c for c in children if c["kind"] == "Deployment")
     rc = router["spec"]["template"]["spec"]["containers"][0]
-    assert flag(rc["args"], "--cache-url") == "$(NEXTSERVE_CACHE_URL)"
-    assert {"name": "NEXTSERVE_CACHE_URL", "valueFrom": {"secretKeyRef": {"name": "redis-url", "key": "uri"}}} in rc["env"]
     assert "--max-batch-tokens" not in rc["args"]
+    assert flag(rc["args"], "--drain-grace") == str(s.DEFAULT_DRAIN_SECONDS)
     assert not [e for e in rc["env"] if e["name"].startswith("OTEL_")]  # no tracing block: tracing stays off
 
 
@@ -195,15 +211,11 @@ def test_invalid_specs(experts, reason, text):
     assert info.value.reason == reason and text in info.value.message
 
 
-def test_cache_secret_checks():
-    parsed = s.parse_spec(TINY)
-    with pytest.raises(s.InvalidSpec, match="does not exist") as info:
-        s.check_cache_secret(parsed, None)
-    assert info.value.reason == "SecretNotFound"
-    with pytest.raises(s.InvalidSpec) as info:
-        s.check_cache_secret(parsed, {"data": {"url": "eA=="}})
-    assert info.value.reason == "SecretKeyNotFound"
-    s.check_cache_secret(parsed, {"data": {"uri": "eA=="}})
+def test_spec_without_an_image_is_refused():
+    spec = copy.deepcopy(TINY)
+    del spec["images"]
+    with pytest.raises(s.InvalidSpec, match="spec.images.serving"):
+        s.parse_spec(spec)
 
 
 def _schema_defaults(schema: dict, value):
@@ -220,7 +232,7 @@ def _schema_defaults(schema: dict, value):
 def test_parser_defaults_match_crd_defaults(cr_schema):
     """A spec defaulted by the API server and one defaulted by the parser mean the same."""
     for raw in (TINY, {"model": {"source": {"pvc": {"claimName": "c"}}}, "experts": {"shards": 8},
-                       "cache": {"managed": {}}, "tracing": {"otlpEndpoint": "http://x:4317"}}):
+                       "images": {"serving": "x"}}):
         defaulted = _schema_defaults(cr_schema["properties"]["spec"], copy.deepcopy(raw))
         assert s.parse_spec(defaulted) == s.parse_spec(raw)
 
@@ -236,14 +248,17 @@ def test_crd_schema_rejects_what_it_can(cr_schema):
         ("model", {"source": {}}),
         ("model", {"source": {"hostPath": {"path": "relative"}}, "dtype": "int8"}),
         ("router", {"replicas": "two"}),
-        ("cache", {"managed": {}, "external": {"urlSecretRef": {"name": "x"}}}),
-        ("tracing", {"otlpEndpoint": "otel:4317"}),
-        ("tracing", {"otlpEndpoint": "http://otel:4317", "sampleRatio": 1.5}),
+        ("router", {"drainSeconds": -1}),
+        ("router", {"disruptionBudget": {"maxUnavailable": -1}}),
+        ("images", {"pullPolicy": "Always"}),
     ]
     for key, value in bad:
         broken = body({**TINY, key: value})
         assert list(validator.iter_errors(broken)), f"{key}={value} should be rejected"
     assert list(validator.iter_errors(body({"model": TINY["model"]})))  # experts required
+    # Fields of features not built (the prefix cache) are not in the schema at all; tracing is built.
+    assert "cache" not in cr_schema["properties"]["spec"]["properties"]
+    assert "tracing" in cr_schema["properties"]["spec"]["properties"]
 
 
 def test_examples_validate_against_crd(cr_schema):
@@ -257,7 +272,7 @@ def test_examples_validate_against_crd(cr_schema):
         spec = s.parse_spec(doc["spec"])
         s.resolve_plan(spec)  # and the operator can deploy it
     big = s.parse_spec(yaml.safe_load((ROOT / "deploy/examples/qwen3-next-80b.yaml").read_text())["spec"])
-    assert (big.experts.shards, big.router.replicas, big.cache.managed, big.model.num_experts) == (8, 2, True, 512)
+    assert (big.experts.shards, big.router.replicas, big.router.drain_seconds, big.model.num_experts) == (8, 2, 120, 512)
     tiny = s.parse_spec(yaml.safe_load((ROOT / "deploy/examples/tiny-cpu.yaml").read_text())["spec"])
     assert tiny.experts.device == "cpu" and tiny.router.device == "cpu"
 
@@ -290,6 +305,14 @@ def test_cli_arguments():
     assert build_parser().parse_args(["-A"]).namespace == []
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--namespace", "a", "--all-namespaces"])
+
+
+def test_run_by_hand_needs_no_peering_and_replicas_get_distinct_priorities():
+    assert build_parser().parse_args(["--namespace", "team-a"]).peering == ""  # standalone: works out of the box
+    from nextserve.operator.health import priority_of
+    pods = [f"nextserve-operator-5d8f9-{s}" for s in ("x2k4q", "p7w9z", "a1b2c")]
+    assert len({priority_of(p) for p in pods}) == 3
+    assert priority_of(pods[0]) == priority_of(pods[0])  # a restarted process keeps its pod's priority
 
 
 def test_flag_registration_does_not_import_kopf():

@@ -7,6 +7,8 @@ and collect owned objects after a deletion (garbage collector).
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 
 import pytest
 
@@ -149,40 +151,14 @@ async def test_invalid_specs_build_nothing(cluster, operator):
     await cluster.eventually(lambda: len(cluster.statefulsets()) == 3, what="3 shards from the explicit plan")
 
 
-async def test_missing_cache_secret_then_created(cluster, operator):
+async def test_lost_shard_is_degraded(cluster, operator):
     await operator.start()
-    spec = cluster.small_spec()
-    spec["cache"] = {"external": {"urlSecretRef": {"name": "cache-url"}}, "ttlSeconds": 60}
-    await cluster.create_cr(cluster.make_body(spec=spec))
-    await cluster.eventually(lambda: cluster.condition("Ready")["reason"] == "SecretNotFound", what="SecretNotFound")
-    assert "'cache-url'" in cluster.condition("Ready")["message"]
-    assert cluster.deployments() == {} and cluster.statefulsets() == {}
-
-    await cluster.create("/v1/secrets", {"apiVersion": "v1", "kind": "Secret",
-                                         "metadata": {"name": "cache-url", "namespace": NS},
-                                         "data": {"url": "cmVkaXM6Ly9yZWRpczo2Mzc5LzA="}})
-    await cluster.eventually(lambda: "demo-router" in cluster.deployments(), what="router after the Secret appeared")
-    container = cluster.deployments()["demo-router"]["spec"]["template"]["spec"]["containers"][0]
-    assert {"name": "NEXTSERVE_CACHE_URL", "valueFrom": {"secretKeyRef": {"name": "cache-url", "key": "url"}}} in container["env"]
-    assert container["args"][container["args"].index("--cache-url") + 1] == "$(NEXTSERVE_CACHE_URL)"
+    await cluster.create_cr(cluster.make_body())
+    await cluster.eventually(lambda: "demo-router" in cluster.deployments(), what="router")
     cluster.ready_all()
     await cluster.eventually(lambda: cluster.condition("Ready")["status"] == "True", what="Ready")
-    assert cluster.condition("CacheReady")["reason"] == "ExternalCache"
-
-
-async def test_managed_cache_readiness(cluster, operator):
-    await operator.start()
-    spec = cluster.small_spec()
-    spec["cache"] = {"managed": {"maxMemory": "256mb"}}
-    await cluster.create_cr(cluster.make_body(spec=spec))
-    await cluster.eventually(lambda: {"demo-redis", "demo-router"} <= set(cluster.deployments()), what="redis and router")
-    for name in cluster.statefulsets():
-        cluster.set_ready(STS, name)
-    cluster.set_ready(DEPLOY, "demo-router")
-    await cluster.eventually(lambda: cluster.condition("CacheReady")["reason"] == "RedisNotReady", what="RedisNotReady")
-    assert cluster.condition("Ready")["status"] == "False"
-    cluster.set_ready(DEPLOY, "demo-redis")
-    await cluster.eventually(lambda: cluster.condition("Ready")["status"] == "True", what="Ready")
+    assert [c["type"] for c in cluster.cr()["status"]["conditions"]] == \
+        ["Ready", "WorkersReady", "RouterReady", "Progressing", "Degraded"]
 
     # A ready deployment that loses a shard is Degraded, and says so.
     name = sorted(cluster.statefulsets())[0]
@@ -190,6 +166,50 @@ async def test_managed_cache_readiness(cluster, operator):
     await cluster.eventually(lambda: cluster.condition("Degraded")["status"] == "True", what="Degraded")
     assert cluster.cr()["status"]["phase"] == "Degraded"
     assert cluster.condition("Ready")["status"] == "False"
+    assert "1/2 shards ready" in cluster.condition("Ready")["message"]
+
+
+async def test_resync_without_change_writes_nothing(cluster, operator):
+    """Every child is written once; resyncs that find nothing to change only read."""
+    await operator.start()
+    await cluster.create_cr(cluster.make_body())
+    await cluster.eventually(lambda: "demo-router" in cluster.deployments(), what="router")
+    cluster.ready_all()
+    await cluster.eventually(lambda: cluster.condition("Ready")["status"] == "True", what="Ready")
+    await asyncio.sleep(0.5)  # let the pass that saw Ready finish
+
+    def child_writes():
+        return [r for r in cluster.kmock if r.method in ("PATCH", "POST", "PUT")
+                and r.resource is not None and r.resource.plural != "qwen3nextdeployments"
+                and not r.resource.group.startswith("kopf")]
+
+    def status_writes():
+        return [r for r in cluster.kmock if r.method == "PATCH" and r.resource is not None
+                and r.resource.plural == "qwen3nextdeployments" and r.subresource == "status"]
+
+    before, status_before = len(child_writes()), len(status_writes())
+    resyncs_before = len([r for r in cluster.kmock if r.method == "GET" and r.name == "demo-router"])
+    await asyncio.sleep(1.0)  # five resync periods
+    resyncs = len([r for r in cluster.kmock if r.method == "GET" and r.name == "demo-router"]) - resyncs_before
+    assert resyncs >= 3, "the resync timer did not run"
+    assert len(child_writes()) == before, [f"{r.method} {r.resource.plural}/{r.name or ''}" for r in child_writes()[before:]]
+    assert len(status_writes()) == status_before  # the same status is not written again
+
+    # Someone scales the router by hand: no spec change, so the operator leaves it alone.
+    cluster.kmock.objects[DEPLOY, NS, "demo-router"].patch({"spec": {"replicas": 5}})
+    await asyncio.sleep(0.6)
+    assert cluster.deployments()["demo-router"]["spec"]["replicas"] == 5
+    assert len(child_writes()) == before
+
+    # A spec change writes exactly the children it changes.
+    spec = cluster.small_spec()
+    spec["router"]["maxBatchTokens"] = 4096
+    await cluster.patch_spec(spec)
+    await cluster.eventually(lambda: "--max-batch-tokens" in cluster.deployments()["demo-router"]["spec"]["template"]["spec"]["containers"][0]["args"],
+                             what="router args updated")
+    await asyncio.sleep(0.6)
+    changed = {r.name for r in child_writes()[before:]}
+    assert changed == {"demo-router"}, changed
 
 
 async def test_restart_resumes_idempotently(cluster, operator):
@@ -231,3 +251,49 @@ async def test_peering_replica_works_through_peering_object(cluster, operator):
     await cluster.eventually(lambda: "demo-router" in cluster.deployments(), what="router")
     peering = cluster.kmock.objects["kopf.dev/v1/clusterkopfpeerings", None, "nextserve"].raw
     assert peering.get("status"), "the operator did not announce itself in the peering object"
+
+
+async def test_missing_peering_object_is_a_warning_with_the_remedy_and_in_healthz(cluster, operator, caplog):
+    """An operator told to peer through an object that does not exist says so, never waits silently."""
+    port = free_port()
+    operator.argv = ["--all-namespaces", "--peering", "nextserve", "--resync-seconds", "0.2",
+                     "--liveness", f"http://127.0.0.1:{port}/healthz"]
+    with caplog.at_level(logging.WARNING, logger="nextserve.operator"):
+        await operator.start()
+        await cluster.eventually(lambda: any("does not exist" in r.getMessage() for r in caplog.records),
+                                 what="a warning about the missing peering object")
+    message = next(r.getMessage() for r in caplog.records if "does not exist" in r.getMessage())
+    assert "ClusterKopfPeering 'nextserve'" in message and "--peering ''" in message
+    async with cluster.session.get(f"http://127.0.0.1:{port}/healthz") as resp:
+        report = await resp.json()
+    assert report["operator"]["problems"] == [message]
+    # And it does wait: nothing is reconciled without the peering.
+    await cluster.create_cr(cluster.make_body())
+    await asyncio.sleep(1.0)
+    assert cluster.deployments() == {}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_rbac_denial_is_a_warning_with_the_remedy_and_in_healthz(cluster, operator, caplog):
+    import kmock as kmock_lib
+
+    denied = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403,
+              "message": 'statefulsets.apps "x" is forbidden: User "system:serviceaccount:ops:op" cannot get resource'}
+    cluster.kmock[kmock_lib.action.FETCH, kmock_lib.resource("apps/v1/statefulsets")] << 403 << denied
+    port = free_port()
+    operator.argv = ["--all-namespaces", "--resync-seconds", "0.2", "--liveness", f"http://127.0.0.1:{port}/healthz"]
+    with caplog.at_level(logging.WARNING, logger="nextserve.operator"):
+        await operator.start()
+        await cluster.create_cr(cluster.make_body())
+        await cluster.eventually(lambda: any("RBAC denies" in r.getMessage() for r in caplog.records),
+                                 what="a warning about RBAC")
+    message = next(r.getMessage() for r in caplog.records if "RBAC denies" in r.getMessage())
+    assert "cannot get resource" in message and "templates/rbac.yaml" in message
+    async with cluster.session.get(f"http://127.0.0.1:{port}/healthz") as resp:
+        report = await resp.json()
+    assert report["operator"] == {"role": "standalone", "problems": [message]}

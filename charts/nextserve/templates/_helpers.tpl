@@ -45,3 +45,32 @@ app.kubernetes.io/part-of: nextserve
 {{- default "default" .Values.serviceAccount.name -}}
 {{- end -}}
 {{- end -}}
+
+{{/* The rules every install grants, cluster-wide or per namespace; arg: dict "peerings" PLURAL. */}}
+{{- define "nextserve.rbacRules" -}}
+# kopf: watch the deployments, keep its progress in their annotations, write their status.
+- apiGroups: [serving.nextserve.io]
+  resources: [qwen3nextdeployments]
+  verbs: [list, watch, patch]
+- apiGroups: [serving.nextserve.io]
+  resources: [qwen3nextdeployments/status]
+  verbs: [patch]
+# kopf: peering between operator replicas (get: the operator's own check that the object exists).
+- apiGroups: [kopf.dev]
+  resources: [{{ .peerings }}]
+  verbs: [get, list, watch, patch]
+# kopf: handler progress and errors reported as events on the deployments.
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+# The children of each Qwen3NextDeployment (operator/kube.py: VERBS_USED).
+- apiGroups: [""]
+  resources: [configmaps, services]
+  verbs: [get, list, create, patch, delete]
+- apiGroups: [apps]
+  resources: [statefulsets, deployments]
+  verbs: [get, list, create, patch, delete]
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  verbs: [get, list, create, patch, delete]
+{{- end -}}
