@@ -197,3 +197,12 @@ def load_tokenizer(path: str | Path) -> TextTokenizer:
         if isinstance(eos_token, dict):  # older transformers wrote AddedToken dicts
             eos_token = eos_token["content"]
     return TextTokenizer(Tokenizer.from_file(str(file)), eos_token=eos_token)
+
+
+def load_tokenizer_if_present(path: str | Path) -> TextTokenizer | None:
+    """The checkpoint's tokenizer, or None when it has no tokenizer.json (a checkpoint saved by
+    transformers' save_pretrained holds weights and config only): token ids in and out need none."""
+    path = Path(path)
+    if path.is_dir() and not (path / TOKENIZER_FILE).exists():
+        return None
+    return load_tokenizer(path)

@@ -10,13 +10,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from nextserve.model.checkpoint import load_config
-from nextserve.model.tokenizer import load_tokenizer
+from nextserve.model.tokenizer import load_tokenizer_if_present
 from nextserve.proto.v1 import serving_pb2_grpc
 from nextserve.worker.fingerprint import checkpoint_fingerprint
 from nextserve.worker.plan import ExpertPlan
 from nextserve.worker.server import GRPC_OPTIONS
 
 from .engine import Engine
+from .http_server import HttpServer, serve_openai
 from .runner import ModelRunner, load_dense_model
 from .scheduler import Scheduler
 from .service import ServingService
@@ -44,11 +45,18 @@ class RouterOptions:
     cache_ttl: float | None = None
     otlp_endpoint: str | None = None
     trace_sample_ratio: float = 0.0
+    # The OpenAI-compatible HTTP API beside gRPC (None: off) and its Responses-API session store.
+    http_port: int | None = None
+    served_model_name: str | None = None  # the "model" HTTP clients name; default: the checkpoint folder's name
+    session_ttl: float = 3600.0
+    max_sessions: int = 10_000
 
     def __post_init__(self):
         if self.max_batch_tokens < 1 or self.max_running_requests < 1 or self.max_queue < 0:
             raise ValueError(f"need --max-batch-tokens >= 1, --max-running-requests >= 1 and --max-queue >= 0; got "
                              f"{self.max_batch_tokens}, {self.max_running_requests}, {self.max_queue}")
+        if not self.session_ttl > 0 or self.max_sessions < 1:
+            raise ValueError(f"need --session-ttl > 0 and --max-sessions >= 1; got {self.session_ttl}, {self.max_sessions}")
 
 
 def parse_workers(specs: list[str]) -> dict[int, list[str]]:
@@ -65,10 +73,14 @@ def parse_workers(specs: list[str]) -> dict[int, list[str]]:
 class Router:
     """A running router (server, engine, pool); `await stop()` releases everything."""
 
-    def __init__(self, server: grpc.aio.Server, port: int, engine: Engine, pool: ShardPool, health_service):
+    def __init__(self, server: grpc.aio.Server, port: int, engine: Engine, pool: ShardPool, health_service,
+                 http: HttpServer | None = None):
         self.server, self.port, self.engine, self.pool, self.health = server, port, engine, pool, health_service
+        self.http = http  # the OpenAI-compatible API, when on
 
     async def stop(self, grace: float = 1.0) -> None:
+        if self.http is not None:
+            await self.http.stop(grace)
         await self.server.stop(grace)
         await self.pool.close()  # first: a forward pass in flight then fails fast instead of waiting on workers
         await self.engine.stop()
@@ -87,12 +99,13 @@ async def start_router(options: RouterOptions) -> Router:
     try:
         model = await loop.run_in_executor(None, lambda: load_dense_model(
             options.checkpoint, pool, dtype=options.dtype, device=options.device))
-        tokenizer = load_tokenizer(options.checkpoint)
+        tokenizer = load_tokenizer_if_present(options.checkpoint)  # token-id prompts need none
     except BaseException:
         await pool.close()
         raise
     scheduler = Scheduler(options.max_batch_tokens, options.max_running_requests, options.max_queue)
-    engine = Engine(ModelRunner(model), scheduler, pool, tokenizer.eos_token_id, config.max_position_embeddings)
+    eos = tokenizer.eos_token_id if tokenizer is not None else config.eos_token_id
+    engine = Engine(ModelRunner(model), scheduler, pool, eos, config.max_position_embeddings)
 
     server = grpc.aio.server(options=GRPC_OPTIONS)
     serving_pb2_grpc.add_ServingServicer_to_server(ServingService(engine, config, tokenizer, fingerprint), server)
@@ -112,7 +125,15 @@ async def start_router(options: RouterOptions) -> Router:
     await set_health(pool.healthy)
     engine.start()
     await server.start()
+    http = None
+    if options.http_port is not None:
+        try:
+            http = await serve_openai(engine, config, tokenizer, options.checkpoint, options.host, options.http_port,
+                                      options.served_model_name, options.session_ttl, options.max_sessions)
+        except BaseException:
+            await Router(server, port, engine, pool, health_service).stop(0)
+            raise
     log.info("router serving %s on %s:%d (fingerprint %s, %d workers, %s)", Path(options.checkpoint).name,
              options.host, port, fingerprint, len(pool.connections),
              "healthy" if pool.healthy else "waiting for: " + "; ".join(pool.down_shards()))
-    return Router(server, port, engine, pool, health_service)
+    return Router(server, port, engine, pool, health_service, http)
