@@ -29,9 +29,11 @@ class HttpServer:
         self.served = None  # the ServedModel behind the app, when serve_openai started it
 
     async def stop(self, grace: float = 1.0) -> None:
-        self._server.config.timeout_graceful_shutdown = grace
+        # No grace: do not wait for open keep-alive connections (force_exit), and give uvicorn's own wait a
+        # moment to see that rather than time out on the spot.
+        self._server.force_exit = grace <= 0
+        self._server.config.timeout_graceful_shutdown = grace if grace > 0 else 1.0
         self._server.should_exit = True
-        self._server.force_exit = grace <= 0  # no grace: close idle keep-alive connections without waiting
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
 

@@ -16,16 +16,8 @@ from nextserve.model.chat_template import load_chat_template
 from nextserve.model.tokenizer import load_tokenizer
 
 @pytest.fixture(scope="module")
-def deployment(servers, in_process_workers, tiny_checkpoint, helpers):
-    """One router with its HTTP API on, shared by this module's tests (they only read from it)."""
-    from nextserve.router.server import RouterOptions, start_router
-
-    options = RouterOptions(checkpoint=str(tiny_checkpoint), plan=helpers.contiguous_plan(tiny_checkpoint, 2),
-                            workers=in_process_workers(2).addresses, host="127.0.0.1", port=0, dtype="float32",
-                            device="cpu", http_port=0, served_model_name="tiny")
-    router = servers.run(start_router(options))
-    yield router
-    servers.run(router.stop(0))
+def deployment(http_router):
+    return http_router
 
 
 @pytest.fixture(scope="module")
