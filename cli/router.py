@@ -11,13 +11,26 @@ def add_parser(sub) -> None:
         "router", help="serve clients: dense model here, routed experts on the workers",
         description="Load the dense weights of a checkpoint (never the routed experts), connect to every expert "
                     "worker, check that each serves the same checkpoint and that every expert is reachable, then "
-                    "serve the nextserve.v1.Serving gRPC API and the gRPC health service.")
+                    "serve the nextserve.v1.Serving gRPC API and the gRPC health service, and beside them the "
+                    "OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions, /v1/responses, "
+                    "/health, /ready; see docs/http-api.md). A checkpoint without tokenizer.json (as transformers' "
+                    "save_pretrained writes) serves prompts given as token ids.")
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="HF-layout checkpoint directory")
     p.add_argument("--plan", required=True, metavar="FILE", help="expert plan JSON (which shard holds which experts)")
     p.add_argument("--worker", action="append", required=True, metavar="S=HOST:PORT",
                    help="an expert worker serving shard S; repeat for every shard, and again for a replica")
     p.add_argument("--port", required=True, type=int, metavar="P", help="port to listen on (0: any free port)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    http = p.add_argument_group("OpenAI-compatible HTTP API")
+    http.add_argument("--http-port", type=int, default=8000, metavar="P",
+                      help="port of the HTTP API on --host (default 8000; 0: any free port)")
+    http.add_argument("--no-http", action="store_true", help="serve gRPC only")
+    http.add_argument("--served-model-name", metavar="NAME",
+                      help='the "model" HTTP clients name (default: the checkpoint folder\'s name)')
+    http.add_argument("--session-ttl", type=float, default=3600.0, metavar="SECONDS",
+                      help="how long /v1/responses keeps a response for previous_response_id (default 3600)")
+    http.add_argument("--max-sessions", type=int, default=10_000, metavar="N",
+                      help="stored responses kept at most; the least recently used go first (default 10000)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="dense weight dtype (default bfloat16)")
     p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
@@ -51,7 +64,9 @@ def run(args) -> int:
             host=args.host, port=args.port, dtype=args.dtype, device=args.device or default_device(),
             max_batch_tokens=args.max_batch_tokens, max_running_requests=args.max_running_requests,
             max_queue=args.max_queue, cache_url=args.cache_url, cache_ttl=args.cache_ttl,
-            otlp_endpoint=args.otlp_endpoint, trace_sample_ratio=args.trace_sample_ratio)
+            otlp_endpoint=args.otlp_endpoint, trace_sample_ratio=args.trace_sample_ratio,
+            http_port=None if args.no_http else args.http_port, served_model_name=args.served_model_name,
+            session_ttl=args.session_ttl, max_sessions=args.max_sessions)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

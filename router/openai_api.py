@@ -98,6 +98,9 @@ class OpenAIFrontend:
             if m["role"] not in ROLES:
                 raise bad_param(f"{param}.{i}.role", f"unknown role {m['role']!r}: use one of {', '.join(ROLES)} "
                                                      "(or developer, read as system)")
+        if self.served.tokenizer is None:
+            raise bad_param(param, "this checkpoint has no tokenizer.json, so chat cannot be encoded: send the "
+                                   "prompt as a list of token ids to /v1/completions", code="no_tokenizer")
         if self.served.chat_template is None:
             raise bad_param(param, "this checkpoint has no chat template (tokenizer_config.json chat_template or "
                                    "chat_template.jinja): use /v1/completions with a raw prompt",

@@ -124,15 +124,15 @@ async def start_router(options: RouterOptions) -> Router:
     pool.listeners.append(lambda healthy: asyncio.ensure_future(set_health(healthy)))
     await set_health(pool.healthy)
     engine.start()
-    await server.start()
     http = None
-    if options.http_port is not None:
+    if options.http_port is not None:  # before gRPC: once gRPC health answers, HTTP answers too
         try:
             http = await serve_openai(engine, config, tokenizer, options.checkpoint, options.host, options.http_port,
                                       options.served_model_name, options.session_ttl, options.max_sessions)
         except BaseException:
             await Router(server, port, engine, pool, health_service).stop(0)
             raise
+    await server.start()
     log.info("router serving %s on %s:%d (fingerprint %s, %d workers, %s)", Path(options.checkpoint).name,
              options.host, port, fingerprint, len(pool.connections),
              "healthy" if pool.healthy else "waiting for: " + "; ".join(pool.down_shards()))

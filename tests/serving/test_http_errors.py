@@ -3,6 +3,7 @@
 Every bad request gets the status docs/http-api.md documents and an error in OpenAI's shape that
 names the problem, and the server goes on serving.
 """
+import shutil
 import socket
 import time
 
@@ -161,3 +162,29 @@ def test_shards_down_is_503_and_not_ready(helpers, in_process_workers, routers, 
     r = httpx2.post(f"{base}/v1/completions", json=GOOD, timeout=60)
     assert r.status_code == 503 and r.json()["error"]["code"] == "shards_unavailable"
     assert "shard 1" in r.json()["error"]["message"]
+
+
+def test_a_checkpoint_without_tokenizer_serves_token_id_prompts(helpers, in_process_workers, routers, tiny_checkpoint,
+                                                                tmp_path, reference):
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_checkpoint, bare)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (bare / name).unlink()
+    router = routers(helpers.contiguous_plan(tiny_checkpoint, 2), in_process_workers(2).addresses, checkpoint=bare,
+                     http_port=0, served_model_name="tiny")
+    base = f"http://127.0.0.1:{router.http.port}"
+    r = httpx2.post(f"{base}/v1/completions", json=_with(GOOD, max_tokens=5, ignore_eos=True), timeout=60)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["token_ids"] == reference([1, 2, 3], 5, ignore_eos=True)[0] and choice["text"] == ""
+    for path, body, param in [("/v1/completions", _with(GOOD, prompt="hello"), "prompt"),
+                              ("/v1/chat/completions", CHAT, "messages")]:
+        r = httpx2.post(f"{base}{path}", json=body, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "no_tokenizer"
+        assert r.json()["error"]["param"] == param and "token ids" in r.json()["error"]["message"]
+    # and over gRPC
+    from nextserve.client import Client, ServingError
+    with Client(f"127.0.0.1:{router.port}", timeout=60) as client:
+        assert client.generate([1, 2, 3], max_tokens=5, temperature=0, ignore_eos=True).token_ids == choice["token_ids"]
+        with pytest.raises(ServingError, match="token_ids"):
+            client.generate("hello", max_tokens=2)
