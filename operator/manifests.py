@@ -331,6 +331,7 @@ def router_args(name: str, namespace: str, spec: DeploymentSpec, plan: ExpertPla
         args += ["--worker", address]
     args += [
         "--port", str(spec.router.port),
+        *(["--http-port", str(spec.router.http_port)] if spec.router.http_port is not None else ["--no-http"]),
         "--host", "0.0.0.0",
         "--dtype", spec.model.dtype,
         "--device", spec.router.device,
@@ -368,6 +369,8 @@ def router_deployment(body: Mapping[str, Any], spec: DeploymentSpec, plan: Exper
         })
     container = _serving_container(spec, "router", router_args(name, namespace, spec, plan), spec.router.port, env,
                                    spec.router.placement, spec.router.device)
+    if spec.router.http_port is not None:
+        container["ports"].append({"name": "http", "containerPort": spec.router.http_port, "protocol": "TCP"})
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -395,7 +398,9 @@ def router_service(body: Mapping[str, Any], spec: DeploymentSpec) -> dict[str, A
         "spec": {
             "type": spec.router.service_type,
             "selector": selector_labels(name, "router"),
-            "ports": [{"name": "grpc", "port": spec.router.service_port, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"}],
+            "ports": [{"name": "grpc", "port": spec.router.service_port, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"}]
+            + ([{"name": "http", "port": spec.router.http_port, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"}]
+               if spec.router.http_port is not None else []),
         },
     }
 

@@ -71,6 +71,7 @@ class RouterSpec:
     service_type: str
     service_port: int
     placement: Placement
+    http_port: int | None = 8000  # the OpenAI-compatible HTTP API (container and Service port); None: off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +131,7 @@ def parse_spec(raw: Mapping[str, Any]) -> DeploymentSpec:
         raise InvalidSpec("InvalidSpec", "spec.model.source must set exactly one of pvc or hostPath")
     router = raw.get("router") or {}
     service = router.get("service") or {}
+    http = router.get("http") or {}
     cache_raw = raw.get("cache")
     tracing_raw = raw.get("tracing")
     images = raw.get("images") or {}
@@ -177,6 +179,7 @@ def parse_spec(raw: Mapping[str, Any]) -> DeploymentSpec:
             service_type=service.get("type", "ClusterIP"),
             service_port=int(service.get("port", 50050)),
             placement=_placement(router),
+            http_port=int(http.get("port", 8000)) if http.get("enabled", True) else None,
         ),
         cache=cache,
         tracing=TracingSpec(
