@@ -32,7 +32,9 @@ $(HELM_VENV)/.installed:
 	$(HELM_VENV)/bin/pip install -q helm-sdkpy==0.1.32
 	touch $@
 
+# curl: the HTTP API's streaming test runs `curl -N` as a user would.
 test: dev $(HELM_VENV)/.installed
+	command -v curl >/dev/null || (apt-get update && apt-get install -y curl)
 	$(BIN)/python -m pytest -q
 
 $(CHECKPOINT)/config.json: | dev

@@ -4,7 +4,6 @@ Greedy outputs are checked against the gRPC API of the same router (itself check
 in-process model in test_router.py): the same prompt gives the same tokens whichever API it came through.
 """
 import json
-import shutil
 import subprocess
 
 import httpx2
@@ -183,7 +182,6 @@ def test_sse_framing_byte_for_byte(base_url, grpc_client, tokenizer):
     assert raw == _expected_sse(chunks)
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_curl_streams_the_same_events(base_url):
     done = subprocess.run(["curl", "-sS", "-N", "-H", "Content-Type: application/json", "-d", json.dumps(STREAM_BODY),
                            f"{base_url}/v1/completions"], capture_output=True, timeout=120)
