@@ -3,6 +3,7 @@
 Every bad request gets the status docs/http-api.md documents and an error in OpenAI's shape that
 names the problem, and the server goes on serving.
 """
+import json
 import shutil
 import socket
 import time
@@ -188,3 +189,22 @@ def test_a_checkpoint_without_tokenizer_serves_token_id_prompts(helpers, in_proc
         assert client.generate([1, 2, 3], max_tokens=5, temperature=0, ignore_eos=True).token_ids == choice["token_ids"]
         with pytest.raises(ServingError, match="token_ids"):
             client.generate("hello", max_tokens=2)
+
+
+def test_a_shard_dying_mid_stream_ends_the_stream_with_an_error_event(helpers, tmp_path, tiny_checkpoint,
+                                                                       in_process_workers, worker_processes, routers):
+    plan = helpers.contiguous_plan(tiny_checkpoint, 2)
+    doomed = worker_processes(tiny_checkpoint, helpers.write_plan(tmp_path, plan), 1).wait_ready()
+    router = routers(plan, {0: in_process_workers(2).addresses[0], 1: [doomed.address]}, http_port=0,
+                     served_model_name="tiny")
+    body = _with(GOOD, max_tokens=3000, ignore_eos=True, stream=True)
+    with httpx2.stream("POST", f"http://127.0.0.1:{router.http.port}/v1/completions", json=body, timeout=60) as r:
+        events = (e for e in r.iter_lines() if e)
+        assert next(events).startswith("data: {") and next(events).startswith("data: {")
+        doomed.kill()
+        rest = list(events)
+    assert rest[-1] == "data: [DONE]"
+    error = json.loads(rest[-2].removeprefix("data: "))["error"]
+    assert error["code"] == "shards_unavailable" and "shard 1" in error["message"]
+    assert len(rest) < 3000
+    assert _wait_for(lambda: router.engine.num_active == 0)
