@@ -86,11 +86,14 @@ class OpenAIFrontend:
             raise APIError(404, f"The model {model!r} does not exist; this server serves {self.served.name!r}",
                            param="model", code="model_not_found")
 
-    def encode(self, text: str, param: str) -> list[int]:
+    def need_tokenizer(self, param: str) -> TextTokenizer:
         if self.served.tokenizer is None:
             raise bad_param(param, "this checkpoint has no tokenizer.json, so text cannot be encoded: send the "
                                    "prompt as a list of token ids to /v1/completions", code="no_tokenizer")
-        return self.served.tokenizer.encode(text)
+        return self.served.tokenizer
+
+    def encode(self, text: str, param: str) -> list[int]:
+        return self.need_tokenizer(param).encode(text)
 
     def render_chat(self, messages: list[dict], param: str = "messages") -> list[int]:
         """Token ids of the conversation under the checkpoint's chat template, ready for the answer."""
@@ -98,9 +101,7 @@ class OpenAIFrontend:
             if m["role"] not in ROLES:
                 raise bad_param(f"{param}.{i}.role", f"unknown role {m['role']!r}: use one of {', '.join(ROLES)} "
                                                      "(or developer, read as system)")
-        if self.served.tokenizer is None:
-            raise bad_param(param, "this checkpoint has no tokenizer.json, so chat cannot be encoded: send the "
-                                   "prompt as a list of token ids to /v1/completions", code="no_tokenizer")
+        self.need_tokenizer(param)
         if self.served.chat_template is None:
             raise bad_param(param, "this checkpoint has no chat template (tokenizer_config.json chat_template or "
                                    "chat_template.jinja): use /v1/completions with a raw prompt",
@@ -224,7 +225,9 @@ class OpenAIFrontend:
                     for m in body.messages]
         prompt_ids = self.render_chat(messages)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        params, stops = self.sampling(body, max_tokens, len(prompt_ids), self.served.chat_stop_ids)
+        eos = self.served.engine.eos_token_id
+        turn_ends = tuple(t for t in self.served.chat_stop_ids if not (body.ignore_eos and t == eos))
+        params, stops = self.sampling(body, max_tokens, len(prompt_ids), turn_ends)
         stream = self.submit(prompt_ids, params, stops, "messages")
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 

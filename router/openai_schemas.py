@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 NonNegInt = Annotated[StrictInt, Field(ge=0)]
+Seed = Annotated[StrictInt, Field(ge=0, le=2**64 - 1)]  # as gRPC's uint64 seed
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 
@@ -32,7 +33,7 @@ class SamplingFields(_Body):
     repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None  # extension (as vLLM)
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    seed: StrictInt | None = None
+    seed: Seed | None = None
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=16)] | None = None
     stop_token_ids: list[NonNegInt] | None = None         # extension (as vLLM)
     ignore_eos: StrictBool = False                        # extension (as vLLM)
@@ -84,6 +85,6 @@ class ResponsesRequest(_Body):
     max_output_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    seed: StrictInt | None = None  # extension: OpenAI's Responses API has no seed
+    seed: Seed | None = None  # extension: OpenAI's Responses API has no seed
     store: StrictBool = True
     stream: StrictBool = False

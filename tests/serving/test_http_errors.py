@@ -52,6 +52,7 @@ BAD_REQUESTS = [
     ("empty_stop_string", "/v1/completions", _with(GOOD, stop=[""]), None, 400, "stop", "must not be empty"),
     ("stop_token_out_of_range", "/v1/completions", _with(GOOD, stop_token_ids=[10**6]), None, 400, "stop_token_ids",
      "out of range"),
+    ("seed_out_of_range", "/v1/completions", _with(GOOD, seed=-1), None, 400, "seed", "greater than or equal to 0"),
     ("stream_not_a_bool", "/v1/completions", _with(GOOD, stream="yes"), None, 400, "stream", "boolean"),
     ("empty_messages", "/v1/chat/completions", _with(CHAT, messages=[]), None, 400, "messages", "at least 1"),
     ("unknown_role", "/v1/chat/completions", _with(CHAT, messages=[{"role": "wizard", "content": "hi"}]), None, 400,
