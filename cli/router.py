@@ -39,7 +39,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-running-requests", type=int, default=64, metavar="N",
                    help="sequences decoding together (default 64)")
     p.add_argument("--max-queue", type=int, default=256, metavar="N",
-                   help="requests waiting to start; beyond it new ones get RESOURCE_EXHAUSTED (default 256)")
+                   help="requests waiting to start; beyond it new ones get RESOURCE_EXHAUSTED over gRPC, 429 "
+                        "over HTTP (default 256)")
     later = p.add_argument_group("accepted for upcoming features (stored, no effect yet)")
     later.add_argument("--cache-url", metavar="URL", help="prefix-cache store, e.g. redis://host:6379/0")
     later.add_argument("--cache-ttl", type=float, metavar="SECONDS", help="prefix-cache entry lifetime")

@@ -77,7 +77,8 @@ async def serve_openai(engine, config, tokenizer, checkpoint: str, host: str, po
 
     from nextserve.model.chat_template import generation_stop_ids, load_chat_template
 
-    from .openai_api import ServedModel, build_app
+    from .openai_api import ServedModel
+    from .openai_app import build_app
     from .sessions import InMemorySessionStore
 
     eos = () if engine.eos_token_id is None else (engine.eos_token_id,)

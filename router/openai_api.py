@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP API: models, completions, chat completions, responses, health.
+"""The OpenAI-compatible HTTP API's completions and chat completions, and what other endpoints share.
 
 Mapped onto the same `Engine` as the gRPC service, with the same request checks
 (`generation.check_request`) and the same detokenizing and stop strings (`generation.decode_stream`),
@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from nextserve.model.chat_template import ROLES, ChatTemplate, ChatTemplateError
@@ -308,57 +308,3 @@ def _or(value, default):
 
 def text_of(content) -> str:
     return content if isinstance(content, str) else "".join(part.text for part in content)
-
-
-def build_app(served: ServedModel) -> FastAPI:
-    """The ASGI app; every error leaves as OpenAI's error shape."""
-    from .openai_responses import ResponsesEndpoint
-
-    frontend = OpenAIFrontend(served)
-    responses = ResponsesEndpoint(frontend)
-    app = FastAPI(title="nextserve", summary="OpenAI-compatible API of a nextserve router",
-                  docs_url=None, redoc_url=None)
-
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, e: APIError):
-        return e.response()
-
-    @app.exception_handler(404)
-    async def not_found(request: Request, e):
-        return APIError(404, f"no such endpoint: {request.method} {request.url.path}", code="not_found").response()
-
-    @app.exception_handler(405)
-    async def wrong_method(request: Request, e):
-        return APIError(405, f"{request.method} is not allowed on {request.url.path}",
-                        code="method_not_allowed").response()
-
-    @app.get("/health")
-    async def health():
-        return {"status": "alive"}
-
-    @app.get("/ready")
-    async def ready():
-        pool = served.engine.pool
-        if not pool.healthy:
-            raise unavailable("not serving: " + "; ".join(pool.down_shards()))
-        return {"status": "ready"}
-
-    def model_card() -> dict:
-        return {"id": served.name, "object": "model", "created": served.created, "owned_by": "nextserve",
-                "max_model_len": served.context_limit}
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [model_card()]}
-
-    @app.get("/v1/models/{model:path}")
-    async def model(model: str):
-        frontend.check_model(model)
-        return model_card()
-
-    app.post("/v1/completions")(frontend.completions)
-    app.post("/v1/chat/completions")(frontend.chat_completions)
-    app.post("/v1/responses")(responses.create)
-    app.get("/v1/responses/{response_id}")(responses.retrieve)
-    app.delete("/v1/responses/{response_id}")(responses.delete)
-    return app
