@@ -12,7 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -113,9 +113,8 @@ class OpenAIFrontend:
         return self.encode(text, param)
 
     def sampling(self, body: SamplingFields, max_tokens: int | None, num_prompt: int,
-                 extra_stop_ids: tuple[int, ...] = ()) -> tuple[SamplingParams, list[str]]:
-        if body.n != 1:
-            raise bad_param("n", f"n={body.n} is not supported: one choice per request; send {body.n} requests")
+                 extra_stop_ids: tuple[int, ...] = ()) -> tuple[list[SamplingParams], list[str]]:
+        """One SamplingParams per choice (`n`), and the stop strings."""
         if max_tokens is None:  # as vLLM: up to the context limit
             max_tokens = max(1, self.served.context_limit - num_prompt)
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -134,7 +133,9 @@ class OpenAIFrontend:
                 stop_token_ids=tuple(dict.fromkeys([*(body.stop_token_ids or []), *extra_stop_ids])))
         except ValueError as e:
             raise bad_param(str(e).split(" ")[0], str(e)) from None
-        return params, stops
+        # Choice i draws from seed + i: one seed reproduces the whole request, and the choices differ.
+        return [params if i == 0 or params.seed is None else replace(params, seed=(params.seed + i) % 2**64)
+                for i in range(body.n)], stops
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, stops: list[str], param: str) -> RequestStream:
         served = self.served
@@ -152,6 +153,52 @@ class OpenAIFrontend:
             raise queue_full(str(e)) from None
         except ShardUnavailable as e:
             raise unavailable(str(e)) from None
+
+    def submit_choices(self, prompt_ids: list[int], choices: list[SamplingParams], stops: list[str],
+                       param: str) -> list[RequestStream]:
+        """One sequence per choice; all or none (a choice that cannot be queued withdraws the others)."""
+        streams: list[RequestStream] = []
+        try:
+            for params in choices:
+                streams.append(self.submit(prompt_ids, params, stops, param))
+        except BaseException:
+            for stream in streams:
+                self.served.engine.abort(stream)
+            raise
+        return streams
+
+    async def generate_choices(self, streams: list[RequestStream], stops: list[str]) -> list[Generation]:
+        """Every choice to its end; the first failure (or a cancellation) stops and frees them all."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self.generate(stream, stops)) for stream in streams]
+        except* APIError as errors:
+            raise errors.exceptions[0] from None
+        return [task.result() for task in tasks]
+
+    async def merged_deltas(self, streams: list[RequestStream], stops: list[str]) -> AsyncIterator[tuple[int, Delta]]:
+        """(choice index, delta) as any choice produces them; closing it frees every sequence."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, stream: RequestStream):
+            try:
+                async for delta in self.stream_deltas(stream, stops):
+                    queue.put_nowait((index, delta))
+            finally:
+                queue.put_nowait((index, None))
+
+        tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
+        try:
+            running = len(tasks)
+            while running:
+                index, delta = await queue.get()
+                if delta is None:
+                    running -= 1
+                else:
+                    yield index, delta
+        finally:
+            for task in tasks:
+                task.cancel()
 
     def failure(self, stream: RequestStream) -> APIError | None:
         f = stream.failure
@@ -199,20 +246,21 @@ class OpenAIFrontend:
                                           "prompt (a string or a list of token ids) per request")
             prompt = prompt[0]
         prompt_ids = list(prompt) if isinstance(prompt, list) else self.encode(prompt, "prompt")
-        params, stops = self.sampling(body, body.max_tokens, len(prompt_ids))
-        stream = self.submit(prompt_ids, params, stops, "prompt")
+        choices, stops = self.sampling(body, body.max_tokens, len(prompt_ids))
+        streams = self.submit_choices(prompt_ids, choices, stops, "prompt")
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": self.served.name}
 
-        def choice(text: str, ids: list[int], reason: str | None) -> dict:
-            return {"index": 0, "text": text, "token_ids": ids, "logprobs": None, "finish_reason": reason}
+        def choice(index: int, text: str, ids: list[int], reason: str | None) -> dict:
+            return {"index": index, "text": text, "token_ids": ids, "logprobs": None, "finish_reason": reason}
 
         if body.stream:
-            return self._sse(request, stream, stops, body, head, len(prompt_ids),
-                             lambda d: {**head, "choices": [choice(d.text, d.token_ids, d.finish_reason)]})
-        result = await self.until_disconnect(request, self.generate(stream, stops))
-        return JSONResponse({**head, "choices": [choice(result.text, result.token_ids, result.finish_reason)],
-                             "usage": usage(len(prompt_ids), len(result.token_ids))})
+            return self._sse(streams, stops, body, head, len(prompt_ids),
+                             lambda i, d: {**head, "choices": [choice(i, d.text, d.token_ids, d.finish_reason)]})
+        results = await self.until_disconnect(request, self.generate_choices(streams, stops))
+        return JSONResponse({**head, "choices": [choice(i, r.text, r.token_ids, r.finish_reason)
+                                                 for i, r in enumerate(results)],
+                             "usage": usage(len(prompt_ids), sum(len(r.token_ids) for r in results))})
 
     async def chat_completions(self, request: Request) -> Response:
         body: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
@@ -227,50 +275,54 @@ class OpenAIFrontend:
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         eos = self.served.engine.eos_token_id
         turn_ends = tuple(t for t in self.served.chat_stop_ids if not (body.ignore_eos and t == eos))
-        params, stops = self.sampling(body, max_tokens, len(prompt_ids), turn_ends)
-        stream = self.submit(prompt_ids, params, stops, "messages")
+        choices, stops = self.sampling(body, max_tokens, len(prompt_ids), turn_ends)
+        streams = self.submit_choices(prompt_ids, choices, stops, "messages")
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         if body.stream:
             head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.served.name}
-            first = {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                          "logprobs": None, "finish_reason": None}]}
 
-            def chunk(d) -> dict:
+            def first(index: int) -> dict:
+                return {**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                             "logprobs": None, "finish_reason": None}]}
+
+            def chunk(index: int, d: Delta) -> dict:
                 delta = {"content": d.text} if d.text or d.finish_reason is None else {}
-                return {**head, "choices": [{"index": 0, "delta": delta, "token_ids": d.token_ids,
+                return {**head, "choices": [{"index": index, "delta": delta, "token_ids": d.token_ids,
                                              "logprobs": None, "finish_reason": d.finish_reason}]}
 
-            return self._sse(request, stream, stops, body, head, len(prompt_ids), chunk, first=first)
-        result = await self.until_disconnect(request, self.generate(stream, stops))
+            return self._sse(streams, stops, body, head, len(prompt_ids), chunk, first=first)
+        results = await self.until_disconnect(request, self.generate_choices(streams, stops))
         return JSONResponse({
             "id": rid, "object": "chat.completion", "created": created, "model": self.served.name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                         "token_ids": result.token_ids, "logprobs": None, "finish_reason": result.finish_reason}],
-            "usage": usage(len(prompt_ids), len(result.token_ids))})
+            "choices": [{"index": i, "message": {"role": "assistant", "content": r.text}, "token_ids": r.token_ids,
+                         "logprobs": None, "finish_reason": r.finish_reason} for i, r in enumerate(results)],
+            "usage": usage(len(prompt_ids), sum(len(r.token_ids) for r in results))})
 
     # -- transport helpers --------------------------------------------------------------------------
 
-    def _sse(self, request: Request, stream: RequestStream, stops: list[str], body: SamplingFields, head: dict,
-             num_prompt: int, chunk, first: dict | None = None) -> StreamingResponse:
+    def _sse(self, streams: list[RequestStream], stops: list[str], body: SamplingFields, head: dict,
+             num_prompt: int, chunk, first=None) -> StreamingResponse:
+        """The choices' deltas as server-sent events: `chunk(index, delta)` (and `first(index)`) build them."""
         include_usage = body.stream_options is not None and body.stream_options.include_usage
 
         def with_usage(obj: dict) -> dict:
             return {**obj, "usage": None} if include_usage else obj  # as OpenAI: null until the last chunk
 
         async def events():
-            # Starlette cancels this generator when the client disconnects; stream_deltas then frees the sequence.
+            # Starlette closes this generator when the client disconnects; merged_deltas then frees the sequences.
             num_output = 0
-            pending: list[int] = []  # ids whose text is still held back (part of a character, or special)
+            pending: list[list[int]] = [[] for _ in streams]  # per choice: ids whose text is still held back
             if first is not None:
-                yield sse(with_usage(first))
-            async for delta in self.stream_deltas(stream, stops):
+                for index in range(len(streams)):
+                    yield sse(with_usage(first(index)))
+            async for index, delta in self.merged_deltas(streams, stops):
                 num_output += len(delta.token_ids)
-                pending.extend(delta.token_ids)
+                pending[index].extend(delta.token_ids)
                 if delta.text or delta.finish_reason is not None:
-                    yield sse(with_usage(chunk(Delta(pending, delta.text, delta.finish_reason))))
-                    pending = []
-            error = self.failure(stream)
+                    yield sse(with_usage(chunk(index, Delta(pending[index], delta.text, delta.finish_reason))))
+                    pending[index] = []
+            error = next((e for e in map(self.failure, streams) if e is not None), None)
             if error is not None:
                 yield sse(error.body())
             elif include_usage:

@@ -1,8 +1,8 @@
 """Request bodies of the OpenAI-compatible HTTP API, validated by pydantic.
 
 Unknown fields are rejected (`extra="forbid"`), as OpenAI rejects them: a parameter that would be
-silently ignored gives wrong answers. Fields nextserve cannot honour yet (logprobs, n > 1) are
-declared so that the error can say why, instead of "unknown field".
+silently ignored gives wrong answers. Fields nextserve cannot honour yet (logprobs) are declared so
+that the error can say why, instead of "unknown field".
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ class SamplingFields(_Body):
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=16)] | None = None
     stop_token_ids: list[NonNegInt] | None = None         # extension (as vLLM)
     ignore_eos: StrictBool = False                        # extension (as vLLM)
-    n: Annotated[StrictInt, Field(ge=1)] = 1
+    n: Annotated[StrictInt, Field(ge=1, le=128)] = 1  # choices, each its own sequence (OpenAI allows up to 128)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
 

@@ -231,3 +231,29 @@ def test_responses_store_false_is_not_kept(oai):
     gone = oai.responses.create(model="tiny", input="x", max_output_tokens=2, temperature=0, store=False)
     with pytest.raises(openai.BadRequestError, match="not found"):
         oai.responses.create(model="tiny", input="y", previous_response_id=gone.id, max_output_tokens=2)
+
+
+def test_n_choices_are_each_what_grpc_gives_for_seed_plus_index(oai, grpc_client, tokenizer, chat_prompt_ids):
+    prompt = [21, 22, 23]
+    got = oai.completions.create(model="tiny", prompt=prompt, n=3, max_tokens=5, temperature=1.0, seed=77,
+                                 extra_body={"ignore_eos": True})
+    want = [grpc_client.generate(prompt, max_tokens=5, temperature=1.0, seed=77 + i, ignore_eos=True).token_ids
+            for i in range(3)]
+    assert [c.index for c in got.choices] == [0, 1, 2]
+    assert [c.model_extra["token_ids"] for c in got.choices] == want
+    assert len({tuple(w) for w in want}) > 1  # the choices differ
+    assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (3, 15)
+
+    chunks = list(oai.chat.completions.create(model="tiny", messages=MESSAGES, n=2, max_tokens=6, temperature=1.0,
+                                              seed=5, stream=True, stream_options={"include_usage": True}))
+    texts, ids = ["", ""], [[], []]
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] += choice.delta.content or ""
+            ids[choice.index] += choice.model_extra.get("token_ids") or []
+    prompt_ids = chat_prompt_ids(MESSAGES)
+    for i in range(2):
+        want = grpc_client.generate(prompt_ids, max_tokens=6, temperature=1.0, seed=5 + i,
+                                    stop_token_ids=chat_stop_ids(tokenizer)).token_ids
+        assert ids[i] == want and texts[i] == tokenizer.decode(want, skip_special_tokens=True)
+    assert chunks[-1].usage.completion_tokens == len(ids[0]) + len(ids[1])

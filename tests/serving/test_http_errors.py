@@ -47,7 +47,7 @@ BAD_REQUESTS = [
     ("over_the_context_limit", "/v1/completions", _with(GOOD, prompt=[5] * CONTEXT_LIMIT), None, 400, "prompt",
      "context limit"),
     ("unknown_model", "/v1/completions", _with(GOOD, model="gpt-4o"), None, 404, "model", "does not exist"),
-    ("n_above_one", "/v1/completions", _with(GOOD, n=2), None, 400, "n", "not supported"),
+    ("n_zero", "/v1/completions", _with(GOOD, n=0), None, 400, "n", "greater than or equal to 1"),
     ("completion_logprobs", "/v1/completions", _with(GOOD, logprobs=1), None, 400, "logprobs", "log-probabilities"),
     ("empty_stop_string", "/v1/completions", _with(GOOD, stop=[""]), None, 400, "stop", "must not be empty"),
     ("stop_token_out_of_range", "/v1/completions", _with(GOOD, stop_token_ids=[10**6]), None, 400, "stop_token_ids",
@@ -145,12 +145,16 @@ def test_a_client_disconnecting_before_a_non_streamed_answer_frees_its_sequence(
     assert _wait_for(lambda: engine.num_active == 0, timeout=20)
 
 
-def test_a_full_queue_is_429_with_retry_after(helpers, in_process_workers, routers, tiny_checkpoint):
+def test_a_full_queue_is_429_with_retry_after_and_withdraws_every_choice(helpers, in_process_workers, routers,
+                                                                         tiny_checkpoint):
     router = routers(helpers.contiguous_plan(tiny_checkpoint, 2), in_process_workers(2).addresses, http_port=0,
-                     max_queue=0, served_model_name="tiny")
-    r = httpx2.post(f"http://127.0.0.1:{router.http.port}/v1/completions", json=GOOD, timeout=60)
+                     max_queue=1, served_model_name="tiny")
+    url = f"http://127.0.0.1:{router.http.port}/v1/completions"
+    r = httpx2.post(url, json=_with(GOOD, n=2), timeout=60)  # room for one choice, not two
     assert r.status_code == 429 and r.headers["Retry-After"] == "1"
     assert r.json()["error"]["code"] == "queue_full" and "capacity" in r.json()["error"]["message"]
+    assert router.engine.num_active == 0 and not router.engine.scheduler.has_work()  # the first choice withdrawn
+    assert httpx2.post(url, json=GOOD, timeout=60).status_code == 200
 
 
 def test_shards_down_is_503_and_not_ready(helpers, in_process_workers, routers, tiny_checkpoint):
