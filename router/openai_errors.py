@@ -62,7 +62,10 @@ async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
 
 
 def _validation_error(e: ValidationError) -> APIError:
-    first = e.errors()[0]
+    errors = e.errors()
+    # A union (a string or a list...) reports a type mismatch for every branch the value is not; an error
+    # from the branch it is (a list too short, a bad item) says more.
+    first = next((err for err in errors if not err["type"].endswith("_type")), errors[0])
     # Unions report one error per branch with the branch's name in loc: keep the field path only.
     loc = [str(p) for p in first["loc"] if isinstance(p, int) or not _is_type_name(p)]
     param = ".".join(loc) or None

@@ -6,11 +6,12 @@ new input rendered by the chat template: the same tokens as sending the whole hi
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from nextserve.model.sampling import SamplingParams
 
@@ -42,9 +43,6 @@ class ResponsesEndpoint:
         f, served = self.frontend, self.served
         body: ResponsesRequest = await parse_body(request, ResponsesRequest)
         f.check_model(body.model)
-        if body.stream:
-            raise bad_param("stream", "streaming is not supported on /v1/responses yet: use /v1/chat/completions "
-                                      "with stream=true, or call /v1/responses without it")
         history: tuple[int, ...] = ()
         if body.previous_response_id is not None:
             previous = await served.sessions.get(body.previous_response_id)
@@ -67,28 +65,56 @@ class ResponsesEndpoint:
         except ValueError as e:
             raise bad_param(str(e).split(" ")[0], str(e)) from None
         stream = f.submit(prompt_ids, params, [], "input")
+        draft = _Draft(body, served.name, prompt_ids)
+        if body.stream:
+            return StreamingResponse(self._events(draft, stream), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         result = await f.until_disconnect(request, f.generate(stream, []))
+        return JSONResponse(await self._finish(draft, result.text, result.token_ids, result.finish_reason))
 
-        response_id = f"resp_{uuid.uuid4().hex}"
-        complete = result.finish_reason == "stop"
-        response = {
-            "id": response_id, "object": "response", "created_at": int(time.time()),
-            "status": "completed" if complete else "incomplete",
-            "incomplete_details": None if complete else {"reason": "max_output_tokens"},
-            "error": None, "model": served.name, "instructions": body.instructions,
-            "previous_response_id": body.previous_response_id, "max_output_tokens": body.max_output_tokens,
-            "temperature": body.temperature, "top_p": body.top_p, "store": body.store,
-            "parallel_tool_calls": False, "tool_choice": "none", "tools": [], "text": {"format": {"type": "text"}},
-            "output": [{"type": "message", "id": f"msg_{uuid.uuid4().hex}", "status": "completed", "role": "assistant",
-                        "content": [{"type": "output_text", "text": result.text, "annotations": []}]}],
-            "usage": {"input_tokens": len(prompt_ids), "input_tokens_details": {"cached_tokens": 0},
-                      "output_tokens": len(result.token_ids), "output_tokens_details": {"reasoning_tokens": 0},
-                      "total_tokens": len(prompt_ids) + len(result.token_ids)},
-        }
-        if body.store:
-            await served.sessions.put(StoredResponse(response_id, (*prompt_ids, *result.token_ids), served.name,
-                                                     result.finish_reason, response))
-        return JSONResponse(response)
+    async def _finish(self, draft: "_Draft", text: str, output_ids: list[int], finish_reason: str) -> dict:
+        """The final response object; stored (unless store=false) before the client sees it, so that it can
+        be continued at once."""
+        response = draft.response(text, output_ids, finish_reason)
+        if draft.body.store:
+            await self.served.sessions.put(StoredResponse(
+                response["id"], (*draft.prompt_ids, *output_ids), self.served.name, finish_reason, response))
+        return response
+
+    async def _events(self, draft: "_Draft", stream):
+        """OpenAI's Responses stream: created, in_progress, the message item and its text part opening,
+        output_text deltas, their closing, then completed (or incomplete); an error event on a failure.
+        Closing it (the client went away) frees the sequence."""
+        seq = iter(range(1 << 62))
+
+        def event(kind: str, **fields) -> bytes:
+            data = json.dumps({"type": kind, "sequence_number": next(seq), **fields}, ensure_ascii=False,
+                              separators=(",", ":"))
+            return f"event: {kind}\ndata: {data}\n\n".encode()
+
+        at = {"item_id": draft.message_id, "output_index": 0, "content_index": 0}
+        yield event("response.created", response=draft.in_progress())
+        yield event("response.in_progress", response=draft.in_progress())
+        yield event("response.output_item.added", output_index=0, item=draft.message([], "in_progress"))
+        yield event("response.content_part.added", **at, part=_text_part(""))
+        parts, ids, reason = [], [], None
+        async for delta in self.frontend.stream_deltas(stream, []):
+            ids.extend(delta.token_ids)
+            reason = delta.finish_reason
+            if delta.text:
+                parts.append(delta.text)
+                yield event("response.output_text.delta", **at, delta=delta.text, logprobs=[])
+        error = self.frontend.failure(stream)
+        if error is not None:
+            yield event("error", code=error.code, message=error.message, param=None)
+            return
+        text = "".join(parts)
+        yield event("response.output_text.done", **at, text=text, logprobs=[])
+        yield event("response.content_part.done", **at, part=_text_part(text))
+        yield event("response.output_item.done", output_index=0, item=draft.message([_text_part(text)], "completed"))
+        response = await self._finish(draft, text, ids, reason)
+        yield event("response.completed" if response["status"] == "completed" else "response.incomplete",
+                    response=response)
 
     async def retrieve(self, response_id: str):
         stored = await self.served.sessions.get(response_id)
@@ -102,3 +128,39 @@ class ResponsesEndpoint:
             raise APIError(404, f"No response with id {response_id!r}", param="response_id",
                            code="response_not_found")
         return {"id": response_id, "object": "response", "deleted": True}
+
+
+def _text_part(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": []}
+
+
+class _Draft:
+    """A response being generated: its ids and the request fields it echoes."""
+
+    def __init__(self, body: ResponsesRequest, model: str, prompt_ids: list[int]):
+        self.body, self.model, self.prompt_ids = body, model, prompt_ids
+        self.response_id, self.message_id = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
+        self.created_at = int(time.time())
+
+    def message(self, content: list[dict], status: str) -> dict:
+        return {"type": "message", "id": self.message_id, "status": status, "role": "assistant", "content": content}
+
+    def _common(self) -> dict:
+        b = self.body
+        return {"id": self.response_id, "object": "response", "created_at": self.created_at, "error": None,
+                "model": self.model, "instructions": b.instructions, "previous_response_id": b.previous_response_id,
+                "max_output_tokens": b.max_output_tokens, "temperature": b.temperature, "top_p": b.top_p,
+                "store": b.store, "parallel_tool_calls": False, "tool_choice": "none", "tools": [],
+                "text": {"format": {"type": "text"}}}
+
+    def in_progress(self) -> dict:
+        return {**self._common(), "status": "in_progress", "incomplete_details": None, "output": [], "usage": None}
+
+    def response(self, text: str, output_ids: list[int], finish_reason: str) -> dict:
+        complete = finish_reason == "stop"
+        n_in, n_out = len(self.prompt_ids), len(output_ids)
+        return {**self._common(), "status": "completed" if complete else "incomplete",
+                "incomplete_details": None if complete else {"reason": "max_output_tokens"},
+                "output": [self.message([_text_part(text)], "completed")],
+                "usage": {"input_tokens": n_in, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": n_out,
+                          "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": n_in + n_out}}

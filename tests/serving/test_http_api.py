@@ -257,3 +257,22 @@ def test_n_choices_are_each_what_grpc_gives_for_seed_plus_index(oai, grpc_client
                                     stop_token_ids=chat_stop_ids(tokenizer)).token_ids
         assert ids[i] == want and texts[i] == tokenizer.decode(want, skip_special_tokens=True)
     assert chunks[-1].usage.completion_tokens == len(ids[0]) + len(ids[1])
+
+
+def test_streamed_responses_give_the_events_and_text_of_the_plain_call_and_can_be_continued(oai):
+    request = dict(model="tiny", input="Tell me a story", max_output_tokens=8, temperature=0)
+    plain = oai.responses.create(**request)
+    events = list(oai.responses.create(**request, stream=True))
+    kinds = [e.type for e in events]
+    final = "response.completed" if plain.status == "completed" else "response.incomplete"
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          final]
+    assert set(kinds[4:-4]) <= {"response.output_text.delta"}
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    done = events[-1].response
+    assert deltas == plain.output_text == done.output_text and done.usage.output_tokens == plain.usage.output_tokens
+    follow_up = oai.responses.create(model="tiny", previous_response_id=done.id, input="More", max_output_tokens=2)
+    assert follow_up.usage.input_tokens > done.usage.input_tokens + done.usage.output_tokens

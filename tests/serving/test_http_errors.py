@@ -69,8 +69,9 @@ BAD_REQUESTS = [
      "not both"),
     ("bad_previous_response_id", "/v1/responses", {"model": "tiny", "input": "hi", "previous_response_id": "resp_nope"},
      None, 400, "previous_response_id", "not found"),
-    ("responses_stream", "/v1/responses", {"model": "tiny", "input": "hi", "stream": True}, None, 400, "stream",
-     "not supported"),
+    ("responses_empty_input", "/v1/responses", {"model": "tiny", "input": []}, None, 400, "input", "at least 1"),
+    ("responses_unknown_field", "/v1/responses", {"model": "tiny", "input": "hi", "tools": []}, None, 400, "tools",
+     "Unrecognized request argument"),
 ]
 
 
