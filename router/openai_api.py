@@ -269,8 +269,9 @@ class OpenAIFrontend:
             raise bad_param("logprobs" if body.logprobs else "top_logprobs", NO_LOGPROBS)
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise bad_param("max_completion_tokens", "give max_completion_tokens or max_tokens, not both")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": text_of(m.content)}
-                    for m in body.messages]
+        # `name` goes to the template as transformers passes it (ChatML has no place for it and leaves it out)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": text_of(m.content),
+                     **({"name": m.name} if m.name is not None else {})} for m in body.messages]
         prompt_ids = self.render_chat(messages)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         eos = self.served.engine.eos_token_id
