@@ -23,7 +23,7 @@ from nextserve.model.sampling import SamplingParams
 from nextserve.model.tokenizer import TextTokenizer
 
 from .engine import Engine, RequestStream
-from .generation import Delta, check_request, decode_stream
+from .generation import Delta, NoTokenizer, check_request, decode_stream
 from .openai_errors import APIError, bad_param, parse_body, queue_full, unavailable
 from .openai_schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from .scheduler import QueueFull
@@ -146,7 +146,8 @@ class OpenAIFrontend:
             if len(prompt_ids) >= served.context_limit:
                 raise bad_param(param, f"{e}: shorten the prompt", code="context_length_exceeded") from None
             which = "stop_token_ids" if "stop token" in str(e) else "stop" if "stop string" in str(e) else param
-            raise bad_param(which, str(e)) from None
+            raise bad_param(which, str(e), code="no_tokenizer" if isinstance(e, NoTokenizer) else "invalid_value") \
+                from None
         try:
             return served.engine.submit(prompt_ids, params)
         except QueueFull as e:

@@ -185,10 +185,11 @@ def test_a_checkpoint_without_tokenizer_serves_token_id_prompts(helpers, in_proc
     choice = r.json()["choices"][0]
     assert choice["token_ids"] == reference([1, 2, 3], 5, ignore_eos=True)[0] and choice["text"] == ""
     for path, body, param in [("/v1/completions", _with(GOOD, prompt="hello"), "prompt"),
-                              ("/v1/chat/completions", CHAT, "messages")]:
+                              ("/v1/chat/completions", CHAT, "messages"),
+                              ("/v1/completions", _with(GOOD, stop=["x"]), "stop")]:
         r = httpx2.post(f"{base}{path}", json=body, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["code"] == "no_tokenizer"
-        assert r.json()["error"]["param"] == param and "token ids" in r.json()["error"]["message"]
+        assert r.json()["error"]["param"] == param and "tokenizer.json" in r.json()["error"]["message"]
     # and over gRPC
     from nextserve.client import Client, ServingError
     with Client(f"127.0.0.1:{router.port}", timeout=60) as client:
