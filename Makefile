@@ -32,10 +32,13 @@ $(HELM_VENV)/.installed:
 	$(HELM_VENV)/bin/pip install -q helm-sdkpy==0.1.32
 	touch $@
 
-# The metrics test runs a real Prometheus server (Debian's package) on loopback.
+# Services the tests run for real: Prometheus (the metrics test scrapes the router and a worker) and
+# curl (the HTTP API's streaming test runs `curl -N` as a user would), from Debian's packages.
 test-deps:
 	@command -v prometheus >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
+	@command -v curl >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends curl >/dev/null)
 
 test: dev $(HELM_VENV)/.installed test-deps
 	$(BIN)/python -m pytest -q

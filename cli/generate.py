@@ -34,7 +34,10 @@ def add_parser(sub) -> None:
     src.add_argument("--router", metavar="HOST:PORT", help="address of a running nextserve router")
     p.add_argument("prompt", nargs="?", help="prompt text")
     p.add_argument("--prompt-ids", type=_int_list, help="prompt as comma-separated token ids, e.g. 1,2,3")
-    p.add_argument("--json", action="store_true", help='print one JSON object: {"token_ids", "text", "finish_reason"}')
+    p.add_argument("--json", action="store_true",
+                   help='print one JSON object: {"token_ids", "text", "finish_reason"}. With --prompt-ids and --json '
+                        'no tokenizer is needed: a checkpoint without tokenizer.json (as transformers\' '
+                        'save_pretrained writes) works, and "text" is left out')
     add_dtype_flag(p, "in-process model weight, activation and KV cache")
     p.add_argument("--device", default="cpu", help="torch device for the in-process model (default cpu)")
     p.add_argument("--kv-cache-memory", default="4GiB", metavar="SIZE", help="in-process: " + CACHE_MEMORY_HELP)
@@ -63,19 +66,23 @@ def sampling_params(args):
 def _run_local(args) -> int:
     from nextserve.cli.process import resolve_dtype
     from nextserve.model import Qwen3NextForCausalLM, generate_stream
-    from nextserve.model.tokenizer import load_tokenizer
+    from nextserve.model.tokenizer import load_tokenizer_if_present
     from nextserve.router.runner import plan_cache
 
     try:
         params = sampling_params(args)
-        tokenizer = load_tokenizer(args.checkpoint)
+        tokenizer = load_tokenizer_if_present(args.checkpoint)
+        if tokenizer is None and (args.prompt_ids is None or not args.json):
+            raise ValueError(f"no tokenizer.json in {args.checkpoint}: without one, give the prompt as --prompt-ids "
+                             "and read the answer as token ids with --json")
         model = Qwen3NextForCausalLM.from_pretrained(args.checkpoint, dtype=resolve_dtype(args.dtype, args.device),
                                                      device=args.device)
         print(plan_cache(model, args.kv_cache_memory, 1).describe(), file=sys.stderr)
+        eos = tokenizer.eos_token_id if tokenizer is not None else model.config.eos_token_id
         prompt_ids = args.prompt_ids if args.prompt_ids is not None else tokenizer.encode(args.prompt)
-        detok = tokenizer.incremental_detokenizer()
+        detok = tokenizer.incremental_detokenizer() if tokenizer is not None else None
         completion = None
-        for _, _, completion in generate_stream(model, [prompt_ids], [params], tokenizer.eos_token_id,
+        for _, _, completion in generate_stream(model, [prompt_ids], [params], eos,
                                                 kv_cache_memory=args.kv_cache_memory):
             if not args.json:
                 sys.stdout.write(detok.step(completion.output_ids))
@@ -84,8 +91,10 @@ def _run_local(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({"token_ids": completion.output_ids, "text": tokenizer.decode(completion.output_ids),
-                          "finish_reason": completion.finish_reason}))
+        result = {"token_ids": completion.output_ids, "finish_reason": completion.finish_reason}
+        if tokenizer is not None:  # without a tokenizer there is no text to give
+            result["text"] = tokenizer.decode(completion.output_ids)
+        print(json.dumps({k: result[k] for k in ("token_ids", "text", "finish_reason") if k in result}))
     else:
         print(detok.flush())
     return 0

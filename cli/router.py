@@ -13,7 +13,10 @@ def add_parser(sub) -> None:
         "router", help="serve clients: dense model here, routed experts on the workers",
         description="Load the dense weights of a checkpoint (never the routed experts), connect to every expert "
                     "worker, check that each serves the same checkpoint and that every expert is reachable, then "
-                    "serve the nextserve.v1.Serving gRPC API and the gRPC health service.")
+                    "serve the nextserve.v1.Serving gRPC API and the gRPC health service, and beside them the "
+                    "OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions, /v1/responses, "
+                    "/health, /ready; see docs/http-api.md). A checkpoint without tokenizer.json (as transformers' "
+                    "save_pretrained writes) serves prompts given as token ids.")
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="HF-layout checkpoint directory")
     p.add_argument("--plan", required=True, metavar="FILE", help="expert plan JSON (which shard holds which experts)")
     p.add_argument("--worker", action="append", required=True, metavar="S=HOST:PORT",
@@ -21,6 +24,16 @@ def add_parser(sub) -> None:
     p.add_argument("--port", required=True, type=int, metavar="P", help="port to listen on (0: any free port)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     add_dtype_flag(p, "dense weight, activation and KV cache")
+    http = p.add_argument_group("OpenAI-compatible HTTP API")
+    http.add_argument("--http-port", type=int, default=8000, metavar="P",
+                      help="port of the HTTP API on --host (default 8000; 0: any free port)")
+    http.add_argument("--no-http", action="store_true", help="serve gRPC only")
+    http.add_argument("--served-model-name", metavar="NAME",
+                      help='the "model" HTTP clients name (default: the checkpoint folder\'s name)')
+    http.add_argument("--session-ttl", type=float, default=3600.0, metavar="SECONDS",
+                      help="how long /v1/responses keeps a response for previous_response_id (default 3600)")
+    http.add_argument("--max-sessions", type=int, default=10_000, metavar="N",
+                      help="stored responses kept at most; the least recently used go first (default 10000)")
     p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
     p.add_argument("--max-batch-tokens", type=int, default=2048, metavar="N",
                    help="tokens per forward pass: decodes plus prompt chunks (default 2048)")
@@ -28,7 +41,8 @@ def add_parser(sub) -> None:
                    help="sequences decoding together (default 64)")
     p.add_argument("--kv-cache-memory", default="4GiB", metavar="SIZE", help=CACHE_MEMORY_HELP)
     p.add_argument("--max-queue", type=int, default=256, metavar="N",
-                   help="requests waiting to start; beyond it new ones get RESOURCE_EXHAUSTED (default 256)")
+                   help="requests waiting to start; beyond it new ones get RESOURCE_EXHAUSTED over gRPC, 429 "
+                        "over HTTP (default 256)")
     p.add_argument("--micro-batches", type=int, default=1, choices=[1, 2],
                    help="2: cut each step's sequences in two micro-batches that take turns, so the router runs "
                         "one's dense layers while the other's tokens are at the workers (default 1)")
@@ -61,7 +75,9 @@ def run(args) -> int:
             max_batch_tokens=args.max_batch_tokens, max_running_requests=args.max_running_requests,
             max_queue=args.max_queue, micro_batches=args.micro_batches,
             otlp_endpoint=args.otlp_endpoint, trace_sample_ratio=args.trace_sample_ratio,
-            metrics_port=args.metrics_port)
+            metrics_port=args.metrics_port,
+            http_port=None if args.no_http else args.http_port, served_model_name=args.served_model_name,
+            session_ttl=args.session_ttl, max_sessions=args.max_sessions)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

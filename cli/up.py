@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import socket
@@ -22,7 +23,10 @@ def add_parser(sub) -> None:
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="HF-layout checkpoint directory")
     p.add_argument("--shards", required=True, type=int, metavar="N", help="expert shards (must divide the expert count)")
     p.add_argument("--replicas", type=int, default=1, metavar="R", help="workers per shard (default 1)")
-    p.add_argument("--port", type=int, default=50051, metavar="P", help="router port (default 50051)")
+    p.add_argument("--port", type=int, default=50051, metavar="P", help="router gRPC port (default 50051)")
+    p.add_argument("--http-port", type=int, default=8000, metavar="P",
+                   help="router OpenAI-compatible HTTP port (default 8000)")
+    p.add_argument("--no-http", action="store_true", help="serve gRPC only")
     add_dtype_flag(p, "model (workers and router)")
     p.add_argument("--kv-cache-memory", default="4GiB", metavar="SIZE", help="the router's " + CACHE_MEMORY_HELP)
     p.add_argument("--startup-timeout", type=float, default=300.0, metavar="SECONDS",
@@ -141,7 +145,8 @@ def run(args) -> int:
         deadline = time.monotonic() + args.startup_timeout
         print(f"starting {len(workers)} workers (logs in {workdir}) ...", file=sys.stderr)
         wait_healthy([(p, a) for p, a, _ in workers], deadline)
-        router = Process("router", base + ["router", *common, "--port", str(args.port),
+        http = ["--no-http"] if args.no_http else ["--http-port", str(args.http_port)]
+        router = Process("router", base + ["router", *common, "--port", str(args.port), *http,
                                            "--kv-cache-memory", args.kv_cache_memory,
                                            *[f"--worker={s}={a}" for _, a, s in workers]], workdir / "router.log", env)
         processes.append(router)
@@ -151,6 +156,12 @@ def run(args) -> int:
             if "KV cache" in line:  # the router's pool sizing: how many tokens and sequences it holds
                 print(line.split(" INFO ", 1)[-1])
         print(f"try: nextserve generate --router 127.0.0.1:{args.port} --max-tokens 32 \"Hello\"")
+        if not args.no_http:
+            model = Path(args.checkpoint).resolve().name
+            body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 32})
+            print(f"OpenAI-compatible HTTP API at http://127.0.0.1:{args.http_port}/v1 (model {model!r})")
+            print(f"try: curl http://127.0.0.1:{args.http_port}/v1/chat/completions -H 'Content-Type: application/json' "
+                  f"-d '{body}'")
         sys.stdout.flush()
         while True:  # until a signal, or until a process dies (then say which)
             for process in processes:

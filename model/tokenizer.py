@@ -6,7 +6,8 @@ any UTF-8 text (emoji, CJK, code) encodes and decodes exactly, whatever the corp
 
 Files written (the layout transformers' `AutoTokenizer` reads):
   tokenizer.json         the `tokenizers` model: vocab, merges, pre-tokenizer, decoder, special tokens
-  tokenizer_config.json  which tokens are eos / pad, and the tokenizer class name
+  tokenizer_config.json  which tokens are eos / pad, the tokenizer class name, and Qwen's ChatML
+                         chat template (`chat_template.CHATML_TEMPLATE`)
 """
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ def train_tokenizer(vocab_size: int) -> Tokenizer:
 
 def save_tokenizer(tokenizer: Tokenizer, out_dir: str | Path, model_max_length: int) -> None:
     """Write `tokenizer.json` and `tokenizer_config.json` into `out_dir`."""
+    from .chat_template import CHATML_TEMPLATE  # imports this module's token names
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / TOKENIZER_FILE).write_text(tokenizer.to_str(pretty=True), encoding="utf-8")
@@ -74,6 +77,7 @@ def save_tokenizer(tokenizer: Tokenizer, out_dir: str | Path, model_max_length: 
         "add_prefix_space": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": model_max_length,
+        "chat_template": CHATML_TEMPLATE,
     }
     (out_dir / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
@@ -193,3 +197,12 @@ def load_tokenizer(path: str | Path) -> TextTokenizer:
         if isinstance(eos_token, dict):  # older transformers wrote AddedToken dicts
             eos_token = eos_token["content"]
     return TextTokenizer(Tokenizer.from_file(str(file)), eos_token=eos_token)
+
+
+def load_tokenizer_if_present(path: str | Path) -> TextTokenizer | None:
+    """The checkpoint's tokenizer, or None when it has no tokenizer.json (a checkpoint saved by
+    transformers' save_pretrained holds weights and config only): token ids in and out need none."""
+    path = Path(path)
+    if path.is_dir() and not (path / TOKENIZER_FILE).exists():
+        return None
+    return load_tokenizer(path)

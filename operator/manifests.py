@@ -370,6 +370,7 @@ def router_args(name: str, namespace: str, spec: DeploymentSpec, plan: ExpertPla
         args += ["--worker", address]
     args += [
         "--port", str(spec.router.port),
+        *(["--http-port", str(spec.router.http_port)] if spec.router.http_port is not None else ["--no-http"]),
         "--host", "0.0.0.0",
         "--dtype", spec.model.dtype,
         "--device", spec.router.device,
@@ -396,6 +397,8 @@ def router_deployment(body: Mapping[str, Any], spec: DeploymentSpec, plan: Exper
     # Kubernetes runs preStop before SIGTERM: the router keeps serving while the endpoints
     # controller takes the pod out of the Service, then drains (router/drain.py).
     container["lifecycle"] = {"preStop": {"exec": {"command": ["sleep", str(PRE_STOP_SECONDS)]}}}
+    if spec.router.http_port is not None:
+        container["ports"].append({"name": "http", "containerPort": spec.router.http_port, "protocol": "TCP"})
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -426,9 +429,11 @@ def router_service(body: Mapping[str, Any], spec: DeploymentSpec) -> dict[str, A
         "spec": {
             "type": spec.router.service_type,
             "selector": selector_labels(name, "router"),
-            "ports": [{"name": "grpc", "port": spec.router.service_port, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"},
-                      # /metrics never goes on an externally reachable Service: scrape such routers by PodMonitor.
-                      *([METRICS_SERVICE_PORT] if spec.router.service_type == "ClusterIP" else [])],
+            "ports": [{"name": "grpc", "port": spec.router.service_port, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"}]
+            + ([{"name": "http", "port": spec.router.http_port, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"}]
+               if spec.router.http_port is not None else [])
+            # /metrics never goes on an externally reachable Service: scrape such routers by PodMonitor.
+            + ([METRICS_SERVICE_PORT] if spec.router.service_type == "ClusterIP" else []),
         },
     }
 

@@ -73,6 +73,7 @@ class RouterSpec:
     drain_seconds: int          # running generations may finish for this long after SIGTERM
     max_unavailable: int        # PodDisruptionBudget of the routers
     placement: Placement
+    http_port: int | None = 8000  # the OpenAI-compatible HTTP API (container and Service port); None: off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +121,7 @@ def parse_spec(raw: Mapping[str, Any]) -> DeploymentSpec:
         raise InvalidSpec("InvalidSpec", "spec.model.source must set exactly one of pvc or hostPath")
     router = raw.get("router") or {}
     service = router.get("service") or {}
+    http = router.get("http") or {}
     tracing = raw.get("tracing")
     images = raw.get("images") or {}
     if not images.get("serving"):
@@ -156,6 +158,7 @@ def parse_spec(raw: Mapping[str, Any]) -> DeploymentSpec:
             drain_seconds=int(router.get("drainSeconds", DEFAULT_DRAIN_SECONDS)),
             max_unavailable=int((router.get("disruptionBudget") or {}).get("maxUnavailable", 1)),
             placement=_placement(router),
+            http_port=int(http.get("port", 8000)) if http.get("enabled", True) else None,
         ),
         tracing=TracingSpec(
             otlp_endpoint=tracing["otlpEndpoint"],

@@ -1,6 +1,6 @@
 """What a request may ask for and when it ends: the one torch-free place for validation and stop rules.
 
-The router's gRPC service and the in-process `generate` both check prompts here, and the scheduler
+The router's gRPC and HTTP front ends and the in-process `generate` all check requests here, and the scheduler
 ends every sequence with `StopCriteria`, so the two front doors cannot disagree.
 """
 from __future__ import annotations
@@ -23,6 +23,22 @@ def check_stop_token_ids(stop_token_ids, vocab_size: int) -> None:
     bad = [t for t in stop_token_ids if not 0 <= t < vocab_size]
     if bad:
         raise ValueError(f"stop token ids out of range [0, {vocab_size}): {bad[:5]}")
+
+
+class NoTokenizer(ValueError):
+    """Text in or out was asked of a checkpoint without tokenizer.json: only token ids work there."""
+
+
+def check_request(prompt_ids: list[int], stop_token_ids, stop_strings: list[str], vocab_size: int,
+                  context_limit: int, has_tokenizer: bool = True) -> None:
+    """What every front end (gRPC, HTTP) checks before it submits: the prompt, the stop token ids, and
+    stop strings (non-empty, and only where a tokenizer can find them). Raises ValueError naming the problem."""
+    check_prompt(prompt_ids, vocab_size, context_limit)
+    if stop_strings and not has_tokenizer:
+        raise NoTokenizer("stop strings need a tokenizer; this checkpoint has no tokenizer.json")
+    check_stop_token_ids(stop_token_ids, vocab_size)
+    if any(s == "" for s in stop_strings):
+        raise ValueError("stop strings must not be empty")
 
 
 @dataclass(frozen=True, slots=True)

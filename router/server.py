@@ -11,7 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from nextserve.model.checkpoint import load_config
-from nextserve.model.tokenizer import load_tokenizer
+from nextserve.model.tokenizer import load_tokenizer_if_present
 from nextserve.proto import health as health_names
 from nextserve.proto.v1 import serving_pb2_grpc
 from nextserve.telemetry.metrics_http import MetricsServer
@@ -24,6 +24,7 @@ from .drain import Drain, RefuseWhileDraining
 from .engine import Engine
 from .block_manager import BlockManager
 from .cache_budget import parse_cache_memory
+from .http_server import HttpServer, serve_openai
 from .runner import ModelRunner, load_dense_model, plan_cache
 from .scheduler import Scheduler
 from .service import ServingService
@@ -56,6 +57,11 @@ class RouterOptions:
     otlp_endpoint: str | None = None
     trace_sample_ratio: float | None = None
     metrics_port: int | None = None
+    # The OpenAI-compatible HTTP API beside gRPC (None: off) and its Responses-API session store.
+    http_port: int | None = None
+    served_model_name: str | None = None  # the "model" HTTP clients name; default: the checkpoint folder's name
+    session_ttl: float = 3600.0
+    max_sessions: int = 10_000
 
     def __post_init__(self):
         if self.micro_batches not in (1, 2):
@@ -64,6 +70,8 @@ class RouterOptions:
             raise ValueError(f"need --max-batch-tokens >= 1, --max-running-requests >= 1 and --max-queue >= 0; got "
                              f"{self.max_batch_tokens}, {self.max_running_requests}, {self.max_queue}")
         parse_cache_memory(self.kv_cache_memory)  # a typo fails here, before any weight is loaded
+        if not self.session_ttl > 0 or self.max_sessions < 1:
+            raise ValueError(f"need --session-ttl > 0 and --max-sessions >= 1; got {self.session_ttl}, {self.max_sessions}")
 
 
 def parse_workers(specs: list[str]) -> dict[int, list[str]]:
@@ -81,9 +89,10 @@ class Router:
     """A running router (server, engine, pool); `await shutdown(grace)` drains and releases everything."""
 
     def __init__(self, server: grpc.aio.Server, port: int, engine: Engine, pool: ShardPool, health_service,
-                 drain: Drain, metrics: MetricsServer | None = None):
+                 drain: Drain, metrics: MetricsServer | None = None, http: HttpServer | None = None):
         self.server, self.port, self.engine, self.pool, self.health = server, port, engine, pool, health_service
         self.drain, self.metrics = drain, metrics
+        self.http = http  # the OpenAI-compatible API, when on
 
     @property
     def metrics_port(self) -> int | None:
@@ -109,13 +118,17 @@ class Router:
         cut = self.engine.num_active
         if cut:
             log.warning("drain grace of %.0f s over: ending %d running generations with UNAVAILABLE", grace, cut)
-        await self.engine.stop()  # what still runs gets its UNAVAILABLE now, while the server can send it
+        await self.engine.stop()  # what still runs gets its UNAVAILABLE now, while the servers can send it
+        if self.http is not None:
+            await self.http.stop(EXIT_GRACE_SECONDS)
         await self.server.stop(EXIT_GRACE_SECONDS)
         await self.pool.close()
         await self._close_telemetry()
         return cut
 
     async def stop(self, grace: float = 1.0) -> None:
+        if self.http is not None:
+            await self.http.stop(grace)
         await self.server.stop(grace)
         await self.pool.close()  # first: a forward pass in flight then fails fast instead of waiting on workers
         await self.engine.stop()
@@ -142,7 +155,7 @@ async def start_router(options: RouterOptions) -> Router:
     try:
         model = await loop.run_in_executor(None, lambda: load_dense_model(
             options.checkpoint, pool, dtype=options.dtype, device=options.device))
-        tokenizer = load_tokenizer(options.checkpoint)
+        tokenizer = load_tokenizer_if_present(options.checkpoint)  # token-id prompts need none
         sizes = plan_cache(model, options.kv_cache_memory, options.max_running_requests)
     except BaseException:
         await pool.close()
@@ -158,7 +171,8 @@ async def start_router(options: RouterOptions) -> Router:
     telemetry = RouterTelemetry(CollectorRegistry(), tracing, Path(options.checkpoint).name, moe_layers(config),
                                 config.num_experts)
     runner = ModelRunner(model, sizes, ping_pong=pool.baton if options.micro_batches == 2 else None)
-    engine = Engine(runner, scheduler, pool, tokenizer.eos_token_id, config.max_position_embeddings, telemetry)
+    eos = tokenizer.eos_token_id if tokenizer is not None else config.eos_token_id
+    engine = Engine(runner, scheduler, pool, eos, config.max_position_embeddings, telemetry)
 
     drain = Drain()
     server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[RefuseWhileDraining(drain)])
@@ -183,6 +197,14 @@ async def start_router(options: RouterOptions) -> Router:
     pool.listeners.append(lambda healthy: asyncio.ensure_future(router.set_readiness()))
     await router.set_readiness()
     engine.start()
+    if options.http_port is not None:  # before gRPC: once gRPC health answers, HTTP answers too
+        try:
+            router.http = await serve_openai(engine, config, tokenizer, options.checkpoint, options.host,
+                                             options.http_port, options.served_model_name, options.session_ttl,
+                                             options.max_sessions, drain)
+        except BaseException:
+            await router.stop(0)
+            raise
     await server.start()
     log.info("router serving %s on %s:%d (fingerprint %s, %d workers, %s)", Path(options.checkpoint).name,
              options.host, port, fingerprint, len(pool.connections),

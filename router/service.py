@@ -13,11 +13,11 @@ from nextserve.model.sampling import SamplingParams
 from nextserve.model.tokenizer import TextTokenizer
 from nextserve.proto.v1 import serving_pb2, serving_pb2_grpc
 
-from .engine import Engine, Failed, Finished, RequestStream, Tokens
-from .requests import check_prompt, check_stop_token_ids
+from .engine import Engine, RequestStream
+from .generation import decode_stream
+from .requests import NoTokenizer, check_request
 from .scheduler import QueueFull, RequestTooLarge
 from .shards import ShardUnavailable
-from .stop_strings import StopStringMatcher
 
 log = logging.getLogger("nextserve.router")
 
@@ -33,7 +33,7 @@ def sampling_params(msg: serving_pb2.SamplingParams) -> SamplingParams:
 
 
 class ServingService(serving_pb2_grpc.ServingServicer):
-    def __init__(self, engine: Engine, config: Qwen3NextConfig, tokenizer: TextTokenizer, fingerprint: str):
+    def __init__(self, engine: Engine, config: Qwen3NextConfig, tokenizer: TextTokenizer | None, fingerprint: str):
         self.engine, self.config, self.tokenizer, self.fingerprint = engine, config, tokenizer, fingerprint
 
     async def Generate(self, request: serving_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
@@ -65,11 +65,9 @@ class ServingService(serving_pb2_grpc.ServingServicer):
     async def _generate(self, request, context, on_admitted):
         try:
             prompt_ids = self._prompt_ids(request)
-            check_prompt(prompt_ids, self.config.vocab_size, self.config.max_position_embeddings)
             params = sampling_params(request.sampling)
-            check_stop_token_ids(params.stop_token_ids, self.config.vocab_size)
-            if any(s == "" for s in request.sampling.stop):
-                raise ValueError("stop strings must not be empty")
+            check_request(prompt_ids, params.stop_token_ids, list(request.sampling.stop), self.config.vocab_size,
+                          self.config.max_position_embeddings, has_tokenizer=self.tokenizer is not None)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         try:
@@ -95,31 +93,16 @@ class ServingService(serving_pb2_grpc.ServingServicer):
             self.engine.abort(stream)
 
     async def _responses(self, stream: RequestStream, request, request_id: str, num_prompt: int):
-        detok = self.tokenizer.incremental_detokenizer()
-        stops = StopStringMatcher(list(request.sampling.stop))
         output: list[int] = []
         first = True
-        async for event in stream:
-            if isinstance(event, Failed):
-                return
-            reason = None
-            if isinstance(event, Tokens):
-                output.extend(event.token_ids)
-                text, matched = stops.feed(detok.step(output))
-                if matched:
-                    reason = "stop"
-                    self.engine.abort(stream)
-                new_ids = event.token_ids
-            else:
-                assert isinstance(event, Finished)
-                text, _ = stops.feed(detok.flush(), final=True)
-                reason, new_ids = event.reason, []
-            response = serving_pb2.GenerateResponse(request_id=request_id, token_ids=new_ids, text=text)
+        async for delta in decode_stream(self.engine, stream, self.tokenizer, list(request.sampling.stop)):
+            output.extend(delta.token_ids)
+            response = serving_pb2.GenerateResponse(request_id=request_id, token_ids=delta.token_ids, text=delta.text)
             if first:
                 response.session_id = request.session_id
                 first = False
-            if reason is not None:
-                response.finish_reason = _FINISH[reason]
+            if delta.finish_reason is not None:
+                response.finish_reason = _FINISH[delta.finish_reason]
                 response.usage.prompt_tokens = num_prompt
                 response.usage.completion_tokens = len(output)
                 t = response.timings
@@ -134,12 +117,16 @@ class ServingService(serving_pb2_grpc.ServingServicer):
     def _prompt_ids(self, request) -> list[int]:
         which = request.WhichOneof("prompt")
         if which == "text":
+            if self.tokenizer is None:
+                raise NoTokenizer("this checkpoint has no tokenizer.json: send the prompt as token_ids")
             return self.tokenizer.encode(request.text)
         if which == "token_ids":
             return list(request.token_ids.ids)
         raise ValueError("the request has no prompt: set text or token_ids")
 
     async def Tokenize(self, request, context):
+        if self.tokenizer is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this checkpoint has no tokenizer.json")
         return serving_pb2.TokenizeResponse(token_ids=self.tokenizer.encode(request.text))
 
     async def ModelInfo(self, request, context):
@@ -147,7 +134,7 @@ class ServingService(serving_pb2_grpc.ServingServicer):
         return serving_pb2.ModelInfoResponse(
             architecture="Qwen3NextForCausalLM", fingerprint=self.fingerprint, vocab_size=c.vocab_size,
             context_limit=c.max_position_embeddings,
-            eos_token_id=self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else -1,
+            eos_token_id=self.engine.eos_token_id if self.engine.eos_token_id is not None else -1,
             num_layers=c.num_hidden_layers, num_experts=c.num_experts, experts_per_token=c.num_experts_per_tok,
             shards=[serving_pb2.ShardStatus(shard=conn.shard, address=conn.address, healthy=conn.healthy)
                     for conn in self.engine.pool.connections])

@@ -368,3 +368,34 @@ def test_operator_command_lines_are_accepted_by_the_nextserve_cli():
         if child["kind"] in ("StatefulSet", "Deployment") and "redis" not in child["metadata"]["name"]:
             args = child["spec"]["template"]["spec"]["containers"][0]["args"]
             assert parser.parse_args(args).metrics_port == m.METRICS_PORT
+
+
+def _router_container_and_service(children):
+    router = next(c for c in children if c["kind"] == "Deployment" and c["metadata"]["name"].endswith("-router"))
+    service = next(c for c in children if c["kind"] == "Service" and c["metadata"]["name"].endswith("-router"))
+    return router["spec"]["template"]["spec"]["containers"][0], service
+
+
+@pytest.mark.parametrize("http, port", [(None, 8000), ({"port": 9000}, 9000), ({"enabled": False}, None)],
+                         ids=["default-on", "own-port", "off"])
+def test_router_http_api_port_follows_the_cr_switch(cr_schema, http, port):
+    spec = copy.deepcopy(TINY)
+    if http is not None:
+        spec["router"]["http"] = http
+    validator = jsonschema.Draft4Validator(cr_schema)
+    assert not list(validator.iter_errors(body(spec)))
+    assert list(validator.iter_errors(body({**spec, "router": {"http": {"enabled": "no"}}})))
+    assert list(validator.iter_errors(body({**spec, "router": {"http": {"port": 80}}})))
+    *_, children = build(spec)
+    container, service = _router_container_and_service(children)
+    container_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    service_ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
+    if port is None:
+        assert "--no-http" in container["args"] and "--http-port" not in container["args"]
+        assert "http" not in container_ports and "http" not in service_ports
+    else:
+        assert flag(container["args"], "--http-port") == str(port) and "--no-http" not in container["args"]
+        assert container_ports["http"] == port and service_ports["http"] == port
+    assert "grpc" in container_ports and "grpc" in service_ports
+    for child in children:
+        kubernetes_validate.validate(child, K8S_VERSION, strict=True)

@@ -239,3 +239,17 @@ def helpers():
     from types import SimpleNamespace
     return SimpleNamespace(contiguous_plan=contiguous_plan, wait_serving=wait_serving, write_plan=write_plan,
                            InProcessWorkers=InProcessWorkers, free_port=free_port)
+
+
+@pytest.fixture(scope="module")
+def http_router(servers, in_process_workers, tiny_checkpoint):
+    """A router with its OpenAI-compatible HTTP API on (the model is named "tiny"), over 2 in-process
+    workers; one per test module, whose tests must leave it serving."""
+    from nextserve.router.server import RouterOptions, start_router
+
+    options = RouterOptions(checkpoint=str(tiny_checkpoint), plan=contiguous_plan(tiny_checkpoint, 2),
+                            workers=in_process_workers(2).addresses, host="127.0.0.1", port=0, dtype="float32",
+                            device="cpu", http_port=0, served_model_name="tiny")
+    router = servers.run(start_router(options))
+    yield router
+    servers.run(router.stop(0))

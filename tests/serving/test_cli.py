@@ -13,11 +13,12 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
 def test_up_serves_generate_matches_in_process_and_sigterm_stops_everything(helpers, tiny_checkpoint, tmp_path):
-    port = helpers.free_port()
+    port, http_port = helpers.free_port(), helpers.free_port()
     stderr_path = tmp_path / "up.stderr"
     with open(stderr_path, "wb") as stderr:
         up = subprocess.Popen([*NEXTSERVE, "up", "--checkpoint", str(tiny_checkpoint), "--shards", "2",
-                               "--port", str(port), "--startup-timeout", "120", "--kv-cache-memory", "1MiB"],
+                               "--port", str(port), "--http-port", str(http_port), "--startup-timeout", "120",
+                               "--kv-cache-memory", "1MiB"],
                               stdout=subprocess.PIPE, stderr=stderr, env=ENV, text=True)
     try:
         banner = _read_line_containing(up, "nextserve is up", timeout=150)
@@ -33,6 +34,14 @@ def test_up_serves_generate_matches_in_process_and_sigterm_stops_everything(help
         assert json.loads(remote) == json.loads(local)
         streamed = _run([*args, "--router", f"127.0.0.1:{port}"])
         assert streamed == json.loads(local)["text"] + "\n"
+
+        # the printed curl line works as printed
+        curl = _read_line_containing(up, "try: curl", timeout=10)
+        assert curl is not None and f"http://127.0.0.1:{http_port}/v1/chat/completions" in curl
+        answer = subprocess.run(["bash", "-c", curl.strip().removeprefix("try: ")], capture_output=True, text=True,
+                                timeout=120)
+        assert answer.returncode == 0, answer.stderr
+        assert json.loads(answer.stdout)["object"] == "chat.completion"
 
         up.send_signal(signal.SIGTERM)
         assert up.wait(30) == 0
@@ -74,3 +83,25 @@ def _processes_mentioning(text: str) -> list[int]:
             except OSError:
                 pass
     return pids
+
+
+def test_generate_with_token_ids_needs_no_tokenizer_on_a_save_pretrained_checkpoint(tiny_checkpoint, tmp_path):
+    """transformers' save_pretrained writes weights and configs, no tokenizer: ids in, --json out still work."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    saved = tmp_path / "saved"
+    AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).save_pretrained(saved)
+    assert not (saved / "tokenizer.json").exists()
+    args = ["generate", "--prompt-ids", "1,2,3", "--max-tokens", "6", "--temperature", "0", "--json"]
+    without = json.loads(_run([*args, "--checkpoint", str(saved)]))
+    with_tokenizer = json.loads(_run([*args, "--checkpoint", str(tiny_checkpoint)]))
+    assert without == {"token_ids": with_tokenizer["token_ids"], "finish_reason": with_tokenizer["finish_reason"]}
+    assert len(without["token_ids"]) == 6 or without["finish_reason"] == "stop"
+
+    for needs_text in (["generate", "hello", "--json"], ["generate", "--prompt-ids", "1,2"]):
+        done = subprocess.run([*NEXTSERVE, *needs_text, "--checkpoint", str(saved)], capture_output=True, text=True,
+                              env=ENV, timeout=120)
+        assert done.returncode == 2 and "no tokenizer.json" in done.stderr and "--prompt-ids" in done.stderr
+    help_text = subprocess.run([*NEXTSERVE, "generate", "--help"], capture_output=True, text=True, env=ENV).stdout
+    assert "no tokenizer is needed" in " ".join(help_text.split())
