@@ -10,7 +10,7 @@ SHARDS ?= 2
 HELM_PYTHON ?= $(shell pyenv root 2>/dev/null)/versions/3.12.1/bin/python
 HELM_VENV ?= .venv-helm
 
-.PHONY: serve test dev clean
+.PHONY: serve test test-deps dev clean
 
 # The venv is rebuilt when the dependency list changes.
 $(VENV)/.installed: pyproject.toml
@@ -32,7 +32,12 @@ $(HELM_VENV)/.installed:
 	$(HELM_VENV)/bin/pip install -q helm-sdkpy==0.1.32
 	touch $@
 
-test: dev $(HELM_VENV)/.installed
+# The cache tests run a real redis-server (Debian's package) on loopback.
+test-deps:
+	@command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends redis-server >/dev/null)
+
+test: dev $(HELM_VENV)/.installed test-deps
 	$(BIN)/python -m pytest -q
 
 $(CHECKPOINT)/config.json: | dev
