@@ -38,7 +38,7 @@ log = logging.getLogger("nextserve.cache")
 @dataclass(frozen=True, slots=True)
 class RedisTierOptions:
     url: str                                   # redis://[user:password@]host:port/db or rediss://... (TLS)
-    ttl_seconds: int = 24 * 3600               # every key expires; a hit refreshes the keys it used
+    ttl_seconds: float = 24 * 3600             # every key expires; a hit refreshes the keys it used
     lookup_timeout_s: float = 0.1              # the one round trip that reads a prompt's headers
     fetch_timeout_s: float = 5.0               # reading the payloads of the chosen prefix
     write_timeout_s: float = 5.0               # one value's transaction
@@ -64,7 +64,9 @@ class RedisTierOptions:
             raise ValueError(f"cache URL {self.url!r}: TLS options need a rediss:// URL")
         if self.ssl_cert_reqs not in ("required", "optional", "none"):
             raise ValueError(f"ssl_cert_reqs must be required, optional or none, got {self.ssl_cert_reqs!r}")
-        for name in ("ttl_seconds", "queue_bytes", "queue_entries", "inline_bytes", "part_bytes", "max_attempts"):
+        if not self.ttl_seconds >= 0.001:
+            raise ValueError(f"ttl_seconds must be >= 0.001, got {self.ttl_seconds}")
+        for name in ("queue_bytes", "queue_entries", "inline_bytes", "part_bytes", "max_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lookup_timeout_s", "fetch_timeout_s", "write_timeout_s", "connect_timeout_s"):
@@ -72,6 +74,10 @@ class RedisTierOptions:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.retry_after_s < 0:
             raise ValueError(f"retry_after_s must be >= 0, got {self.retry_after_s}")
+
+    @property
+    def ttl_ms(self) -> int:
+        return max(1, int(self.ttl_seconds * 1000))
 
     def client(self) -> aioredis.Redis:
         tls = {}
@@ -221,6 +227,9 @@ class RedisTier:
                 write = self._queue[0]
                 try:
                     await self._write_one(write)
+                except Exception:  # a bug here must not stop every later write (nor hang drain)
+                    self.counters.write_errors += 1
+                    log.exception("prefix cache: writing a %s value failed", write.kind)
                 finally:
                     self._queue.popleft()
                     self._queued_bytes -= write.nbytes
@@ -232,18 +241,18 @@ class RedisTier:
         if self._down():
             self.counters.drops += write.tensors is not None
             return
-        ttl = self.options.ttl_seconds
+        ttl = self.options.ttl_ms
         pipe = self._client.pipeline(transaction=write.tensors is not None)
         if write.tensors is None:
             for k in write.touch:
-                pipe.expire(k, ttl)
+                pipe.pexpire(k, ttl)
         else:
             expected = None if self.layout is None else self.layout.expected(write.kind, write.key.num_tokens)
             value = await asyncio.to_thread(self._encode, write, expected)
             # Parts before the head, in one MULTI: a reader sees all of a value or none of it.
             for part_key, part in value.parts:
-                pipe.set(part_key, part, ex=ttl)
-            pipe.set(value.redis_key, value.head, ex=ttl)
+                pipe.set(part_key, part, px=ttl)
+            pipe.set(value.redis_key, value.head, px=ttl)
         try:
             await asyncio.wait_for(pipe.execute(), self.options.write_timeout_s)
         except (RedisError, OSError, asyncio.TimeoutError) as e:
@@ -264,8 +273,16 @@ class RedisTier:
 
     async def lookup(self, keys: list[BlockKey]) -> Lookup:
         """The deepest prefix of the chain `keys` (from chain_keys, in order) with every KV block up to it
-        and its state snapshot present and verified. Never raises on Redis; a miss says why."""
+        and its state snapshot present and verified. Never raises; a miss says why."""
         self.counters.queries += 1
+        try:
+            return await self._lookup(keys)
+        except Exception as e:  # the cache only ever accelerates: a bug here is a logged miss, not a failed request
+            self.counters.read_errors += 1
+            log.exception("prefix cache: lookup failed")
+            return Lookup(0, reason=f"internal error: {type(e).__name__}: {e}")
+
+    async def _lookup(self, keys: list[BlockKey]) -> Lookup:
         if not keys:
             return Lookup(0, reason="no cacheable block in the prompt")
         if self._client is None:
@@ -305,8 +322,8 @@ class RedisTier:
             part_keys = [p for _, h in wanted for p in h.parts]
             parts: list = []
             if part_keys:
-                ttl = self.options.ttl_seconds
-                fetched = await self._read([("getex", k, ttl) for k in part_keys] + [("expire", k, ttl) for k in used_heads],
+                ttl = self.options.ttl_ms
+                fetched = await self._read([("getex", k, ttl) for k in part_keys] + [("pexpire", k, ttl) for k in used_heads],
                                            self.options.fetch_timeout_s)
                 if fetched is None:
                     return Lookup(0, reason=f"degraded: {self.degraded}")
@@ -314,8 +331,10 @@ class RedisTier:
             else:
                 self._touch(used_heads)
             outcome = await asyncio.to_thread(self._decode, wanted, parts, decoded_kv)
-            if isinstance(outcome, tuple):  # (chain index, kind, reason) of the value that failed
-                index, kind, reason = outcome
+            if isinstance(outcome, tuple):  # (chain index, kind, refusal) of the value that failed
+                index, kind, refusal = outcome
+                self._refused(refusal)
+                reason = refusal.reason.value
                 if kind == KV:
                     kv_headers = kv_headers[:index]
                 continue
@@ -338,7 +357,8 @@ class RedisTier:
 
     def _decode(self, wanted, parts, decoded_kv):
         """Decode `wanted` ((chain index, header) pairs, the state last) from `parts` in order, keeping
-        KV blocks in decoded_kv. The state's tensors, or (index, kind, reason) of the first refusal."""
+        KV blocks in decoded_kv (on a worker thread: it only reads the tier). The state's tensors, or
+        (index, kind, Unusable) of the first refusal."""
         offset = 0
         for index, header in wanted:
             own = parts[offset:offset + len(header.parts)]
@@ -348,8 +368,7 @@ class RedisTier:
             try:
                 tensors = codec.decode(header, own, expected=expected)
             except Unusable as e:
-                self._refused(e)
-                return index, header.kind, e.reason.value
+                return index, header.kind, e
             if header.kind == STATE:
                 return tensors
             decoded_kv[index] = tensors
@@ -359,7 +378,7 @@ class RedisTier:
         pipe = self._client.pipeline(transaction=False)
         for name, *args in commands:
             if name == "getex":
-                pipe.getex(args[0], ex=args[1])
+                pipe.getex(args[0], px=args[1])
             else:
                 getattr(pipe, name)(*args)
         try:

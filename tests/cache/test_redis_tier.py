@@ -293,3 +293,21 @@ async def test_a_password_or_acl_user_comes_from_the_url(make_tier, redis_server
     hit = await bad.lookup(keys)
     assert not hit.hit and bad.degraded is not None
     redis_server.admin().acl_deluser("cacheuser")
+
+
+async def test_rediss_with_a_ca_and_a_client_certificate_reaches_a_tls_redis(make_tier, tls_redis_server, namespace,
+                                                                           tensors_like):
+    tls = tls_redis_server.tls
+    tier = await make_tier(url=tls_redis_server.url, ssl_ca_certs=str(tls.ca_cert), ssl_certfile=str(tls.client_cert),
+                           ssl_keyfile=str(tls.client_key))
+    keys = chain_keys(namespace, TOKENS)
+    kv, states = await store(tier, keys, tensors_like, states_at=(2,))
+    assert_hit(await tier.lookup(keys), keys, kv, states, 2)
+    assert tier.degraded is None
+    # without the CA the server is not trusted; without a client certificate the server refuses us (with an
+    # alert or by resetting the connection, depending on timing)
+    for options, says in ((dict(ssl_certfile=str(tls.client_cert), ssl_keyfile=str(tls.client_key)), "certificate"),
+                          (dict(ssl_ca_certs=str(tls.ca_cert)), "unreachable")):
+        untrusted = await make_tier(url=tls_redis_server.url, lookup_timeout_s=5, **options)  # time to fail the handshake
+        hit = await untrusted.lookup(keys)
+        assert not hit.hit and says in untrusted.degraded.lower()
