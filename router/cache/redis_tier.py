@@ -23,7 +23,7 @@ import torch
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import codec
@@ -387,6 +387,9 @@ class RedisTier:
             self.counters.read_errors += 1
             self._failed("read", e)
             return None
+        # A key of ours holding another type (a hash, a list) is a damaged value, not a broken Redis:
+        # as empty bytes it fails verification (malformed / truncated) like any other damage.
+        results = [b"" if isinstance(r, ResponseError) and str(r).startswith("WRONGTYPE") else r for r in results]
         errors = [r for r in results if isinstance(r, Exception)]
         if errors:
             self.counters.read_errors += 1

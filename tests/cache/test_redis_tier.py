@@ -133,6 +133,19 @@ async def test_a_value_written_by_another_checkpoint_is_refused(make_tier, redis
     assert tier.counters.verification_failures["fingerprint"] >= 1
 
 
+async def test_a_key_of_ours_holding_another_redis_type_is_a_malformed_value_not_a_broken_redis(
+        make_tier, redis_server, namespace, tensors_like):
+    tier = await make_tier()
+    keys = chain_keys(namespace, TOKENS)
+    kv, states = await store(tier, keys, tensors_like, states_at=(0, 3))
+    with redis_server.admin() as r:
+        r.delete(codec.value_key(namespace, KV, keys[1]))
+        r.hset(codec.value_key(namespace, KV, keys[1]), "field", "value")
+    hit = await tier.lookup(keys)
+    assert_hit(hit, keys, kv, states, 0)
+    assert hit.reason == "malformed" and tier.degraded is None and tier.counters.read_errors == 0
+
+
 async def test_an_evicted_part_is_a_missing_part_miss(make_tier, redis_server, namespace, tensors_like):
     tier = await make_tier()
     keys = chain_keys(namespace, TOKENS)
