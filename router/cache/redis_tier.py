@@ -126,15 +126,16 @@ class RedisTier:
         self._idle = asyncio.Event()
         self._idle.set()
         self._writer: asyncio.Task | None = None
-        self._read_problem: str | None = None
-        self._write_problem: str | None = None
+        self._problems: dict[str, str] = {}  # "unreachable", "read" or "write" -> why
         self._down_until = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Create the client and the background writer (on the running loop). Never fails on Redis."""
+        """Create the client, check Redis once (bounded: `degraded` tells the result) and start the
+        background writer, on the running loop. Never fails on Redis."""
         self._client = self.options.client()
+        await self.probe()
         self._writer = asyncio.create_task(self._write_loop(), name="cache-writer")
 
     async def close(self, drain_timeout_s: float = 5.0) -> None:
@@ -160,23 +161,38 @@ class RedisTier:
     @property
     def degraded(self) -> str | None:
         """Why the tier is not fully working (None when it is): lookups miss or writes are lost."""
-        return self._read_problem or self._write_problem
+        return next(iter(self._problems.values()), None)
+
+    async def probe(self) -> bool:
+        """One bounded PING. While Redis is unreachable the writer runs it every `retry_after_s`, so the
+        tier recovers (and `degraded` clears) by itself even when no request comes."""
+        try:
+            await asyncio.wait_for(self._client.ping(), self.options.connect_timeout_s + self.options.lookup_timeout_s)
+        except (RedisError, OSError, asyncio.TimeoutError) as e:
+            self._failed("read", e)
+            return False
+        if self._problems.pop("unreachable", None) is not None:
+            log.info("prefix cache: Redis is reachable again")
+        self._down_until = 0.0
+        return True
 
     def _failed(self, side: str, error: BaseException) -> None:
         if isinstance(error, (RedisConnectionError, RedisTimeoutError, asyncio.TimeoutError, OSError)):
             what = "timed out" if isinstance(error, (RedisTimeoutError, asyncio.TimeoutError)) else "unreachable"
-            problem = f"Redis {what} on {side} ({type(error).__name__}: {error}); serving without it"
+            kind, problem = "unreachable", f"Redis {what} on {side} ({type(error).__name__}: {error}); serving without it"
             self._down_until = self._clock() + self.options.retry_after_s
         elif "OOM" in str(error):
-            problem = (f"Redis refuses writes: maxmemory reached ({error}); set maxmemory-policy allkeys-lru "
-                       f"so that it evicts old entries instead")
+            kind, problem = "write", (f"Redis refuses writes: maxmemory reached ({error}); set maxmemory-policy "
+                                      f"allkeys-lru so that it evicts old entries instead")
         else:
-            problem = f"Redis {side} failed ({type(error).__name__}: {error})"
-        if side == "read":
-            self._read_problem = problem
-        else:
-            self._write_problem = problem
-        log.warning("prefix cache degraded: %s", problem)
+            kind, problem = side, f"Redis {side} failed ({type(error).__name__}: {error})"
+        if self._problems.get(kind) != problem:
+            log.warning("prefix cache degraded: %s", problem)
+        self._problems[kind] = problem
+
+    def _succeeded(self, side: str) -> None:
+        self._problems.pop("unreachable", None)
+        self._problems.pop(side, None)
 
     def _down(self) -> bool:
         return self._clock() < self._down_until
@@ -221,7 +237,14 @@ class RedisTier:
 
     async def _write_loop(self) -> None:
         while True:
-            await self._wake.wait()
+            if "unreachable" in self._problems:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), max(self.options.retry_after_s, 0.05))
+                except asyncio.TimeoutError:
+                    await self.probe()
+                    continue
+            else:
+                await self._wake.wait()
             self._wake.clear()
             while self._queue:
                 write = self._queue[0]
@@ -260,7 +283,7 @@ class RedisTier:
                 self.counters.write_errors += 1
             self._failed("write", e)
             return
-        self._write_problem = None
+        self._succeeded("write" if write.tensors is not None else "touch")  # a TTL refresh proves no room
         if write.tensors is not None:
             self.counters.values_written += 1
             self.counters.bytes_written += value.nbytes
@@ -395,7 +418,7 @@ class RedisTier:
             self.counters.read_errors += 1
             self._failed("read", errors[0])
             return None
-        self._read_problem = None
+        self._succeeded("read")
         self.counters.bytes_read += sum(len(r) for r in results if isinstance(r, bytes))
         return results
 

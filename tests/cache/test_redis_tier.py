@@ -195,6 +195,24 @@ async def test_redis_killed_mid_run_degrades_then_recovers_by_itself_after_resta
     assert_hit(await tier.lookup(keys), keys, kv, states, 2)
 
 
+async def test_a_tier_started_without_redis_says_so_and_recovers_with_no_request_in_between(
+        make_tier, redis_server, namespace, tensors_like):
+    redis_server.kill()
+    tier = await make_tier()
+    assert "unreachable" in tier.degraded  # known at start, before any request
+    hit = await tier.lookup(chain_keys(namespace, TOKENS))
+    assert not hit.hit and hit.reason.startswith("degraded")
+    redis_server.start()
+    for _ in range(50):  # the writer probes every retry_after_s (0.2 s here)
+        if tier.degraded is None:
+            break
+        await asyncio.sleep(0.1)
+    assert tier.degraded is None
+    keys = chain_keys(namespace, TOKENS)
+    kv, states = await store(tier, keys, tensors_like, states_at=(0,))
+    assert_hit(await tier.lookup(keys), keys, kv, states, 0)
+
+
 async def test_a_hung_redis_times_out_within_the_lookup_bound_and_recovers(make_tier, redis_server, namespace,
                                                                          tensors_like):
     tier = await make_tier(lookup_timeout_s=0.2)
