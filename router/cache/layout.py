@@ -6,7 +6,8 @@ Two kinds of value, stored under separate keys so that KV blocks alone can never
   `layers.{i}.conv` [conv_dim, kernel - 1] (serving dtype) and `layers.{i}.recurrent` [Hv, K, V] (float32);
 - a KV block (`kind="kv"`) ending at p: for every attention layer i `layers.{i}.key` and
   `layers.{i}.value` [n, Hkv, D] (serving dtype), n = the block's token count (64, or fewer for a
-  partial tail). The KV of earlier blocks lives under the earlier keys of the chain.
+  partial tail). The KV of earlier blocks lives under the earlier keys of the chain. With the MTP
+  head, its attention layer is one more, index num_hidden_layers (as the engine's pools number it).
 
 The layouts come from the model config, so a decoder can refuse a value whose tensors are not the
 ones this model would restore (a miss with reason "layout"), whatever its header claims.
@@ -32,15 +33,17 @@ class ModelLayout:
     kv_head_shape: tuple[int, int]          # [Hkv, D]
 
     @classmethod
-    def from_config(cls, config, dtype: str) -> "ModelLayout":
-        """`config` is a nextserve.model.config.Qwen3NextConfig; `dtype` the serving dtype name."""
+    def from_config(cls, config, dtype: str, *, with_mtp: bool = False) -> "ModelLayout":
+        """`config` is a nextserve.model.config.Qwen3NextConfig; `dtype` the serving dtype name;
+        `with_mtp` when the MTP head runs (its attention layer's KV is part of every block)."""
         types = list(config.layer_types)
         conv_dim = 2 * config.linear_num_key_heads * config.linear_key_head_dim + \
             config.linear_num_value_heads * config.linear_value_head_dim
         return cls(
             dtype=str(dtype).removeprefix("torch."),
             linear_layers=tuple(i for i, t in enumerate(types) if t == "linear_attention"),
-            attention_layers=tuple(i for i, t in enumerate(types) if t == "full_attention"),
+            attention_layers=tuple(i for i, t in enumerate(types) if t == "full_attention")
+            + ((len(types),) if with_mtp else ()),
             conv_shape=(conv_dim, config.linear_conv_kernel_dim - 1),
             recurrent_shape=(config.linear_num_value_heads, config.linear_key_head_dim, config.linear_value_head_dim),
             kv_head_shape=(config.num_key_value_heads, config.head_dim),

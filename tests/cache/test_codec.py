@@ -46,6 +46,9 @@ def test_layout_of_the_tiny_model_names_every_deltanet_and_attention_layer(layou
                                                                   config.linear_key_head_dim, config.linear_value_head_dim))
     assert state[f"layers.{linear[0]}.conv"] == ("bfloat16", (config.linear_conv_dim, config.linear_conv_kernel_dim - 1))
     assert kv[f"layers.{attention[0]}.key"] == ("bfloat16", (64, config.num_key_value_heads, config.head_dim))
+    with_mtp = ModelLayout.from_config(config, "bfloat16", with_mtp=True)
+    assert set(with_mtp.kv(64)) - set(kv) == {f"layers.{config.num_hidden_layers}.{n}" for n in ("key", "value")}
+    assert with_mtp.state() == state  # the MTP head is attention only
 
 
 @pytest.mark.parametrize("inline_bytes, part_bytes", [(2**30, 2**30), (0, 1000), (0, 777)], ids=["inline", "parts", "odd-parts"])
