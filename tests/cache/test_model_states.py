@@ -2,20 +2,24 @@
 records fit the layout the codec checks, come back bit for bit, and a sequence resumed from them
 continues exactly as one resumed from the in-memory checkpoint (and within rounding of a cold run).
 
-The conversion between the model's per-sequence state and cache values lives here, not in the cache
-package: the engine's paged blocks and state slots (issue 10) will replace `SequenceState`.
+The conversion between the model's memory and cache values lives here: it is what the engine does
+when it snapshots and restores. Issue 10 replaces the per-sequence `SequenceState` with pools (KV
+blocks by block table, DeltaNet state slots); both are handled until it is merged, then the
+`SequenceState` half goes.
 """
 import pytest
 import pytest_asyncio
 import torch
 
-from nextserve.model import ForwardBatch, Qwen3NextForCausalLM
-from nextserve.model.state import KVCache, LinearAttentionState, SequenceState
+from nextserve.model import Qwen3NextForCausalLM
+from nextserve.model import state as model_state
+from nextserve.model.state import LinearAttentionState
 from nextserve.router.cache.keys import BLOCK_TOKENS, CacheNamespace, chain_keys
 from nextserve.router.cache.layout import ModelLayout
 from nextserve.router.cache.redis_tier import RedisTier, RedisTierOptions
 
 pytestmark = pytest.mark.asyncio
+POOLS = hasattr(model_state, "CachePools")  # issue 10's engine memory
 
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
@@ -33,56 +37,99 @@ async def tier(redis_url, model):
     await tier.close()
 
 
-def run(model, state, ids, **kw):
-    return model.forward_batch(ids, ForwardBatch.build([state], [len(ids)], "cpu", **kw), all_logits=True)[0]
-
-
-def cache_values(state: SequenceState, position: int, layout: ModelLayout):
-    """The KV blocks of [0, position) and the state snapshot at position, as cache values (CPU copies)."""
-    saved = state.checkpoints[position]
+def snapshot_of(checkpoint, layout: ModelLayout) -> dict:
+    """A DeltaNet checkpoint (per decoder layer: LinearAttentionState or None) as a state value."""
     snapshot = {}
     for i in layout.linear_layers:
-        snapshot[f"layers.{i}.conv"] = saved[i].conv.clone()
-        snapshot[f"layers.{i}.recurrent"] = saved[i].recurrent.clone()
-    blocks = []
-    for start in range(0, position, BLOCK_TOKENS):
-        block = {}
+        snapshot[f"layers.{i}.conv"] = checkpoint[i].conv.clone()
+        snapshot[f"layers.{i}.recurrent"] = checkpoint[i].recurrent.clone()
+    return snapshot
+
+
+def checkpoint_of(hit, layout: ModelLayout, num_layers: int) -> list:
+    return [LinearAttentionState(hit.state[f"layers.{i}.conv"], hit.state[f"layers.{i}.recurrent"])
+            if i in layout.linear_layers else None for i in range(num_layers)]
+
+
+class PoolsSequences:
+    """Issue 10: sequences 0 (cold), 1 (resumed from memory), 2 (resumed from Redis) in one StaticCache."""
+
+    def __init__(self, model, max_tokens: int):
+        self.model, self.cache = model, model_state.StaticCache(model, 3, max_tokens)
+
+    def run(self, seq: int, ids, **kw):
+        batch = self.cache.batch([seq], [len(ids)], **kw)
+        return self.model.forward_batch(ids, batch, all_logits=True)[0], batch
+
+    def prefill_cold(self, ids):
+        full, batch = self.run(0, ids, record_checkpoints=True)
+        return full, batch.checkpoints[0]
+
+    def kv_blocks(self, position: int, layout: ModelLayout) -> list[dict]:
+        return [{f"layers.{i}.{name}": pool[self.cache.tables[0][j]].clone()
+                 for i in layout.attention_layers for name, pool in zip(("key", "value"), self.cache.pools.kv[i])}
+                for j in range(position // BLOCK_TOKENS)]
+
+    def continue_from_memory(self, position: int, checkpoint, ids):
+        self.cache.resume(1, 0, position, checkpoint)
+        return self.run(1, ids)[0]
+
+    def continue_from_hit(self, hit, layout: ModelLayout, ids):
+        for j, block in enumerate(hit.kv_blocks):
+            for i in layout.attention_layers:
+                for name, pool in zip(("key", "value"), self.cache.pools.kv[i]):
+                    pool[self.cache.tables[2][j]] = block[f"layers.{i}.{name}"]
+        self.cache.pools.write_state(2, checkpoint_of(hit, layout, self.cache.pools.num_layers))
+        self.cache.lengths[2] = hit.position
+        return self.run(2, ids)[0]
+
+
+class StateSequences:
+    """Before issue 10: one SequenceState per sequence."""
+
+    def __init__(self, model, max_tokens: int):
+        self.model = model
+
+    def run(self, state, ids, **kw):
+        batch = model_state.ForwardBatch.build([state], [len(ids)], "cpu", **kw)
+        return self.model.forward_batch(ids, batch, all_logits=True)[0]
+
+    def prefill_cold(self, ids):
+        self.cold = self.model.new_state()
+        return self.run(self.cold, ids, record_checkpoints=True), self.cold.checkpoints
+
+    def kv_blocks(self, position: int, layout: ModelLayout) -> list[dict]:
+        return [{f"layers.{i}.{name}": t[start:start + BLOCK_TOKENS].clone()
+                 for i in layout.attention_layers for name, t in zip(("key", "value"), self.cold.layers[i].view())}
+                for start in range(0, position, BLOCK_TOKENS)]
+
+    def continue_from_memory(self, position: int, checkpoint, ids):
+        return self.run(self.cold.resume_from_checkpoint(position), ids)
+
+    def continue_from_hit(self, hit, layout: ModelLayout, ids):
+        layers = checkpoint_of(hit, layout, len(self.cold.layers))
         for i in layout.attention_layers:
-            keys, values = state.layers[i].view()
-            block[f"layers.{i}.key"] = keys[start:start + BLOCK_TOKENS].clone()
-            block[f"layers.{i}.value"] = values[start:start + BLOCK_TOKENS].clone()
-        blocks.append(block)
-    return blocks, snapshot
-
-
-def restored(num_layers: int, hit, layout: ModelLayout) -> SequenceState:
-    layers = [None] * num_layers
-    for i in layout.linear_layers:
-        layers[i] = LinearAttentionState(hit.state[f"layers.{i}.conv"], hit.state[f"layers.{i}.recurrent"])
-    for i in layout.attention_layers:
-        keys = torch.cat([b[f"layers.{i}.key"] for b in hit.kv_blocks])
-        values = torch.cat([b[f"layers.{i}.value"] for b in hit.kv_blocks])
-        layers[i] = KVCache(keys, values, keys.shape[0])
-    return SequenceState(layers, hit.position)
+            keys = torch.cat([b[f"layers.{i}.key"] for b in hit.kv_blocks])
+            values = torch.cat([b[f"layers.{i}.value"] for b in hit.kv_blocks])
+            layers[i] = model_state.KVCache(keys, values, keys.shape[0])
+        return self.run(model_state.SequenceState(layers, hit.position), ids)
 
 
 async def test_a_prefix_stored_in_redis_resumes_exactly_as_the_in_memory_checkpoint(model, tier, logits_close):
     tokens = torch.randint(0, model.config.vocab_size, (150,), generator=torch.Generator().manual_seed(11))
-    cold = model.new_state()
-    full = run(model, cold, tokens, record_checkpoints=True)
-    assert sorted(cold.checkpoints) == [64, 128]
+    seqs = (PoolsSequences if POOLS else StateSequences)(model, 150)
+    full, checkpoints = seqs.prefill_cold(tokens)
+    assert sorted(checkpoints) == [64, 128]
     keys = chain_keys(tier.namespace, tokens.tolist())
-    blocks, snapshot = cache_values(cold, 128, tier.layout)
-    for key, block in zip(keys, blocks):
+    for key, block in zip(keys, seqs.kv_blocks(128, tier.layout)):
         assert tier.submit_kv(key, block)  # raises ValueError if the model's tensors were not the layout's
-    assert tier.submit_state(keys[1], snapshot)
+    assert tier.submit_state(keys[1], snapshot_of(checkpoints[128], tier.layout))
     await tier.drain()
 
     # a second request with the same 150-token prompt: everything but its last token is cacheable
     hit = await tier.lookup(chain_keys(tier.namespace, tokens[:149].tolist()))
     assert hit.position == 128
-    resumed = restored(len(cold.layers), hit, tier.layout)
-    from_redis = run(model, resumed, tokens[128:])
-    from_memory = run(model, cold.resume_from_checkpoint(128), tokens[128:])
+    from_redis = seqs.continue_from_hit(hit, tier.layout, tokens[128:])
+    from_memory = seqs.continue_from_memory(128, checkpoints[128], tokens[128:])
     assert torch.equal(from_redis, from_memory)  # the same bits in, the same bits out
     logits_close(from_redis, full[128:], model.config, 150, dtype=model.lm_head.weight.dtype)
