@@ -32,11 +32,12 @@ $(HELM_VENV)/.installed:
 	$(HELM_VENV)/bin/pip install -q helm-sdkpy==0.1.32
 	touch $@
 
-# The cache tests run a real redis-server (Debian's package) on loopback, plain and TLS (certificates
-# made with the openssl CLI).
+# Servers the tests start on loopback (Debian's packages): Prometheus for the metrics test, redis-server
+# for the cache tests, plain and TLS (certificates made with the openssl CLI).
 test-deps:
-	@command -v redis-server >/dev/null && command -v openssl >/dev/null || (apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server openssl >/dev/null)
+	@command -v prometheus >/dev/null && command -v redis-server >/dev/null && command -v openssl >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		prometheus redis-server openssl >/dev/null)
 
 test: dev $(HELM_VENV)/.installed test-deps
 	$(BIN)/python -m pytest -q

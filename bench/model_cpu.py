@@ -16,17 +16,17 @@ import torch
 
 
 def time_ours(model, prompts: torch.Tensor, steps: int):
-    from nextserve.model import ForwardBatch
+    from nextserve.model import StaticCache
     B, P = prompts.shape
-    states = [model.new_state() for _ in range(B)]
+    cache, seqs = StaticCache(model, B, P + steps), list(range(B))
     t0 = time.perf_counter()
-    logits, _ = model.forward_batch(prompts.reshape(-1), ForwardBatch.build(states, [P] * B, "cpu"))
+    logits, _ = model.forward_batch(prompts.reshape(-1), cache.batch(seqs, [P] * B))
     prefill = time.perf_counter() - t0
     step_times = []
     for _ in range(steps):
         next_ids = logits.argmax(-1)
         t0 = time.perf_counter()
-        logits, _ = model.forward_batch(next_ids, ForwardBatch.build(states, [1] * B, "cpu"))
+        logits, _ = model.forward_batch(next_ids, cache.batch(seqs, [1] * B))
         step_times.append(time.perf_counter() - t0)
     return prefill, step_times
 

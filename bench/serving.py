@@ -1,10 +1,12 @@
 """Serving benchmark: in-process generation vs router + 2 expert workers on loopback, same run.
 
     python bench/serving.py [--checkpoint checkpoints/small] [--concurrency 1 8 32] [--max-tokens 32]
+                            [--dtype float32|bfloat16] [--micro-batches 1|2]
 
 Reports, per concurrency: output tokens/s, time to first token (TTFT) and inter-token latency (ITL)
 p50/p99; for the router also the per-MoE-layer dispatch latency p50/p99 and bytes on the wire per
-generated token (requests and responses of the expert stream). Makes the `small` checkpoint if missing.
+generated token, sent (requests: hidden states in the serving dtype) and received (responses: fp32
+partial sums) on the expert streams. Makes the `small` checkpoint if missing.
 Workers run as subprocesses (like pods); the router and the in-process model run in this process.
 Not a test: numbers depend on the machine.
 """
@@ -78,7 +80,7 @@ async def bench_router(address: str, concurrency: int, max_tokens: int, vocab: i
 
 def row(name: str, c: int, r: dict, extra: str = "") -> str:
     ms = lambda v: f"{v * 1e3:8.1f}"  # noqa: E731
-    return (f"{name:<22}{c:>4} {r['tok_s']:>9.1f} {ms(percentile(r['ttft'], 50))} {ms(percentile(r['ttft'], 99))} "
+    return (f"{name:<30}{c:>4} {r['tok_s']:>9.1f} {ms(percentile(r['ttft'], 50))} {ms(percentile(r['ttft'], 99))} "
             f"{ms(percentile(r['itl'], 50))} {ms(percentile(r['itl'], 99))} {extra}")
 
 
@@ -88,6 +90,10 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: cores / 3)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="serving dtype of the in-process model, the router and the workers (default float32)")
+    parser.add_argument("--micro-batches", type=int, default=1, choices=[1, 2],
+                        help="the router's --micro-batches: 2 ping-pongs two micro-batches (default 1)")
     args = parser.parse_args()
 
     import torch
@@ -114,15 +120,15 @@ def main() -> int:
     ports = [free_port(), free_port()]
     workers = [subprocess.Popen([sys.executable, "-m", "nextserve.cli.main", "worker", "--checkpoint", str(checkpoint),
                                  "--plan", str(tmp / "plan.json"), "--shard", str(s), "--port", str(ports[s]),
-                                 "--host", "127.0.0.1", "--dtype", "float32", "--device", "cpu"],
+                                 "--host", "127.0.0.1", "--dtype", args.dtype, "--device", "cpu"],
                                 stdout=open(tmp / f"worker-{s}.log", "wb"), stderr=subprocess.STDOUT, env=env)
                for s in range(2)]
     try:
-        model = Qwen3NextForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+        model = Qwen3NextForCausalLM.from_pretrained(checkpoint, dtype=args.dtype)
         print(f"{checkpoint} ({config.num_experts} experts, top-{config.num_experts_per_tok}, hidden "
               f"{config.hidden_size}), prompt {PROMPT_LEN} tokens, {args.max_tokens} generated, greedy, "
-              f"float32 on cpu, {threads} torch threads per process, {os.cpu_count()} cores")
-        print(f"{'':<22}{'conc':>4} {'tok/s':>9} {'TTFT p50':>8} {'TTFT p99':>8} {'ITL p50':>8} {'ITL p99':>8}  (ms)")
+              f"{args.dtype} on cpu, {threads} torch threads per process, {os.cpu_count()} cores")
+        print(f"{'':<30}{'conc':>4} {'tok/s':>9} {'TTFT p50':>8} {'TTFT p99':>8} {'ITL p50':>8} {'ITL p99':>8}  (ms)")
         bench_in_process(model, 1, 4, eos)  # warm-up
         for c in args.concurrency:
             print(row("in-process", c, bench_in_process(model, c, args.max_tokens, eos)), flush=True)
@@ -131,7 +137,8 @@ def main() -> int:
         async def run_router():
             router = await start_router(RouterOptions(
                 checkpoint=str(checkpoint), plan=plan, workers={0: [f"127.0.0.1:{ports[0]}"], 1: [f"127.0.0.1:{ports[1]}"]},
-                host="127.0.0.1", port=0, dtype="float32", device="cpu", max_batch_tokens=4096))
+                host="127.0.0.1", port=0, dtype=args.dtype, device="cpu", max_batch_tokens=4096,
+                micro_batches=args.micro_batches))
             deadline = time.monotonic() + 120
             while not router.pool.healthy:
                 if time.monotonic() > deadline:
@@ -147,10 +154,12 @@ def main() -> int:
                 result = await bench_router(address, c, args.max_tokens, config.vocab_size)
                 pool.record_stats = False
                 lat = pool.stats.latencies
-                wire = (pool.stats.bytes_sent + pool.stats.bytes_received) / (c * args.max_tokens)
-                print(row("router + 2 workers", c, result,
+                per_token = c * args.max_tokens * 1024
+                sent, received = pool.stats.bytes_sent / per_token, pool.stats.bytes_received / per_token
+                print(row(f"router + 2 workers{' ping-pong' if args.micro_batches == 2 else ''}", c, result,
                           f" dispatch/layer p50 {percentile(lat, 50) * 1e3:.2f} ms p99 {percentile(lat, 99) * 1e3:.2f} ms,"
-                          f" wire {wire / 1024:.1f} KiB/token (prefill included)"), flush=True)
+                          f" wire {sent:.1f} KiB sent + {received:.1f} KiB received per token (prefill included)"),
+                      flush=True)
             await router.stop(0)
 
         asyncio.run(run_router())

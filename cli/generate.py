@@ -5,6 +5,8 @@ import argparse
 import json
 import sys
 
+from nextserve.cli.process import CACHE_MEMORY_HELP, add_dtype_flag
+
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("sampling")
@@ -33,9 +35,9 @@ def add_parser(sub) -> None:
     p.add_argument("prompt", nargs="?", help="prompt text")
     p.add_argument("--prompt-ids", type=_int_list, help="prompt as comma-separated token ids, e.g. 1,2,3")
     p.add_argument("--json", action="store_true", help='print one JSON object: {"token_ids", "text", "finish_reason"}')
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weight dtype for the in-process model (default float32)")
+    add_dtype_flag(p, "in-process model weight, activation and KV cache")
     p.add_argument("--device", default="cpu", help="torch device for the in-process model (default cpu)")
+    p.add_argument("--kv-cache-memory", default="4GiB", metavar="SIZE", help="in-process: " + CACHE_MEMORY_HELP)
     add_sampling_flags(p)
     p.set_defaults(func=run)
 
@@ -59,17 +61,22 @@ def sampling_params(args):
 
 
 def _run_local(args) -> int:
+    from nextserve.cli.process import resolve_dtype
     from nextserve.model import Qwen3NextForCausalLM, generate_stream
     from nextserve.model.tokenizer import load_tokenizer
+    from nextserve.router.runner import plan_cache
 
     try:
         params = sampling_params(args)
         tokenizer = load_tokenizer(args.checkpoint)
-        model = Qwen3NextForCausalLM.from_pretrained(args.checkpoint, dtype=args.dtype, device=args.device)
+        model = Qwen3NextForCausalLM.from_pretrained(args.checkpoint, dtype=resolve_dtype(args.dtype, args.device),
+                                                     device=args.device)
+        print(plan_cache(model, args.kv_cache_memory, 1).describe(), file=sys.stderr)
         prompt_ids = args.prompt_ids if args.prompt_ids is not None else tokenizer.encode(args.prompt)
         detok = tokenizer.incremental_detokenizer()
         completion = None
-        for _, _, completion in generate_stream(model, [prompt_ids], [params], tokenizer.eos_token_id):
+        for _, _, completion in generate_stream(model, [prompt_ids], [params], tokenizer.eos_token_id,
+                                                kv_cache_memory=args.kv_cache_memory):
             if not args.json:
                 sys.stdout.write(detok.step(completion.output_ids))
                 sys.stdout.flush()

@@ -5,6 +5,8 @@ import asyncio
 import logging
 import sys
 
+from nextserve.cli.process import CACHE_MEMORY_HELP, add_dtype_flag, add_telemetry_arguments
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -18,40 +20,47 @@ def add_parser(sub) -> None:
                    help="an expert worker serving shard S; repeat for every shard, and again for a replica")
     p.add_argument("--port", required=True, type=int, metavar="P", help="port to listen on (0: any free port)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                   help="dense weight dtype (default bfloat16)")
+    add_dtype_flag(p, "dense weight, activation and KV cache")
     p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
     p.add_argument("--max-batch-tokens", type=int, default=2048, metavar="N",
                    help="tokens per forward pass: decodes plus prompt chunks (default 2048)")
     p.add_argument("--max-running-requests", type=int, default=64, metavar="N",
                    help="sequences decoding together (default 64)")
+    p.add_argument("--kv-cache-memory", default="4GiB", metavar="SIZE", help=CACHE_MEMORY_HELP)
     p.add_argument("--max-queue", type=int, default=256, metavar="N",
                    help="requests waiting to start; beyond it new ones get RESOURCE_EXHAUSTED (default 256)")
+    p.add_argument("--micro-batches", type=int, default=1, choices=[1, 2],
+                   help="2: cut each step's sequences in two micro-batches that take turns, so the router runs "
+                        "one's dense layers while the other's tokens are at the workers (default 1)")
+    add_telemetry_arguments(p)
+    p.add_argument("--trace-sample-ratio", type=float, default=None, metavar="F",
+                   help="fraction of requests that start a trace, in [0, 1]; a request whose caller traces it is "
+                        "always traced (default: OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG, else every request)")
     later = p.add_argument_group("accepted for upcoming features (stored, no effect yet)")
     later.add_argument("--cache-url", metavar="URL", help="prefix-cache store, e.g. redis://host:6379/0")
     later.add_argument("--cache-ttl", type=float, metavar="SECONDS", help="prefix-cache entry lifetime")
-    later.add_argument("--otlp-endpoint", metavar="URL", help="OpenTelemetry collector for traces")
-    later.add_argument("--trace-sample-ratio", type=float, default=0.0, metavar="F",
-                       help="fraction of requests traced, in [0, 1] (default 0)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from nextserve.cli.process import default_device, until_signalled
+    from nextserve.cli.process import default_device, resolve_dtype, until_signalled
     from nextserve.router.server import RouterOptions, parse_workers, start_router
     from nextserve.router.shards import FingerprintMismatch
     from nextserve.worker.server import load_plan
 
     try:
-        if not 0.0 <= args.trace_sample_ratio <= 1.0:
+        if args.trace_sample_ratio is not None and not 0.0 <= args.trace_sample_ratio <= 1.0:
             raise ValueError(f"--trace-sample-ratio must be in [0, 1], got {args.trace_sample_ratio}")
         options = RouterOptions(
             checkpoint=args.checkpoint, plan=load_plan(args.plan), workers=parse_workers(args.worker),
-            host=args.host, port=args.port, dtype=args.dtype, device=args.device or default_device(),
+            host=args.host, port=args.port, dtype=resolve_dtype(args.dtype, args.device or default_device()),
+            device=args.device or default_device(), kv_cache_memory=args.kv_cache_memory,
             max_batch_tokens=args.max_batch_tokens, max_running_requests=args.max_running_requests,
-            max_queue=args.max_queue, cache_url=args.cache_url, cache_ttl=args.cache_ttl,
-            otlp_endpoint=args.otlp_endpoint, trace_sample_ratio=args.trace_sample_ratio)
+            max_queue=args.max_queue, micro_batches=args.micro_batches, cache_url=args.cache_url,
+            cache_ttl=args.cache_ttl,
+            otlp_endpoint=args.otlp_endpoint, trace_sample_ratio=args.trace_sample_ratio,
+            metrics_port=args.metrics_port)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -11,6 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from nextserve.cli.process import CACHE_MEMORY_HELP, add_dtype_flag
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -21,6 +23,8 @@ def add_parser(sub) -> None:
     p.add_argument("--shards", required=True, type=int, metavar="N", help="expert shards (must divide the expert count)")
     p.add_argument("--replicas", type=int, default=1, metavar="R", help="workers per shard (default 1)")
     p.add_argument("--port", type=int, default=50051, metavar="P", help="router port (default 50051)")
+    add_dtype_flag(p, "model (workers and router)")
+    p.add_argument("--kv-cache-memory", default="4GiB", metavar="SIZE", help="the router's " + CACHE_MEMORY_HELP)
     p.add_argument("--startup-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="how long to wait for every process to become healthy (default 300)")
     p.set_defaults(func=run)
@@ -91,7 +95,8 @@ def wait_healthy(processes: list[tuple[Process, str]], deadline: float) -> None:
 
 
 def run(args) -> int:
-    from nextserve.cli.process import default_device
+    from nextserve.cli.process import default_device, resolve_dtype
+    from nextserve.router.cache_budget import parse_cache_memory
     from nextserve.model.checkpoint import load_config
     from nextserve.worker.plan import ExpertPlan
 
@@ -100,14 +105,15 @@ def run(args) -> int:
         if args.replicas < 1:
             raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
         plan = ExpertPlan.contiguous(config.num_experts, args.shards)
+        parse_cache_memory(args.kv_cache_memory)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="nextserve-up-"))
     plan_file = workdir / "plan.json"
     plan_file.write_text(plan.to_json())
-    dtype = config.torch_dtype if config.torch_dtype in ("float32", "bfloat16", "float16") else "bfloat16"
     device = default_device()
+    dtype = resolve_dtype(args.dtype, device)
     # Share the cores: every process's torch would otherwise start one thread per core and they would
     # spin against each other (a 30x slowdown of the expert round trips measured on 2 cores).
     env = dict(os.environ)
@@ -136,10 +142,14 @@ def run(args) -> int:
         print(f"starting {len(workers)} workers (logs in {workdir}) ...", file=sys.stderr)
         wait_healthy([(p, a) for p, a, _ in workers], deadline)
         router = Process("router", base + ["router", *common, "--port", str(args.port),
+                                           "--kv-cache-memory", args.kv_cache_memory,
                                            *[f"--worker={s}={a}" for _, a, s in workers]], workdir / "router.log", env)
         processes.append(router)
         wait_healthy([(router, f"127.0.0.1:{args.port}")], deadline)
         print(f"nextserve is up: router at 127.0.0.1:{args.port} ({args.shards} shards x {args.replicas} replicas)")
+        for line in router.log_path.read_text(errors="replace").splitlines():
+            if "KV cache" in line:  # the router's pool sizing: how many tokens and sequences it holds
+                print(line.split(" INFO ", 1)[-1])
         print(f"try: nextserve generate --router 127.0.0.1:{args.port} --max-tokens 32 \"Hello\"")
         sys.stdout.flush()
         while True:  # until a signal, or until a process dies (then say which)

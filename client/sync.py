@@ -9,14 +9,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nextserve.proto.v1 import serving_pb2, serving_pb2_grpc
 
 from .messages import Chunk, Completion, ServingError, channel_options, generate_request
+from .tracing import GenerateSpan
 
 
 class Client:
     """`Client("host:port")`. Every call takes `timeout` seconds (default: the client's); Tokenize,
     ModelInfo and health checks are retried on UNAVAILABLE, Generate never is."""
 
-    def __init__(self, target: str, timeout: float = 60.0, retries: int = 3):
+    def __init__(self, target: str, timeout: float = 60.0, retries: int = 3, tracer=None):
         self.timeout = timeout
+        self.tracer = tracer  # an opentelemetry Tracer: Generate calls get a client span (see tracing.py)
         self._channel = grpc.insecure_channel(target, options=channel_options(retries))
         self._serving = serving_pb2_grpc.ServingStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -26,14 +28,19 @@ class Client:
         """Yield chunks as the router streams them; pass `completion` to also accumulate the result.
         Closing the iterator early cancels the request on the router."""
         completion = completion if completion is not None else Completion()
-        call = self._serving.Generate(generate_request(prompt, **sampling), timeout=timeout or self.timeout)
+        request = generate_request(prompt, **sampling)
+        span = GenerateSpan(self.tracer, request)
+        call = self._serving.Generate(request, timeout=timeout or self.timeout, metadata=span.metadata)
+        error = None
         try:
             for response in call:
                 yield completion.add(response)
         except grpc.RpcError as e:
-            raise ServingError.wrap(e) from None
+            error = ServingError.wrap(e)
+            raise error from None
         finally:
             call.cancel()  # no-op after a normal end; frees the sequence when the caller stops early
+            span.end(completion, error)
 
     def generate(self, prompt: str | list[int], *, timeout: float | None = None, **sampling) -> Completion:
         completion = Completion()

@@ -62,30 +62,39 @@ def gdn_gating(a, b, A_log, dt_bias):
     return _pick(a, "gated_delta_rule", "naive:gdn_gating", "naive:gdn_gating")(a, b, A_log, dt_bias)
 
 
+# State slots: with `state_slots` [N] (int32/int64, on the tensors' device) the state argument of
+# the ops below is a whole per-layer pool [S, ...] rather than one state per sequence: sequence n
+# starts from pool[state_slots[n]] and its final state is written back there in place (the ops
+# then return None for it). A freshly assigned slot must hold zeros; slots must be distinct. The
+# kernels load and store by slot themselves: no gather or scatter copies around them.
+
 def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=True,
-                           cu_seqlens=None, output_chunk_states=False, use_qk_l2norm=True):
+                           cu_seqlens=None, output_chunk_states=False, use_qk_l2norm=True, state_slots=None):
     """Prefill: the chunked (64-token WY) gated delta rule.
 
     q, k: [B, T, Hk, K]; v: [B, T, Hv, V] (Hv a multiple of Hk); g, beta: [B, T, Hv] fp32.
     With cu_seqlens, B == 1 and the N sequences are packed along T.
-    initial_state: [N, Hv, K, V] fp32 or None (zeros).
-    Returns (o [B, T, Hv, V] in v.dtype, final_state [N, Hv, K, V] fp32 or None,
-    chunk_states [sum_n floor(L_n / 64), Hv, K, V] fp32 or None: the state after each full
-    64-token chunk of each sequence, counted from the sequence's first token here).
+    initial_state: [N, Hv, K, V] fp32 or None (zeros); with state_slots [N], the fp32 pool
+    [S, Hv, K, V] (final states written back by slot; output_final_state is then moot).
+    Returns (o [B, T, Hv, V] in v.dtype, final_state [N, Hv, K, V] fp32 or None (None with
+    state_slots), chunk_states [sum_n floor(L_n / 64), Hv, K, V] fp32 or None: the state after
+    each full 64-token chunk of each sequence, counted from the sequence's first token here).
     """
     impl = _pick(q, "gated_delta_rule", "chunk:chunk_gated_delta_rule", "naive:naive_chunk_gated_delta_rule")
     return impl(q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-                cu_seqlens=cu_seqlens, output_chunk_states=output_chunk_states, use_qk_l2norm=use_qk_l2norm)
+                cu_seqlens=cu_seqlens, output_chunk_states=output_chunk_states, use_qk_l2norm=use_qk_l2norm,
+                state_slots=state_slots)
 
 
 def fused_recurrent_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, *, scale=None, initial_state=None,
                                      output_final_state=True, cu_seqlens=None, output_all_states=False,
-                                     use_qk_l2norm=True):
+                                     use_qk_l2norm=True, state_slots=None):
     """Decode and short continuations: the token-by-token gated delta rule, gating fused in.
 
     q, k: [B, T, Hk, K]; v: [B, T, Hv, V]; a, b: [B, T, Hv] (raw projections; g and beta are
-    computed inside as in `gdn_gating`); initial_state [N, Hv, K, V] fp32 or None.
-    Returns (o [B, T, Hv, V], final_state [N, Hv, K, V] fp32 or None,
+    computed inside as in `gdn_gating`); initial_state [N, Hv, K, V] fp32 or None; with
+    state_slots [N], the fp32 pool [S, Hv, K, V] (final states written back by slot).
+    Returns (o [B, T, Hv, V], final_state [N, Hv, K, V] fp32 or None (None with state_slots),
     all_states [B, T, Hv, K, V] fp32 or None: the state after every token, for speculative
     decoding to keep the state of the last accepted draft token).
     """
@@ -93,26 +102,30 @@ def fused_recurrent_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, *, scale=Non
                  "naive:naive_recurrent_gated_delta_rule_from_gates")
     return impl(q, k, v, a, b, A_log, dt_bias, scale=scale, initial_state=initial_state,
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                output_all_states=output_all_states, use_qk_l2norm=use_qk_l2norm)
+                output_all_states=output_all_states, use_qk_l2norm=use_qk_l2norm, state_slots=state_slots)
 
 
 # --- causal depthwise conv1d ----------------------------------------------------------------
 
-def causal_conv1d(x, weight, *, initial_state=None, cu_seqlens=None, activation: str | None = "silu"):
+def causal_conv1d(x, weight, *, initial_state=None, state_slots=None, cu_seqlens=None,
+                  activation: str | None = "silu"):
     """Prefill: causal depthwise conv over packed sequences, then SiLU.
 
-    x: [T, C]; weight: [C, W]; initial_state: [N, C, W-1] or None (zeros).
-    Returns (y [T, C], final_state [N, C, W-1]): the last W-1 inputs of each sequence
-    (nextserve keeps W-1 inputs, as vLLM does; transformers keeps W).
+    x: [T, C]; weight: [C, W]; initial_state: [N, C, W-1] or None (zeros); with state_slots [N],
+    the pool [S, C, W-1] in x.dtype (final states written back by slot).
+    Returns (y [T, C], final_state [N, C, W-1] or None with state_slots): the last W-1 inputs of
+    each sequence (nextserve keeps W-1 inputs, as vLLM does; transformers keeps W).
     """
     impl = _pick(x, "conv", "triton_conv:causal_conv1d", "naive:causal_conv1d")
-    return impl(x, weight, initial_state=initial_state, cu_seqlens=cu_seqlens, activation=activation)
+    return impl(x, weight, initial_state=initial_state, state_slots=state_slots, cu_seqlens=cu_seqlens,
+                activation=activation)
 
 
-def causal_conv1d_update(x, conv_state, weight, *, activation: str | None = "silu"):
-    """Decode: one token per sequence. x: [N, C]; conv_state: [N, C, W-1], rolled in place. Returns y [N, C]."""
+def causal_conv1d_update(x, conv_state, weight, *, state_slots=None, activation: str | None = "silu"):
+    """Decode: one token per sequence. x: [N, C]; conv_state: [N, C, W-1], rolled in place (with
+    state_slots [N], the pool [S, C, W-1], rows rolled by slot). Returns y [N, C]."""
     impl = _pick(x, "conv", "triton_conv:causal_conv1d_update", "naive:causal_conv1d_update")
-    return impl(x, conv_state, weight, activation=activation)
+    return impl(x, conv_state, weight, state_slots=state_slots, activation=activation)
 
 
 # --- attention ------------------------------------------------------------------------------
@@ -138,6 +151,30 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale: float, gate=None):
     return impl(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=scale, gate=gate)
 
 
+def reshape_and_cache(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """Write new keys/values into the paged caches in place (a scatter, no copies of the cache).
+
+    k, v: [T, Hkv, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D]; slot_mapping: [T] int64,
+    slot = block_id * block_size + offset; a negative slot is padding and is not written.
+    """
+    impl = _pick(k, "attention", "triton_attention:reshape_and_cache", "naive:reshape_and_cache")
+    impl(k, v, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, *, scale: float, gate=None):
+    """`attention` with K/V read from paged caches through block tables.
+
+    q: [Tq, Hq, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D]; block_tables: [N, max_blocks]
+    int32 (entries past a sequence's blocks are never read); cu_seqlens_q: [N+1] int32; seq_lens_k:
+    [N] int32, the keys of each sequence INCLUDING the new ones (already cached by
+    `reshape_and_cache`). Queries are the last Lq_n positions (bottom-right causal): prefill,
+    chunked prefill after cached blocks and decode alike. gate: [Tq, Hq, D] or None.
+    Returns o [Tq, Hq, D] in q.dtype (fp32 accumulation).
+    """
+    impl = _pick(q, "attention", "triton_attention:paged_attention", "naive:paged_attention")
+    return impl(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, scale=scale, gate=gate)
+
+
 # --- mixture of experts ---------------------------------------------------------------------
 
 def moe_route(router_logits, top_k: int, *, renormalize: bool = True):
@@ -149,14 +186,15 @@ def moe_route(router_logits, top_k: int, *, renormalize: bool = True):
     return impl(router_logits, top_k, renormalize=renormalize)
 
 
-def expert_ffn(hidden, expert_ids, expert_weights, w13, w2):
+def expert_ffn(hidden, expert_ids, expert_weights, w13, w2, *, out_dtype=None):
     """The experts one shard holds, applied to the tokens routed to them, summed with weights.
 
     hidden: [T, H]; expert_ids: [T, k] int, LOCAL indices into w13/w2, -1 where the expert is
     held elsewhere (contributes nothing); expert_weights: [T, k] fp32;
     w13: [E_local, 2*I, H] (gate_proj rows then up_proj rows); w2: [E_local, H, I].
     out[t] = sum_j weights[t, j] * down_e(silu(gate_e h_t) * up_e h_t), e = expert_ids[t, j].
-    Returns [T, H] in hidden.dtype, accumulated in fp32.
+    Returns [T, H] in out_dtype (default hidden.dtype), accumulated in fp32: out_dtype=torch.float32
+    keeps a shard's partial sum unrounded until the shards' partials are added.
     """
     impl = _pick(hidden, "moe", "triton_moe:expert_ffn", "naive:expert_ffn")
-    return impl(hidden, expert_ids, expert_weights, w13, w2)
+    return impl(hidden, expert_ids, expert_weights, w13, w2, out_dtype=out_dtype)

@@ -3,16 +3,17 @@ from .config import Qwen3NextConfig
 from .generate import Completion, generate, generate_stream
 from .qwen3_next import Qwen3NextForCausalLM
 from .sampling import Sampler, SamplingParams
-from .state import ForwardBatch, SequenceState
+from .state import CachePools, ForwardBatch, StaticCache
 
 __all__ = [
+    "CachePools",
     "Completion",
     "ForwardBatch",
     "Qwen3NextConfig",
     "Qwen3NextForCausalLM",
     "Sampler",
     "SamplingParams",
-    "SequenceState",
+    "StaticCache",
     "generate",
     "generate_stream",
 ]

@@ -8,7 +8,7 @@ from nextserve.kernels import ops
 
 from .config import Qwen3NextConfig
 from .layers import RMSNorm
-from .state import ForwardBatch, KVCache
+from .state import ForwardBatch
 
 
 class GatedAttention(nn.Module):
@@ -35,21 +35,9 @@ class GatedAttention(nn.Module):
         q, k = ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, batch.positions,
                                 rotary_dim=self.rotary_dim, theta=self.rope_theta, eps=self.eps)
 
-        # Append the new keys to each sequence's cache, then attend over cache + new.
-        keys, values, kv_lens = [], [], [0]
-        for state, (lo, hi) in zip(batch.states, batch.spans):
-            cache = self._cache(state.layers, x)
-            cache.append(k[lo:hi], v[lo:hi])
-            ks, vs = cache.view()
-            keys.append(ks)
-            values.append(vs)
-            kv_lens.append(cache.length)
-        cu_seqlens_k = torch.tensor(kv_lens, device=x.device).cumsum(0).to(torch.int32)
-        o = ops.attention(q, torch.cat(keys), torch.cat(values), batch.cu_seqlens, cu_seqlens_k,
-                          scale=self.head_dim ** -0.5, gate=gate)
+        # Scatter the new keys into the sequences' blocks, then attend through the block tables.
+        k_cache, v_cache = batch.pools.kv[self.layer_idx]
+        ops.reshape_and_cache(k, v, k_cache, v_cache, batch.slot_mapping)
+        o = ops.paged_attention(q, k_cache, v_cache, batch.block_tables, batch.cu_seqlens, batch.seq_lens_k,
+                                scale=self.head_dim ** -0.5, gate=gate)
         return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
-
-    def _cache(self, layers: list, like: torch.Tensor) -> KVCache:
-        if layers[self.layer_idx] is None:
-            layers[self.layer_idx] = KVCache.empty(self.num_kv_heads, self.head_dim, like.dtype, like.device)
-        return layers[self.layer_idx]

@@ -5,12 +5,13 @@ import torch
 from torch import nn
 
 from nextserve.kernels import ops
+from nextserve.kernels.paging import BLOCK_SIZE
 
 from .config import Qwen3NextConfig
 from .layers import GatedRMSNorm
 from .state import ForwardBatch, LinearAttentionState
 
-CHUNK = 64  # the chunked delta rule's block: states at its boundaries come for free
+CHUNK = BLOCK_SIZE  # the chunked delta rule's block: states at its boundaries come for free
 
 
 class GatedDeltaNet(nn.Module):
@@ -42,40 +43,36 @@ class GatedDeltaNet(nn.Module):
         return q, k, v, z, b.reshape(T, self.num_v_heads), a.reshape(T, self.num_v_heads)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        # x: [T, hidden] packed over the batch's sequences
+        # x: [T, hidden] packed over the batch's sequences; their states are rows of the layer's pools,
+        # read and written in place by slot
         T = x.shape[0]
         q, k, v, z, b, a = self.split_projections(x)
         conv_inputs = torch.cat([q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1)], dim=-1)  # [T, conv_dim]
-        states = [self._state(s.layers, x) for s in batch.states]
         conv_weight = self.conv1d.weight.squeeze(1)  # [conv_dim, kernel]
+        conv_pool = batch.pools.conv[self.layer_idx]            # [S, conv_dim, kernel - 1]
+        recurrent_pool = batch.pools.recurrent[self.layer_idx]  # [S, Hv, K, V] fp32
 
-        conv_state = torch.stack([s.conv for s in states])  # [N, conv_dim, kernel - 1]
         if batch.is_decode:
-            mixed = ops.causal_conv1d_update(conv_inputs, conv_state, conv_weight)  # rolls conv_state in place
+            mixed = ops.causal_conv1d_update(conv_inputs, conv_pool, conv_weight, state_slots=batch.state_slots)
         else:
-            mixed, conv_state = ops.causal_conv1d(conv_inputs, conv_weight, initial_state=conv_state,
-                                                  cu_seqlens=batch.cu_seqlens)
+            mixed, _ = ops.causal_conv1d(conv_inputs, conv_weight, initial_state=conv_pool,
+                                         state_slots=batch.state_slots, cu_seqlens=batch.cu_seqlens)
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = q.reshape(1, T, self.num_k_heads, self.head_k_dim)
         k = k.reshape(1, T, self.num_k_heads, self.head_k_dim)
         v = v.reshape(1, T, self.num_v_heads, self.head_v_dim)
-        initial = torch.stack([s.recurrent for s in states])  # [N, Hv, K, V]
 
-        chunk_states = None
         if batch.is_decode:
-            o, final, _ = ops.fused_recurrent_gated_delta_rule(
+            o, _, _ = ops.fused_recurrent_gated_delta_rule(
                 q, k, v, a[None], b[None], self.A_log, self.dt_bias,
-                initial_state=initial, cu_seqlens=batch.cu_seqlens)
+                initial_state=recurrent_pool, cu_seqlens=batch.cu_seqlens, state_slots=batch.state_slots)
         else:
             g, beta = ops.gdn_gating(a, b, self.A_log, self.dt_bias)
-            o, final, chunk_states = ops.chunk_gated_delta_rule(
-                q, k, v, g[None], beta[None], initial_state=initial, cu_seqlens=batch.cu_seqlens,
-                output_chunk_states=batch.record_checkpoints)
-
-        for i, s in enumerate(states):
-            s.conv, s.recurrent = conv_state[i], final[i]
-        if chunk_states is not None:
-            self._record_checkpoints(batch, conv_inputs, chunk_states)
+            o, _, chunk_states = ops.chunk_gated_delta_rule(
+                q, k, v, g[None], beta[None], initial_state=recurrent_pool, cu_seqlens=batch.cu_seqlens,
+                output_chunk_states=batch.record_checkpoints, state_slots=batch.state_slots)
+            if chunk_states is not None:
+                self._record_checkpoints(batch, conv_inputs, chunk_states)
         o = self.norm(o.reshape(T, self.num_v_heads, self.head_v_dim), z)
         return self.out_proj(o.reshape(T, self.value_dim))
 
@@ -83,17 +80,10 @@ class GatedDeltaNet(nn.Module):
         """Keep the state after every full 64-token chunk: the recurrent state comes free from the
         chunked pass; the conv window is the kernel-1 inputs just before the boundary."""
         width, used = self.kernel_size - 1, 0
-        for state, (offset, stop) in zip(batch.states, batch.spans):
+        num_layers = batch.pools.num_layers
+        for saved, start, (offset, stop) in zip(batch.checkpoints, batch.context_lens, batch.spans):
             for end in range(CHUNK, stop - offset + 1, CHUNK):
                 window = conv_inputs[offset + end - width: offset + end].t().contiguous()
-                slots = state.checkpoints.setdefault(state.num_tokens + end, [None] * len(state.layers))
-                slots[self.layer_idx] = LinearAttentionState(window, chunk_states[used].clone())
+                layers = saved.setdefault(start + end, [None] * num_layers)
+                layers[self.layer_idx] = LinearAttentionState(window, chunk_states[used].clone())
                 used += 1
-
-    def _state(self, layers: list, like: torch.Tensor) -> LinearAttentionState:
-        if layers[self.layer_idx] is None:
-            layers[self.layer_idx] = LinearAttentionState(
-                conv=like.new_zeros(self.conv_dim, self.kernel_size - 1),
-                recurrent=torch.zeros(self.num_v_heads, self.head_k_dim, self.head_v_dim,
-                                      dtype=torch.float32, device=like.device))
-        return layers[self.layer_idx]

@@ -1,18 +1,15 @@
-"""In-process generation: prefill every prompt in one packed pass, then decode them together.
+"""In-process generation: the router's scheduler and model runner, with the experts in this process.
 
-This is the reference the distributed router is measured against; it has no scheduler (all
-requests start together) and no network.
+The same engine as serving (router/scheduler.py, router/runner.py): batching, chunked prefill,
+stopping and validation exist once. This is the reference the distributed router is measured against.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import torch
-
 from .qwen3_next import Qwen3NextForCausalLM
-from .sampling import Sampler, SamplingParams
-from .state import ForwardBatch, SequenceState
+from .sampling import SamplingParams
 
 
 @dataclass
@@ -21,61 +18,61 @@ class Completion:
     params: SamplingParams
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (eos / stop token) or "length"
-    state: SequenceState | None = None
-
-
-def check_prompt(prompt_ids: list[int], vocab_size: int, context_limit: int) -> None:
-    if not prompt_ids:
-        raise ValueError("the prompt is empty: give at least one token")
-    if len(prompt_ids) >= context_limit:
-        raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context limit is {context_limit}")
-    bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
-    if bad:
-        raise ValueError(f"token ids out of range [0, {vocab_size}): {bad[:5]}")
 
 
 def generate_stream(model: Qwen3NextForCausalLM, prompts: list[list[int]], params: list[SamplingParams],
-                    eos_token_id: int | None = None) -> Iterator[tuple[int, int, Completion]]:
-    """Yield (request index, new token, completion) as tokens are produced, in step order."""
+                    eos_token_id: int | None = None, *, kv_cache_memory: str | None = None,
+                    max_batch_tokens: int = 4096) -> Iterator[tuple[int, int, Completion]]:
+    """Yield (request index, new token, completion) as tokens are produced, in step order.
+
+    kv_cache_memory: the pools' budget as `--kv-cache-memory` takes it (requests then queue and may be
+    preempted under it); None sizes the pools so that every request runs at once to its end.
+    Raises ValueError for a bad prompt or one that cannot fit in the budget.
+    """
+    # Imported here: the router package imports this model package.
+    from nextserve.router.block_manager import BlockManager, blocks_for
+    from nextserve.router.cache_budget import PoolSizes
+    from nextserve.router.requests import StopCriteria, check_prompt
+    from nextserve.router.runner import ModelRunner, plan_cache
+    from nextserve.router.scheduler import Scheduler, Sequence
+
     cfg = model.config
+    limit = cfg.max_position_embeddings
     for p in prompts:
-        check_prompt(p, cfg.vocab_size, cfg.max_position_embeddings)
-    device = model.lm_head.weight.device
-    done = [Completion(list(p), sp, state=model.new_state()) for p, sp in zip(prompts, params)]
-    samplers = [Sampler(sp) for sp in params]
+        check_prompt(p, cfg.vocab_size, limit)
+    if not prompts:
+        return
+    stops = [StopCriteria(sp.max_tokens, limit, frozenset(sp.stop_token_ids), eos_token_id, sp.ignore_eos)
+             for sp in params]
+    if kv_cache_memory is None:
+        sizes = PoolSizes(sum(blocks_for(s.max_fed_tokens(len(p))) for p, s in zip(prompts, stops)), len(prompts), 0, 0)
+    else:
+        sizes = plan_cache(model, kv_cache_memory, len(prompts))
+    scheduler = Scheduler(max_batch_tokens, max_running=len(prompts), max_queue=len(prompts),
+                          blocks=BlockManager(sizes.num_blocks, sizes.num_slots))
+    runner = ModelRunner(model, sizes)
+    done = [Completion(list(p), sp) for p, sp in zip(prompts, params)]
+    for i, (p, stop) in enumerate(zip(prompts, stops)):
+        scheduler.add(Sequence(i, list(p), stop))  # RequestTooLarge (a ValueError) when it never fits
+        runner.add(i, params[i])
+    while scheduler.has_work():
+        batch = scheduler.schedule()
+        sampled = runner.step(batch)
+        finished = {s.seq_id: s.finish_reason for s in scheduler.postprocess(batch, sampled)}
+        for seq in batch.seqs:
+            if seq.seq_id in sampled:
+                c = done[seq.seq_id]
+                c.output_ids.append(sampled[seq.seq_id])
+                c.finish_reason = finished.get(seq.seq_id)
+                if c.finish_reason is not None:
+                    runner.free(seq.seq_id)
+                yield seq.seq_id, sampled[seq.seq_id], c
 
-    active = list(range(len(done)))
-    feed = [list(c.prompt_ids) for c in done]
-    while active:
-        batch = ForwardBatch.build([done[i].state for i in active], [len(feed[i]) for i in active], device)
-        ids = torch.tensor([t for i in active for t in feed[i]], device=device)
-        logits, _ = model.forward_batch(ids, batch)
-        still = []
-        for row, i in enumerate(active):
-            c = done[i]
-            token = samplers[i](logits[row], c.prompt_ids, c.output_ids)
-            c.output_ids.append(token)
-            c.finish_reason = _finish_reason(c, token, eos_token_id, cfg.max_position_embeddings)
-            yield i, token, c
-            if c.finish_reason is None:
-                feed[i] = [token]
-                still.append(i)
-        active = still
 
-
-def generate(model, prompts, params, eos_token_id=None) -> list[Completion]:
+def generate(model, prompts, params, eos_token_id=None, **engine) -> list[Completion]:
     if isinstance(params, SamplingParams):
         params = [params] * len(prompts)
     results: dict[int, Completion] = {}
-    for i, _, c in generate_stream(model, prompts, params, eos_token_id):
+    for i, _, c in generate_stream(model, prompts, params, eos_token_id, **engine):
         results[i] = c
     return [results[i] for i in range(len(prompts))]
-
-
-def _finish_reason(c: Completion, token: int, eos_token_id: int | None, context_limit: int) -> str | None:
-    p = c.params
-    if token in p.stop_token_ids or (token == eos_token_id and not p.ignore_eos):
-        return "stop"
-    if len(c.output_ids) >= p.max_tokens or len(c.prompt_ids) + len(c.output_ids) >= context_limit:
-        return "length"
-    return None

@@ -1,12 +1,20 @@
 """Sparse mixture of experts: top-k routed experts plus a gated shared expert.
 
 The block is split where expert parallelism splits it. `route()` and the shared expert are the
-router's dense work; `experts` is any callable `(hidden, expert_ids, weights) -> [T, H]`: the local
+router's dense work; `experts` is anything with `dispatch(hidden, expert_ids, weights)`: the local
 `Experts` below in-process, or a dispatcher that sends the tokens to the workers holding them.
+`dispatch` starts the routed work and returns a function that waits for its result, so the block
+computes the shared expert while the routed tokens are away.
+
+Numerics, the same in-process and distributed: the routed experts return their weighted sum in
+fp32 (a worker's partial is never rounded), the block adds the shared expert to it in fp32 and
+rounds once to the activation dtype. With all experts in one place the routed sum is one fp32
+partial; over N shards it is N fp32 partials added in shard order.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +25,13 @@ from nextserve.kernels import ops
 from .config import Qwen3NextConfig
 from .layers import SwiGLU
 
-ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+class RoutedExperts(Protocol):
+    def dispatch(self, hidden: torch.Tensor, expert_ids: torch.Tensor,
+                 weights: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Start sum_j weights[t, j] * expert_{ids[t, j]}(hidden[t]); the returned function waits for it.
+
+        hidden [T, H]; expert_ids [T, k] global; weights [T, k] fp32. The result is [T, H] fp32."""
 
 
 class Experts(nn.Module):
@@ -48,9 +62,15 @@ class Experts(nn.Module):
         return self._local_index
 
     def forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        # hidden: [T, H]; expert_ids: [T, k] global ids; weights: [T, k] fp32
+        # hidden: [T, H]; expert_ids: [T, k] global ids; weights: [T, k] fp32 -> [T, H] fp32, unrounded
         local_ids = self.local_index(hidden.device)[expert_ids]
-        return ops.expert_ffn(hidden, local_ids, weights, self.w13, self.w2)
+        return ops.expert_ffn(hidden, local_ids, weights, self.w13, self.w2, out_dtype=torch.float32)
+
+    def dispatch(self, hidden: torch.Tensor, expert_ids: torch.Tensor,
+                 weights: torch.Tensor) -> Callable[[], torch.Tensor]:
+        # Local experts have nothing to overlap with: compute now.
+        out = self(hidden, expert_ids, weights)
+        return lambda: out
 
 
 class SparseMoeBlock(nn.Module):
@@ -58,8 +78,8 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
-        self.experts: ExpertsFn = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size,
-                                          expert_ids)
+        self.experts: RoutedExperts = Experts(config.num_experts, config.hidden_size,
+                                              config.moe_intermediate_size, expert_ids)
         self.shared_expert = SwiGLU(config.hidden_size, config.shared_expert_intermediate_size)
         self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
@@ -72,4 +92,6 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x)
-        return self.experts(x, ids, weights) + self.shared(x)
+        routed = self.experts.dispatch(x, ids, weights)  # on the workers, if remote, while the shared expert runs
+        shared = self.shared(x)
+        return (routed() + shared.float()).to(x.dtype)

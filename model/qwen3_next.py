@@ -16,7 +16,7 @@ from .config import Qwen3NextConfig
 from .deltanet import GatedDeltaNet
 from .layers import RMSNorm, SwiGLU
 from .moe import SparseMoeBlock
-from .state import ForwardBatch, SequenceState
+from .state import CachePools, ForwardBatch, StaticCache
 
 
 class DecoderLayer(nn.Module):
@@ -81,7 +81,7 @@ class MultiTokenPredictor(nn.Module):
         mtp_config = Qwen3NextConfig.from_dict({**config.to_dict(), "num_hidden_layers": 1,
                                                 "layer_types": ["full_attention"]})
         self.layers = nn.ModuleList([DecoderLayer(mtp_config, 0, expert_ids)])
-        self.layers[0].self_attn.layer_idx = config.num_hidden_layers  # its cache slot in SequenceState
+        self.layers[0].self_attn.layer_idx = config.num_hidden_layers  # its KV pool's key in CachePools
         self.norm = RMSNorm(h, config.rms_norm_eps)
 
     def forward(self, token_embeds: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
@@ -110,18 +110,21 @@ class Qwen3NextForCausalLM(nn.Module):
         from .loader import load_model
         return load_model(cls, path, dtype=dtype, device=device, expert_ids=expert_ids, with_mtp=with_mtp)
 
-    def new_state(self) -> SequenceState:
-        return SequenceState.empty(self.config.num_hidden_layers + (1 if self.mtp is not None else 0))
+    def allocate_pools(self, num_blocks: int, num_slots: int) -> CachePools:
+        """KV block pools (MTP's included) and DeltaNet state pools, in the weights' dtype and device
+        (recurrent states in fp32). Not zeroed: zero a slot (`zero_slots`) before a sequence uses it."""
+        w = self.lm_head.weight
+        return CachePools(self.config, num_blocks, num_slots, w.dtype, w.device, with_mtp=self.mtp is not None)
 
     @torch.inference_mode()
     def forward_batch(self, input_ids: torch.Tensor, batch: ForwardBatch, *, all_logits: bool = False):
-        """Run the new tokens of every sequence in `batch` (packed [T]) and advance their states.
+        """Run the new tokens of every sequence in `batch` (packed [T]), writing their K/V and DeltaNet
+        states into the batch's pools.
 
         Returns (logits, hidden): logits of the last new token of each sequence [N, V] (or of every
         token [T, V] with all_logits), and the final hidden states [T, H] (the MTP head's input).
         """
         hidden = self.model(input_ids, batch)
-        batch.finish()
         picked = hidden if all_logits else hidden[batch.last_token_indices()]
         return self.lm_head(picked).float(), hidden
 
@@ -137,7 +140,6 @@ class Qwen3NextForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         # input_ids: [B, S] -> logits [B, S, V] (fp32), every sequence from an empty state
         B, S = input_ids.shape
-        states = [self.new_state() for _ in range(B)]
-        batch = ForwardBatch.build(states, [S] * B, input_ids.device)
+        batch = StaticCache(self, B, S).batch(list(range(B)), [S] * B)
         logits, _ = self.forward_batch(input_ids.reshape(-1), batch, all_logits=True)
         return logits.view(B, S, -1)

@@ -98,3 +98,66 @@ class Sampler:
         # inside torch.multinomial and a per-sequence generator.
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         return int(torch.argmax(probs / noise))
+
+
+def sample_batch(logits: torch.Tensor, samplers: list[Sampler], histories: list[tuple[list[int], list[int]]]) -> list[int]:
+    """One token per row of `logits` [N, V] (fp32), each by its own sampler's parameters and generator:
+    the same tokens as `samplers[i](logits[i], *histories[i])` row by row, in one vectorised pass and
+    one device-to-host transfer. histories[i] = (prompt_ids, output_ids) of row i."""
+    N, V = logits.shape
+    device = logits.device
+    params = [s.params for s in samplers]
+    logits = _penalise_batch(logits.float(), params, histories)
+    greedy_ids = logits.argmax(-1)
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if not sampled:
+        return greedy_ids.tolist()
+
+    rows = torch.tensor(sampled, device=device)
+    x = logits[rows] / torch.tensor([params[i].temperature for i in sampled], device=device)[:, None]
+    top_k = torch.tensor([params[i].top_k if 0 < params[i].top_k < V else V for i in sampled], device=device)
+    top_p = torch.tensor([params[i].top_p for i in sampled], device=device)
+    sorted_x = x.sort(-1, descending=True).values
+    kth = sorted_x.gather(1, (top_k - 1)[:, None])
+    x = x.masked_fill((x < kth) & (top_k < V)[:, None], float("-inf"))
+    if bool((top_p < 1).any()):  # host check of host-made params only: no device sync
+        sorted_x, order = x.sort(-1, descending=True)
+        p_sorted = sorted_x.softmax(-1)
+        drop = ((p_sorted.cumsum(-1) - p_sorted) >= top_p[:, None]) & (top_p < 1)[:, None]
+        x = x.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = x.softmax(-1)
+    # The exponential race (see Sampler), one generator per row so a seed reproduces a run in any batch.
+    noise = torch.empty_like(probs)
+    for row, i in enumerate(sampled):
+        noise[row].exponential_(generator=samplers[i].generator)
+    tokens = greedy_ids.index_put((rows,), (probs / noise).argmax(-1))
+    return tokens.tolist()
+
+
+def _penalise_batch(logits: torch.Tensor, params: list[SamplingParams],
+                    histories: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+    """apply_penalties for every row that asks for one, with one scatter per kind of penalty."""
+    rep_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0 and (histories[i][0] or histories[i][1])]
+    count_rows = [i for i, p in enumerate(params) if histories[i][1] and (p.presence_penalty or p.frequency_penalty)]
+    if not rep_rows and not count_rows:
+        return logits
+    logits = logits.clone()
+    N, V = logits.shape
+    device = logits.device
+    if rep_rows:
+        row_ids = [i for i in rep_rows for _ in range(len(histories[i][0]) + len(histories[i][1]))]
+        token_ids = [t for i in rep_rows for t in (*histories[i][0], *histories[i][1])]
+        seen = torch.zeros(N, V, dtype=torch.bool, device=device)
+        seen[torch.tensor(row_ids, device=device), torch.tensor(token_ids, device=device)] = True
+        penalty = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+        logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    if count_rows:
+        row_ids = [i for i in count_rows for _ in histories[i][1]]
+        token_ids = [t for i in count_rows for t in histories[i][1]]
+        counts = torch.zeros(N, V, device=device)
+        counts.index_put_((torch.tensor(row_ids, device=device), torch.tensor(token_ids, device=device)),
+                          torch.ones(len(token_ids), device=device), accumulate=True)
+        frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
+        presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+        logits = logits - (frequency * counts + presence * (counts > 0).float())
+    return logits

@@ -1,8 +1,12 @@
-"""What the model remembers about a sequence between forward passes, and the batch a pass runs on.
+"""What the model remembers between forward passes, and the batch metadata a pass runs on.
 
-A hybrid model keeps two kinds of memory: Gated DeltaNet layers keep a fixed-size conv window and a
-recurrent state (constant in sequence length), attention layers keep a KV cache that grows.
-`SequenceState` holds both for one sequence; `ForwardBatch` packs several sequences for one pass.
+A hybrid model keeps two kinds of memory, both in pools allocated once:
+- attention layers keep K/V in BLOCK_SIZE-token blocks, one pool per layer [num_blocks, 64, Hkv, D];
+  a sequence's block table says which blocks hold its tokens, in order;
+- Gated DeltaNet layers keep a fixed-size state per sequence, in one row (its state slot) of a conv
+  window pool [S, conv_dim, kernel-1] (activation dtype) and a recurrent pool [S, Hv, K, V] (fp32).
+Which blocks and slot a sequence uses is the block manager's business (router/block_manager.py);
+`ForwardBatch` is all the layers see of it, built once per step, like nano-vllm's context.
 """
 from __future__ import annotations
 
@@ -11,9 +15,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nextserve.kernels.paging import BLOCK_SIZE
+
+from .config import Qwen3NextConfig
+
 
 @dataclass
 class LinearAttentionState:
+    """One DeltaNet layer's state for one sequence (a checkpoint, or a copy read out of the pools)."""
     conv: torch.Tensor       # [conv_dim, kernel - 1]: the last kernel-1 conv inputs (vLLM's convention)
     recurrent: torch.Tensor  # [Hv, K, V] fp32
 
@@ -21,94 +30,98 @@ class LinearAttentionState:
         return LinearAttentionState(self.conv.clone(), self.recurrent.clone())
 
 
-@dataclass
-class KVCache:
-    """One attention layer's keys and values for one sequence, grown by doubling (amortised O(1) append)."""
-    keys: torch.Tensor    # [capacity, Hkv, D]
-    values: torch.Tensor  # [capacity, Hkv, D]
-    length: int = 0
+class CachePools:
+    """Every layer's memory for `num_blocks` KV blocks and `num_slots` DeltaNet state slots.
 
-    @classmethod
-    def empty(cls, num_kv_heads: int, head_dim: int, dtype, device, capacity: int = 64) -> "KVCache":
-        shape = (capacity, num_kv_heads, head_dim)
-        return cls(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        new_length = self.length + k.shape[0]
-        if new_length > self.keys.shape[0]:
-            capacity = max(new_length, 2 * self.keys.shape[0])
-            for name in ("keys", "values"):
-                old = getattr(self, name)
-                grown = old.new_empty((capacity, *old.shape[1:]))
-                grown[: self.length] = old[: self.length]
-                setattr(self, name, grown)
-        self.keys[self.length:new_length] = k
-        self.values[self.length:new_length] = v
-        self.length = new_length
-
-    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.keys[: self.length], self.values[: self.length]
-
-    def truncated(self, length: int) -> "KVCache":
-        """A copy holding only the first `length` positions (to resume from an earlier checkpoint)."""
-        return KVCache(self.keys[:length].clone(), self.values[:length].clone(), length)
-
-
-LayerState = LinearAttentionState | KVCache | None
-
-
-@dataclass
-class SequenceState:
-    """Everything the model keeps for one sequence: per-layer memory and how many tokens it has seen.
-
-    `checkpoints` maps an absolute token position to the DeltaNet states right after that many
-    tokens ([per decoder layer: LinearAttentionState or None]). Prefill records one at every
-    64-token chunk boundary when asked: a prefix cache stores them, and together with the first
-    `position` KV entries they resume the sequence without re-reading its history.
+    Keys are decoder layer indices; the MTP head's attention layer is index num_hidden_layers.
     """
-    layers: list[LayerState]
-    num_tokens: int = 0
-    checkpoints: dict[int, list[LinearAttentionState | None]] = field(default_factory=dict)
 
-    @classmethod
-    def empty(cls, num_layers: int) -> "SequenceState":
-        return cls([None] * num_layers)
+    def __init__(self, config: Qwen3NextConfig, num_blocks: int, num_slots: int, dtype: torch.dtype, device,
+                 with_mtp: bool = False):
+        self.num_blocks, self.num_slots = num_blocks, num_slots
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.conv: dict[int, torch.Tensor] = {}
+        self.recurrent: dict[int, torch.Tensor] = {}
+        kv_shape = (num_blocks, BLOCK_SIZE, config.num_key_value_heads, config.head_dim)
+        attention_layers = [i for i, t in enumerate(config.layer_types) if t == "full_attention"]
+        # Allocated, not zeroed: a key is read only after it is written, and a state slot is zeroed when
+        # it is given to a sequence (zero_slots). Filling gigabytes up front would touch every page.
+        for i in attention_layers + ([config.num_hidden_layers] if with_mtp else []):
+            self.kv[i] = (torch.empty(kv_shape, dtype=dtype, device=device),
+                          torch.empty(kv_shape, dtype=dtype, device=device))
+        for i, t in enumerate(config.layer_types):
+            if t == "linear_attention":
+                self.conv[i] = torch.empty(num_slots, config.linear_conv_dim, config.linear_conv_kernel_dim - 1,
+                                           dtype=dtype, device=device)
+                self.recurrent[i] = torch.empty(num_slots, config.linear_num_value_heads, config.linear_key_head_dim,
+                                                config.linear_value_head_dim, dtype=torch.float32, device=device)
+        self.num_layers = config.num_hidden_layers + (1 if with_mtp else 0)
 
-    def clone(self) -> "SequenceState":
-        layers = [None if s is None else (s.truncated(s.length) if isinstance(s, KVCache) else s.clone())
-                  for s in self.layers]
-        return SequenceState(layers, self.num_tokens, dict(self.checkpoints))
+    def zero_slots(self, slots: torch.Tensor) -> None:
+        """Clear the DeltaNet state of newly assigned slots (a sequence starts from zeros)."""
+        for pool in itertools.chain(self.conv.values(), self.recurrent.values()):
+            pool.index_fill_(0, slots, 0)
 
-    def resume_from_checkpoint(self, position: int) -> "SequenceState":
-        """The state after the first `position` tokens, rebuilt from a recorded checkpoint."""
-        if position not in self.checkpoints:
-            raise KeyError(f"no checkpoint at position {position}; have {sorted(self.checkpoints)}")
-        saved = self.checkpoints[position]
-        layers = [saved[i].clone() if isinstance(s, LinearAttentionState) else
-                  (s.truncated(position) if isinstance(s, KVCache) else None)
-                  for i, s in enumerate(self.layers)]
-        return SequenceState(layers, position)
+    def read_state(self, slot: int) -> list[LinearAttentionState | None]:
+        """A copy of one slot's state per decoder layer (None for attention layers)."""
+        return [LinearAttentionState(self.conv[i][slot].clone(), self.recurrent[i][slot].clone())
+                if i in self.conv else None for i in range(self.num_layers)]
+
+    def write_state(self, slot: int, states: list[LinearAttentionState | None]) -> None:
+        """Load a saved state (e.g. a chunk-boundary checkpoint) into a slot."""
+        for i, s in enumerate(states):
+            if s is not None:
+                self.conv[i][slot].copy_(s.conv)
+                self.recurrent[i][slot].copy_(s.recurrent)
 
 
 @dataclass
 class ForwardBatch:
-    """Several sequences, each adding some new tokens, packed along one token axis."""
-    states: list[SequenceState]
-    seq_lens: list[int]          # new tokens per sequence
+    """Several sequences, each adding some new tokens, packed along one token axis.
+
+    `checkpoints[n]`, when recording, maps an absolute position p of sequence n to the DeltaNet
+    states right after p tokens ([per decoder layer: LinearAttentionState or None]), one at every
+    full 64-token chunk of this pass; with the KV blocks of the first p tokens they resume the
+    sequence without re-reading its history (what the prefix cache stores).
+    """
+    pools: CachePools
+    seq_lens: list[int]          # host: new tokens per sequence
+    context_lens: list[int]      # host: tokens each sequence already holds in the pools
     positions: torch.Tensor      # [T] int64 absolute position of each new token
     cu_seqlens: torch.Tensor     # [N + 1] int32 offsets of each sequence's new tokens
+    slot_mapping: torch.Tensor   # [T] int64 where each new token's K/V goes: block * BLOCK_SIZE + offset
+    block_tables: torch.Tensor   # [N, max_blocks] int32
+    seq_lens_k: torch.Tensor     # [N] int32 keys per sequence, the new ones included
+    state_slots: torch.Tensor    # [N] int64 each sequence's DeltaNet state slot
     record_checkpoints: bool = False
+    checkpoints: list[dict[int, list[LinearAttentionState | None]]] = field(default_factory=list)
 
     @classmethod
-    def build(cls, states: list[SequenceState], seq_lens: list[int], device,
-              record_checkpoints: bool = False) -> "ForwardBatch":
-        if len(states) != len(seq_lens) or not states:
-            raise ValueError(f"need one length per sequence, got {len(states)} states and {len(seq_lens)} lengths")
+    def build(cls, pools: CachePools, context_lens: list[int], seq_lens: list[int], block_tables: list[list[int]],
+              state_slots: list[int], device, record_checkpoints: bool = False) -> "ForwardBatch":
+        N = len(seq_lens)
+        if not N or not len(context_lens) == len(block_tables) == len(state_slots) == N:
+            raise ValueError(f"need one context length, block table and state slot per sequence; got {N} lengths, "
+                             f"{len(context_lens)} contexts, {len(block_tables)} tables, {len(state_slots)} slots")
         if min(seq_lens) < 1:
             raise ValueError(f"every sequence must add at least one token, got lengths {seq_lens}")
-        positions = torch.cat([torch.arange(s.num_tokens, s.num_tokens + n) for s, n in zip(states, seq_lens)])
-        cu = torch.tensor([0, *seq_lens], dtype=torch.int64).cumsum(0).to(torch.int32)
-        return cls(states, list(seq_lens), positions.to(device), cu.to(device), record_checkpoints)
+        for n, (c, s, table) in enumerate(zip(context_lens, seq_lens, block_tables)):
+            if c + s > len(table) * BLOCK_SIZE:
+                raise ValueError(f"sequence {n} would hold {c + s} tokens; its {len(table)} blocks hold "
+                                 f"{len(table) * BLOCK_SIZE}")
+        # Built on the host in a handful of vectorised ops, then moved once per tensor.
+        lens, ctx = torch.tensor(seq_lens), torch.tensor(context_lens)
+        cu = torch.zeros(N + 1, dtype=torch.int64)
+        cu[1:] = lens.cumsum(0)
+        seq_of_token = torch.repeat_interleave(torch.arange(N), lens)
+        positions = ctx[seq_of_token] + torch.arange(int(cu[-1])) - cu[seq_of_token]
+        width = max(len(t) for t in block_tables)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
+        slot_mapping = tables[seq_of_token, positions // BLOCK_SIZE].long() * BLOCK_SIZE + positions % BLOCK_SIZE
+        return cls(pools, list(seq_lens), list(context_lens), positions.to(device), cu.to(torch.int32).to(device),
+                   slot_mapping.to(device), tables.to(device), (ctx + lens).to(torch.int32).to(device),
+                   torch.tensor(state_slots, dtype=torch.int64).to(device), record_checkpoints,
+                   [{} for _ in range(N)] if record_checkpoints else [])
 
     @property
     def is_decode(self) -> bool:
@@ -129,6 +142,38 @@ class ForwardBatch:
     def last_token_indices(self) -> torch.Tensor:
         return self.cu_seqlens[1:].long() - 1
 
-    def finish(self) -> None:
-        for state, n in zip(self.states, self.seq_lens):
-            state.num_tokens += n
+
+class StaticCache:
+    """Pools for a fixed set of sequences, each given blocks for up to `max_tokens` tokens up front.
+
+    What the transformers-shaped forward, tests and benchmarks use to run sequences without a
+    scheduler; serving allocates through the block manager instead. `batch()` builds the next
+    pass for some of the sequences and counts its tokens as held.
+    """
+
+    def __init__(self, model, num_seqs: int, max_tokens: int):
+        per_seq = -(-max_tokens // BLOCK_SIZE)
+        self.pools = model.allocate_pools(num_seqs * per_seq, num_seqs)
+        self.device = model.lm_head.weight.device
+        self.pools.zero_slots(torch.arange(num_seqs, device=self.device))
+        self.tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(num_seqs)]
+        self.lengths = [0] * num_seqs
+
+    def batch(self, seqs: list[int], seq_lens: list[int], record_checkpoints: bool = False) -> ForwardBatch:
+        batch = ForwardBatch.build(self.pools, [self.lengths[s] for s in seqs], seq_lens,
+                                   [self.tables[s] for s in seqs], list(seqs), self.device, record_checkpoints)
+        for s, n in zip(seqs, seq_lens):
+            self.lengths[s] += n
+        return batch
+
+    def resume(self, dst: int, src: int, position: int, checkpoint: list[LinearAttentionState | None]) -> None:
+        """Make sequence `dst` hold the first `position` (64-aligned) tokens of `src`: their KV blocks
+        copied and the DeltaNet state of a checkpoint at `position` loaded into its slot."""
+        if position % BLOCK_SIZE:
+            raise ValueError(f"checkpoints sit at multiples of {BLOCK_SIZE} tokens, not at {position}")
+        n = position // BLOCK_SIZE
+        for k, v in self.pools.kv.values():
+            for cache in (k, v):
+                cache[self.tables[dst][:n]] = cache[self.tables[src][:n]]
+        self.pools.write_state(dst, checkpoint)
+        self.lengths[dst] = position

@@ -207,16 +207,52 @@ def _base_env(spec: DeploymentSpec) -> list[dict[str, Any]]:
     ]
 
 
+# -- observability: every router and worker serves /metrics here; tracing follows the CR's block ---------
+
+METRICS_PORT = 9464  # the port OpenTelemetry's own Prometheus exporters default to
+
+
+METRICS_SERVICE_PORT = {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP",
+                        "appProtocol": "http"}
+
+
+def telemetry_args() -> list[str]:
+    return ["--metrics-port", str(METRICS_PORT)]
+
+
+def telemetry_env(name: str, namespace: str, spec: DeploymentSpec, role: str) -> list[dict[str, Any]]:
+    """The standard OTEL_* variables for a router or worker container ([] when the CR has no tracing block).
+
+    Only routers start traces (at the CR's sample ratio, and always when the caller's trace is sampled);
+    workers continue the routers' traces, so they sample whatever their parent sampled."""
+    if spec.tracing is None:
+        return []
+    sampler = ([{"name": "OTEL_TRACES_SAMPLER", "value": "parentbased_traceidratio"},
+                {"name": "OTEL_TRACES_SAMPLER_ARG", "value": repr(spec.tracing.sample_ratio)}] if role == "router"
+               else [{"name": "OTEL_TRACES_SAMPLER", "value": "parentbased_always_on"}])
+    return [
+        {"name": "OTEL_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "OTEL_SERVICE_NAME", "value": f"nextserve-{role}"},
+        # $(OTEL_POD_NAME) is expanded by the kubelet from the variable above.
+        {"name": "OTEL_RESOURCE_ATTRIBUTES",
+         "value": f"k8s.namespace.name={namespace},k8s.pod.name=$(OTEL_POD_NAME),nextserve.deployment={name}"},
+        {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": spec.tracing.otlp_endpoint},
+        {"name": "OTEL_EXPORTER_OTLP_PROTOCOL", "value": "grpc"},
+        *sampler,
+    ]
+
+
 def _serving_container(spec: DeploymentSpec, role: str, args: list[str], port: int, env: list[dict[str, Any]],
                        placement: Placement, device: str) -> dict[str, Any]:
-    """A `nextserve worker` or `nextserve router` container: the serving image, its gRPC port and probes."""
+    """A `nextserve worker` or `nextserve router` container: the serving image, its gRPC and metrics ports, probes."""
     return {
         "name": role,
         "image": spec.images.serving,
         "imagePullPolicy": spec.images.pull_policy,
         "command": ["nextserve"],
-        "args": args,
-        "ports": [{"name": "grpc", "containerPort": port, "protocol": "TCP"}],
+        "args": args + telemetry_args(),
+        "ports": [{"name": "grpc", "containerPort": port, "protocol": "TCP"},
+                  {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
         "env": env,
         "resources": _resources(placement.resources, device, {"cpu": "1", "memory": "4Gi"}),
         "securityContext": copy.deepcopy(CONTAINER_SECURITY),
@@ -284,7 +320,8 @@ def worker_service(body: Mapping[str, Any], spec: DeploymentSpec, plan: ExpertPl
             # The router dials pods by name while they load; DNS must resolve before readiness.
             "publishNotReadyAddresses": True,
             "selector": selector_labels(name, "worker", **{LABEL_PLAN: fp, LABEL_SHARD: str(shard)}),
-            "ports": [{"name": "grpc", "port": spec.experts.port, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"}],
+            "ports": [{"name": "grpc", "port": spec.experts.port, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"},
+                      METRICS_SERVICE_PORT],
         },
     }
 
@@ -294,7 +331,8 @@ def worker_statefulset(body: Mapping[str, Any], spec: DeploymentSpec, plan: Expe
     sts = worker_name(name, plan, shard)
     fp = plan.fingerprint()
     lbls = labels(name, "worker", **{LABEL_PLAN: fp, LABEL_SHARD: str(shard)})
-    container = _serving_container(spec, "worker", worker_args(spec, shard), spec.experts.port, _base_env(spec),
+    env = _base_env(spec) + telemetry_env(name, body["metadata"]["namespace"], spec, "worker")
+    container = _serving_container(spec, "worker", worker_args(spec, shard), spec.experts.port, env,
                                    spec.experts.placement, spec.experts.device)
     return {
         "apiVersion": "apps/v1",
@@ -349,8 +387,6 @@ def router_args(name: str, namespace: str, spec: DeploymentSpec, plan: ExpertPla
             # hold a password) stays in the Secret and out of the pod spec.
             url = f"$({CACHE_URL_ENV})"
         args += ["--cache-url", url, "--cache-ttl", str(spec.cache.ttl_seconds)]
-    if spec.tracing is not None:
-        args += ["--otlp-endpoint", spec.tracing.otlp_endpoint, "--trace-sample-ratio", repr(spec.tracing.sample_ratio)]
     return args
 
 
@@ -366,6 +402,7 @@ def router_deployment(body: Mapping[str, Any], spec: DeploymentSpec, plan: Exper
             "name": CACHE_URL_ENV,
             "valueFrom": {"secretKeyRef": {"name": spec.cache.secret_name, "key": spec.cache.secret_key}},
         })
+    env += telemetry_env(name, namespace, spec, "router")
     container = _serving_container(spec, "router", router_args(name, namespace, spec, plan), spec.router.port, env,
                                    spec.router.placement, spec.router.device)
     return {
@@ -395,7 +432,9 @@ def router_service(body: Mapping[str, Any], spec: DeploymentSpec) -> dict[str, A
         "spec": {
             "type": spec.router.service_type,
             "selector": selector_labels(name, "router"),
-            "ports": [{"name": "grpc", "port": spec.router.service_port, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"}],
+            "ports": [{"name": "grpc", "port": spec.router.service_port, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"},
+                      # /metrics never goes on an externally reachable Service: scrape such routers by PodMonitor.
+                      *([METRICS_SERVICE_PORT] if spec.router.service_type == "ClusterIP" else [])],
         },
     }
 

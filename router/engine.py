@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from nextserve.model.sampling import SamplingParams
 
 from .runner import ModelRunner
-from .scheduler import Scheduler, Sequence, StopCriteria
+from .requests import StopCriteria
+from .scheduler import Scheduler, Sequence
 from .shards import ShardPool, ShardUnavailable
+from .telemetry import RouterTelemetry
 
 log = logging.getLogger("nextserve.router")
 
@@ -70,8 +72,11 @@ class RequestStream:
 
 class Engine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, pool: ShardPool,
-                 eos_token_id: int | None, context_limit: int):
+                 eos_token_id: int | None, context_limit: int, telemetry: RouterTelemetry | None = None):
         self.runner, self.scheduler, self.pool = runner, scheduler, pool
+        self.telemetry = telemetry
+        if telemetry is not None:
+            telemetry.attach(scheduler, pool)
         self.eos_token_id, self.context_limit = eos_token_id, context_limit
         self._streams: dict[int, RequestStream] = {}
         self._ids = itertools.count(1)
@@ -102,7 +107,8 @@ class Engine:
     # -- requests (event loop) ----------------------------------------------------------------------
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
-        """Queue a validated request. Raises ShardUnavailable when not serving, QueueFull when the queue is full."""
+        """Queue a validated request. Raises ShardUnavailable when not serving, QueueFull when the queue is
+        full, RequestTooLarge when it could never fit in the KV cache."""
         if not self.pool.healthy:
             raise ShardUnavailable("not serving: " + "; ".join(self.pool.down_shards()))
         stop = StopCriteria(max_tokens=params.max_tokens, context_limit=self.context_limit,
@@ -157,21 +163,29 @@ class Engine:
                 if stream is not None and stream.first_scheduled is None:
                     stream.first_scheduled = now
             self._stepping = True
+            observed = self.telemetry.step_started(batch) if self.telemetry is not None else None
             try:
                 sampled = await loop.run_in_executor(self._executor, self.runner.step, batch)
             except ShardUnavailable as e:
+                self._observe_step(observed, None, str(e))
                 self._fail_batch(batch, Failed(True, str(e)))
             except Exception as e:
                 log.exception("forward pass failed")
+                self._observe_step(observed, None, str(e))
                 self._fail_batch(batch, Failed(False, f"internal error in the forward pass: {e}"))
             else:
                 self.steps += 1
+                self._observe_step(observed, sampled)
                 self._deliver(batch, sampled)
             finally:
                 self._stepping = False
                 for seq_id in self._free_after_step:
                     self.runner.free(seq_id)
                 self._free_after_step.clear()
+
+    def _observe_step(self, observed, sampled: dict[int, int] | None, error: str | None = None) -> None:
+        if observed is not None:
+            self.telemetry.step_finished(observed, sampled, error)
 
     def _deliver(self, batch, sampled: dict[int, int]) -> None:
         finished = {seq.seq_id for seq in self.scheduler.postprocess(batch, sampled)}

@@ -1,37 +1,46 @@
-"""The router's model: the dense weights in this process, the routed experts on the workers.
+"""The engine's model side: the memory pools, one forward pass per scheduled batch, batch sampling.
 
-`ModelRunner` is the only router file that touches torch tensors of the model: it keeps each
-sequence's state and sampler, and turns a `ScheduledBatch` into one forward pass and the sampled
-tokens. It runs on its own thread; the expert dispatch inside the forward pass hops to the event loop.
+`ModelRunner` is the only engine file that touches torch tensors of the model: it owns the KV block
+and DeltaNet state pools (sized by the block manager's counts), each sequence's sampler, and turns a
+`ScheduledBatch` into one `ForwardBatch`, one forward pass and the sampled tokens. In the router it
+runs on its own thread with the routed experts on the workers (the dispatch inside the forward pass
+hops to the event loop); in-process generation runs it with the experts local.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from nextserve.model.moe import SparseMoeBlock
 from nextserve.model.qwen3_next import Qwen3NextForCausalLM
-from nextserve.model.sampling import Sampler, SamplingParams
-from nextserve.model.state import ForwardBatch, SequenceState
+from nextserve.model.sampling import Sampler, SamplingParams, sample_batch
+from nextserve.model.state import ForwardBatch
 
+from .cache_budget import PoolSizes, available_host_memory, block_bytes, parse_cache_memory, size_pools, slot_bytes
+from .overlap import ComputeBaton, cut_in_two, ping_pong
 from .scheduler import ScheduledBatch
-from .shards import ShardPool
+
+if TYPE_CHECKING:  # the in-process engine runs without gRPC
+    from .shards import ShardPool
 
 
 class RemoteExperts(nn.Module):
     """Stands where a MoE block's local `Experts` would: sends the routed tokens to the workers."""
 
-    def __init__(self, pool: ShardPool, layer: int):
+    def __init__(self, pool: "ShardPool", layer: int):
         super().__init__()
         self.pool, self.layer = pool, layer
 
-    def forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return self.pool.dispatch(self.layer, hidden, expert_ids, weights)
+    def dispatch(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor):
+        return self.pool.dispatch(self.layer, hidden, expert_ids, weights).result
 
 
-def load_dense_model(checkpoint: str | Path, pool: ShardPool, dtype="float32", device="cpu") -> Qwen3NextForCausalLM:
+def load_dense_model(checkpoint: str | Path, pool: "ShardPool", dtype="float32", device="cpu") -> Qwen3NextForCausalLM:
     """The model without a single routed-expert weight (expert_ids=[]), its experts served by `pool`."""
     model = Qwen3NextForCausalLM.from_pretrained(checkpoint, dtype=dtype, device=device, expert_ids=[])
     for i, layer in enumerate(model.model.layers):
@@ -40,30 +49,65 @@ def load_dense_model(checkpoint: str | Path, pool: ShardPool, dtype="float32", d
     return model
 
 
+def plan_cache(model: Qwen3NextForCausalLM, kv_cache_memory: str, max_seqs: int) -> PoolSizes:
+    """Pool sizes for `--kv-cache-memory` (an amount, or a fraction of the memory free now on the
+    model's device), with slots for up to `max_seqs` sequences."""
+    device = model.lm_head.weight.device
+    dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
+    spec = parse_cache_memory(kv_cache_memory)
+    if isinstance(spec, float):
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_host_memory()
+        spec = int(spec * free)
+    extra = 1 if model.mtp is not None else 0
+    return size_pools(spec, block_bytes(model.config, dtype, extra), slot_bytes(model.config, dtype), max_seqs)
+
+
 class ModelRunner:
-    def __init__(self, model: Qwen3NextForCausalLM):
+    def __init__(self, model: Qwen3NextForCausalLM, sizes: PoolSizes, ping_pong: ComputeBaton | None = None):
+        """ping_pong: the shard pool's baton, to run each step as two micro-batches that take turns
+        (one computes while the other's tokens are at the workers); None: one forward pass per step."""
         self.model = model
         self.device = model.lm_head.weight.device
-        self.states: dict[int, SequenceState] = {}
+        self.pools = model.allocate_pools(sizes.num_blocks, sizes.num_slots)
         self.samplers: dict[int, Sampler] = {}
+        self.baton = ping_pong
+        self._micro_batch_threads = ThreadPoolExecutor(2, thread_name_prefix="micro-batch") if ping_pong else None
 
     def add(self, seq_id: int, params: SamplingParams) -> None:
-        self.states[seq_id] = self.model.new_state()
         self.samplers[seq_id] = Sampler(params, device=self.device)
 
     def free(self, seq_id: int) -> None:
-        self.states.pop(seq_id, None)
         self.samplers.pop(seq_id, None)
 
     @torch.inference_mode()
     def step(self, batch: ScheduledBatch) -> dict[int, int]:
-        """Run one forward pass; returns seq_id -> sampled token for the sequences that reached their end."""
+        """Run the step's forward pass (as two micro-batches taking turns, with ping_pong); returns
+        seq_id -> sampled token for the sequences that reached their end."""
         seqs = batch.seqs
-        ids = [t for s, n in zip(seqs, batch.num_new_tokens) for t in s.token_slice(n)]
-        forward = ForwardBatch.build([self.states[s.seq_id] for s in seqs], batch.num_new_tokens, self.device)
+        fresh = [slot for s, slot in zip(seqs, batch.state_slots) if s.num_computed == 0]
+        if fresh:  # admitted, or readmitted after a preemption: its DeltaNet state starts from zeros
+            self.pools.zero_slots(torch.tensor(fresh, device=self.device))
+        cut = cut_in_two(batch.num_new_tokens) if self.baton is not None else 0
+        if cut:
+            halves = [slice(0, cut), slice(cut, len(seqs))]
+            logits = torch.cat(ping_pong(self.baton, self._micro_batch_threads,
+                                         [partial(self._forward, batch, half) for half in halves]))
+        else:
+            logits = self._forward(batch, slice(0, len(seqs)))
+        rows = [i for i, samples in enumerate(batch.samples()) if samples]
+        if not rows:
+            return {}
+        tokens = sample_batch(logits[rows] if len(rows) < len(seqs) else logits,
+                              [self.samplers[seqs[i].seq_id] for i in rows],
+                              [(seqs[i].prompt_ids, seqs[i].output_ids) for i in rows])
+        return {seqs[i].seq_id: t for i, t in zip(rows, tokens)}
+
+    def _forward(self, batch: ScheduledBatch, part: slice) -> torch.Tensor:
+        """Logits [len(part), V] of the last new token of each sequence in `part` of the batch; advances
+        their states (each sequence owns its blocks and slot, so the two halves never touch the same memory)."""
+        seqs, counts = batch.seqs[part], batch.num_new_tokens[part]
+        ids = [t for s, n in zip(seqs, counts) for t in s.token_slice(n)]
+        forward = ForwardBatch.build(self.pools, [s.num_computed for s in seqs], counts,
+                                     batch.block_tables[part], batch.state_slots[part], self.device)
         logits, _ = self.model.forward_batch(torch.tensor(ids, dtype=torch.long, device=self.device), forward)
-        sampled = {}
-        for row, (seq, samples) in enumerate(zip(seqs, batch.samples())):
-            if samples:
-                sampled[seq.seq_id] = self.samplers[seq.seq_id](logits[row], seq.prompt_ids, seq.output_ids)
-        return sampled
+        return logits

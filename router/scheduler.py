@@ -1,13 +1,17 @@
 """Continuous batching on plain data: which tokens of which sequences the next forward pass runs.
 
-Never imports torch (tested on plain data). Each step:
-  1. every running sequence whose prompt is done decodes one token (decode first keeps the
-     inter-token latency of running requests flat while new prompts stream in);
-  2. the rest of the token budget goes to prompt chunks: running sequences still prefilling first,
-     then waiting sequences in arrival order while there is room (chunked prefill: a long prompt
-     takes several steps and never stalls the decodes).
-A sequence joins the running batch on the step after it arrives; it samples its first token on the
-step that feeds the last token of its prompt.
+Never imports torch (tested on plain data). Each step, under a token budget and the block manager's
+memory:
+  1. every running sequence with one token pending decodes it (decode first keeps the inter-token
+     latency of running requests flat while new prompts stream in). A decode that needs a new KV
+     block when none is free preempts the most recently admitted running sequence (possibly itself):
+     its blocks and state slot are freed and it goes back to the front of the queue to recompute
+     its prompt and output so far; it then finishes with the same tokens;
+  2. the rest of the budget goes to prompt chunks: running sequences still prefilling first, then
+     waiting sequences in arrival order while a state slot and blocks for the whole prompt are free
+     (chunked prefill: a long prompt takes several steps and never stalls the decodes). Blocks for
+     the whole prompt are taken at admission, so an admitted prefill never waits for memory.
+A request that could never fit, even alone in the whole cache, is rejected at submit.
 """
 from __future__ import annotations
 
@@ -15,9 +19,18 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
+from .block_manager import BlockManager
+from .requests import StopCriteria
+
+__all__ = ["QueueFull", "RequestTooLarge", "ScheduledBatch", "Scheduler", "Sequence", "Status", "StopCriteria"]
+
 
 class QueueFull(Exception):
     """The waiting queue is at its bound: the caller should reject the request (RESOURCE_EXHAUSTED)."""
+
+
+class RequestTooLarge(ValueError):
+    """The request needs more KV cache than the whole pool holds (INVALID_ARGUMENT: retrying cannot help)."""
 
 
 class Status(enum.Enum):
@@ -26,32 +39,16 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass(frozen=True, slots=True)
-class StopCriteria:
-    max_tokens: int
-    context_limit: int
-    stop_token_ids: frozenset[int] = frozenset()
-    eos_token_id: int | None = None
-    ignore_eos: bool = False
-
-    def finish_reason(self, token: int, num_output: int, num_total: int) -> str | None:
-        """ "stop", "length" or None after `token` became output token number `num_output`."""
-        if token in self.stop_token_ids or (token == self.eos_token_id and not self.ignore_eos):
-            return "stop"
-        if num_output >= self.max_tokens or num_total >= self.context_limit:
-            return "length"
-        return None
-
-
 @dataclass(eq=False)
 class Sequence:
     seq_id: int
     prompt_ids: list[int]
     stop: StopCriteria
     output_ids: list[int] = field(default_factory=list)
-    num_computed: int = 0  # tokens already run through the model (held in its state)
+    num_computed: int = 0  # tokens already run through the model (held in its KV blocks and state slot)
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop", "length", "abort" or "error"
+    num_preemptions: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -59,12 +56,13 @@ class Sequence:
 
     @property
     def num_pending(self) -> int:
-        """Tokens not yet run through the model: the rest of the prompt, or the last sampled token."""
+        """Tokens not yet run through the model: the rest of the prompt (and, after a preemption, of the
+        output so far), or the last sampled token."""
         return self.num_tokens - self.num_computed
 
     @property
     def is_prefilling(self) -> bool:
-        return self.num_computed < len(self.prompt_ids)
+        return not (self.output_ids and self.num_pending == 1)
 
     def token_slice(self, n: int) -> list[int]:
         """The next `n` tokens to feed."""
@@ -78,6 +76,8 @@ class Sequence:
 class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]  # tokens each sequence feeds this step
+    block_tables: list[list[int]] = field(default_factory=list)  # each sequence's KV blocks, in order
+    state_slots: list[int] = field(default_factory=list)         # each sequence's DeltaNet state slot
 
     @property
     def num_tokens(self) -> int:
@@ -89,15 +89,24 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, max_batch_tokens: int, max_running: int, max_queue: int):
+    def __init__(self, max_batch_tokens: int, max_running: int, max_queue: int, blocks: BlockManager):
         if max_batch_tokens < 1 or max_running < 1 or max_queue < 0:
             raise ValueError(f"need max_batch_tokens >= 1, max_running >= 1, max_queue >= 0; got "
                              f"{max_batch_tokens}, {max_running}, {max_queue}")
         self.max_batch_tokens, self.max_running, self.max_queue = max_batch_tokens, max_running, max_queue
+        self.blocks = blocks
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # in admission order: preemption takes from the end
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
+        """Queue a sequence. RequestTooLarge if it cannot fit even alone, QueueFull if the queue is full."""
+        need = seq.stop.max_fed_tokens(len(seq.prompt_ids))
+        if need > self.blocks.capacity_tokens:
+            raise RequestTooLarge(
+                f"the request needs KV cache for {need} tokens (a {len(seq.prompt_ids)}-token prompt and up to "
+                f"{seq.stop.max_tokens} new tokens) but the whole cache holds {self.blocks.capacity_tokens} tokens; "
+                f"shorten the prompt or lower max_tokens")
         if len(self.waiting) >= self.max_queue:
             raise QueueFull(f"{len(self.waiting)} requests are already waiting (the limit is {self.max_queue})")
         seq.status = Status.WAITING
@@ -110,30 +119,72 @@ class Scheduler:
         seqs: list[Sequence] = []
         counts: list[int] = []
         budget = self.max_batch_tokens
-        for seq in self.running:  # decodes
+        for seq in list(self.running):  # decodes, oldest first
             if budget == 0:
                 break
-            if not seq.is_prefilling:
-                seqs.append(seq)
-                counts.append(1)
-                budget -= 1
-        for seq in self.running:  # prompt chunks of admitted sequences
+            if seq.status is not Status.RUNNING or seq.is_prefilling:
+                continue  # preempted earlier in this loop, or still in its prompt
+            if not self._make_room(seq):
+                continue  # it preempted itself
+            seqs.append(seq)
+            counts.append(1)
+            budget -= 1
+        for seq in self.running:  # prompt chunks of admitted sequences; their blocks are already held
             if budget == 0:
                 break
             if seq.is_prefilling:
-                n = min(seq.num_pending, budget)
+                n = self._chunk(seq, budget)
                 seqs.append(seq)
                 counts.append(n)
                 budget -= n
         while budget > 0 and self.waiting and len(self.running) < self.max_running:
-            seq = self.waiting.popleft()
+            seq = self.waiting[0]
+            if not self.blocks.can_admit(seq.num_tokens):
+                break  # arrival order: a large request is not overtaken forever by small ones
+            self.waiting.popleft()
+            self.blocks.admit(seq.seq_id, seq.num_tokens)
             seq.status = Status.RUNNING
             self.running.append(seq)
-            n = min(seq.num_pending, budget)
+            n = self._chunk(seq, budget)
             seqs.append(seq)
             counts.append(n)
             budget -= n
-        return ScheduledBatch(seqs, counts) if seqs else None
+        if not seqs:
+            return None
+        return ScheduledBatch(seqs, counts, [self.blocks.table(s.seq_id) for s in seqs],
+                              [self.blocks.slot(s.seq_id) for s in seqs])
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """Prompt tokens to feed under `budget`. A cut chunk ends on a block boundary when it can, so the
+        DeltaNet states the chunked pass records (every 64 tokens of a pass) sit at absolute block
+        boundaries, where a prefix cache can use them."""
+        n = min(seq.num_pending, budget)
+        if n < seq.num_pending:
+            end = (seq.num_computed + n) // self.blocks.block_size * self.blocks.block_size
+            if end > seq.num_computed:
+                n = end - seq.num_computed
+        return n
+
+    def _make_room(self, seq: Sequence) -> bool:
+        """Blocks for one more token of `seq`, preempting newer sequences as needed; False if `seq` itself
+        had to go (it was the newest)."""
+        while not self.blocks.can_grow(seq.seq_id, seq.num_computed + 1):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        self.blocks.grow(seq.seq_id, seq.num_computed + 1)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        # Recompute: drop everything the model held; the prompt and the output so far are fed again.
+        self.running.remove(seq)
+        self.blocks.release(seq.seq_id)
+        seq.num_computed = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
 
     def postprocess(self, batch: ScheduledBatch, sampled: dict[int, int]) -> list[Sequence]:
         """Advance the batch after its forward pass; `sampled` maps seq_id -> new token for the sequences
@@ -154,13 +205,14 @@ class Scheduler:
         return finished
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Remove a sequence wherever it is (finished, aborted by its client, or failed)."""
+        """Remove a sequence wherever it is (finished, aborted by its client, or failed) and free its memory."""
         if seq.status is Status.FINISHED:
             return
         if seq.status is Status.WAITING:
             self.waiting.remove(seq)
         else:
             self.running.remove(seq)
+        self.blocks.release(seq.seq_id)
         seq.status = Status.FINISHED
         seq.finish_reason = reason
 

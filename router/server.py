@@ -8,19 +8,25 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
 
 from nextserve.model.checkpoint import load_config
 from nextserve.model.tokenizer import load_tokenizer
 from nextserve.proto.v1 import serving_pb2_grpc
+from nextserve.telemetry.metrics_http import MetricsServer
+from nextserve.telemetry.tracing import setup_tracing
 from nextserve.worker.fingerprint import checkpoint_fingerprint
 from nextserve.worker.plan import ExpertPlan
 from nextserve.worker.server import GRPC_OPTIONS
 
 from .engine import Engine
-from .runner import ModelRunner, load_dense_model
+from .block_manager import BlockManager
+from .cache_budget import parse_cache_memory
+from .runner import ModelRunner, load_dense_model, plan_cache
 from .scheduler import Scheduler
 from .service import ServingService
 from .shards import ShardPool
+from .telemetry import RouterTelemetry, moe_layers
 
 log = logging.getLogger("nextserve.router")
 SERVICE_NAME = "nextserve.v1.Serving"
@@ -38,17 +44,25 @@ class RouterOptions:
     max_batch_tokens: int = 2048
     max_running_requests: int = 64
     max_queue: int = 256
+    kv_cache_memory: str = "4GiB"  # KV blocks + DeltaNet state slots: an amount or a fraction of free memory
     expert_timeout: float = 60.0  # seconds a worker may take for one layer before it counts as failed
-    # Accepted now, used by later features (prefix cache in Redis, OpenTelemetry tracing).
+    micro_batches: int = 1  # 2: two micro-batches ping-pong, one computing while the other's tokens are away
+    # Accepted now, used by a later feature (prefix cache in Redis).
     cache_url: str | None = None
     cache_ttl: float | None = None
+    # Tracing: off unless an endpoint is given here or in OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT; the ratio
+    # overrides OTEL_TRACES_SAMPLER(_ARG). Metrics: /metrics on this port (None: not served; 0: any free port).
     otlp_endpoint: str | None = None
-    trace_sample_ratio: float = 0.0
+    trace_sample_ratio: float | None = None
+    metrics_port: int | None = None
 
     def __post_init__(self):
+        if self.micro_batches not in (1, 2):
+            raise ValueError(f"--micro-batches must be 1 or 2, got {self.micro_batches}")
         if self.max_batch_tokens < 1 or self.max_running_requests < 1 or self.max_queue < 0:
             raise ValueError(f"need --max-batch-tokens >= 1, --max-running-requests >= 1 and --max-queue >= 0; got "
                              f"{self.max_batch_tokens}, {self.max_running_requests}, {self.max_queue}")
+        parse_cache_memory(self.kv_cache_memory)  # a typo fails here, before any weight is loaded
 
 
 def parse_workers(specs: list[str]) -> dict[int, list[str]]:
@@ -65,13 +79,23 @@ def parse_workers(specs: list[str]) -> dict[int, list[str]]:
 class Router:
     """A running router (server, engine, pool); `await stop()` releases everything."""
 
-    def __init__(self, server: grpc.aio.Server, port: int, engine: Engine, pool: ShardPool, health_service):
+    def __init__(self, server: grpc.aio.Server, port: int, engine: Engine, pool: ShardPool, health_service,
+                 metrics: MetricsServer | None = None):
         self.server, self.port, self.engine, self.pool, self.health = server, port, engine, pool, health_service
+        self.metrics = metrics
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics.port if self.metrics is not None else None
 
     async def stop(self, grace: float = 1.0) -> None:
         await self.server.stop(grace)
         await self.pool.close()  # first: a forward pass in flight then fails fast instead of waiting on workers
         await self.engine.stop()
+        if self.metrics is not None:
+            self.metrics.close()
+        # Flushes the spans still queued (bounded by the exporter's timeout).
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.telemetry.shutdown)
 
 
 async def start_router(options: RouterOptions) -> Router:
@@ -82,17 +106,28 @@ async def start_router(options: RouterOptions) -> Router:
         raise ValueError(f"the plan is for {options.plan.num_experts} experts, the checkpoint has {config.num_experts}")
     loop = asyncio.get_running_loop()
     fingerprint = await loop.run_in_executor(None, checkpoint_fingerprint, options.checkpoint)
-    pool = ShardPool(options.plan, options.workers, fingerprint, request_timeout=options.expert_timeout)
+    pool = ShardPool(options.plan, options.workers, fingerprint, options.dtype, request_timeout=options.expert_timeout)
     await pool.start()
     try:
         model = await loop.run_in_executor(None, lambda: load_dense_model(
             options.checkpoint, pool, dtype=options.dtype, device=options.device))
         tokenizer = load_tokenizer(options.checkpoint)
+        sizes = plan_cache(model, options.kv_cache_memory, options.max_running_requests)
     except BaseException:
         await pool.close()
         raise
-    scheduler = Scheduler(options.max_batch_tokens, options.max_running_requests, options.max_queue)
-    engine = Engine(ModelRunner(model), scheduler, pool, tokenizer.eos_token_id, config.max_position_embeddings)
+    log.info("%s", sizes.describe())
+    scheduler = Scheduler(options.max_batch_tokens, options.max_running_requests, options.max_queue,
+                          BlockManager(sizes.num_blocks, sizes.num_slots))
+    try:
+        tracing = setup_tracing("nextserve-router", options.otlp_endpoint, options.trace_sample_ratio)
+    except ValueError:
+        await pool.close()
+        raise
+    telemetry = RouterTelemetry(CollectorRegistry(), tracing, Path(options.checkpoint).name, moe_layers(config),
+                                config.num_experts)
+    runner = ModelRunner(model, sizes, ping_pong=pool.baton if options.micro_batches == 2 else None)
+    engine = Engine(runner, scheduler, pool, tokenizer.eos_token_id, config.max_position_embeddings, telemetry)
 
     server = grpc.aio.server(options=GRPC_OPTIONS)
     serving_pb2_grpc.add_ServingServicer_to_server(ServingService(engine, config, tokenizer, fingerprint), server)
@@ -102,6 +137,13 @@ async def start_router(options: RouterOptions) -> Router:
     if port == 0:
         await pool.close()
         raise OSError(f"cannot listen on {options.host}:{options.port}")
+    try:
+        metrics = (MetricsServer(telemetry.registry, options.host, options.metrics_port)
+                   if options.metrics_port is not None else None)
+    except OSError:
+        telemetry.shutdown()
+        await pool.close()
+        raise
 
     async def set_health(healthy: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -115,4 +157,4 @@ async def start_router(options: RouterOptions) -> Router:
     log.info("router serving %s on %s:%d (fingerprint %s, %d workers, %s)", Path(options.checkpoint).name,
              options.host, port, fingerprint, len(pool.connections),
              "healthy" if pool.healthy else "waiting for: " + "; ".join(pool.down_shards()))
-    return Router(server, port, engine, pool, health_service)
+    return Router(server, port, engine, pool, health_service, metrics)

@@ -1,6 +1,7 @@
 """The client-facing gRPC service: Generate (streaming), Tokenize, ModelInfo."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -8,13 +9,13 @@ import uuid
 import grpc
 
 from nextserve.model.config import Qwen3NextConfig
-from nextserve.model.generate import check_prompt
 from nextserve.model.sampling import SamplingParams
 from nextserve.model.tokenizer import TextTokenizer
 from nextserve.proto.v1 import serving_pb2, serving_pb2_grpc
 
 from .engine import Engine, Failed, Finished, RequestStream, Tokens
-from .scheduler import QueueFull
+from .requests import check_prompt, check_stop_token_ids
+from .scheduler import QueueFull, RequestTooLarge
 from .shards import ShardUnavailable
 from .stop_strings import StopStringMatcher
 
@@ -36,24 +37,52 @@ class ServingService(serving_pb2_grpc.ServingServicer):
         self.engine, self.config, self.tokenizer, self.fingerprint = engine, config, tokenizer, fingerprint
 
     async def Generate(self, request: serving_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        telemetry = self.engine.telemetry
+        if telemetry is None:
+            async for response in self._generate(request, context, None):
+                yield response
+            return
+        record = telemetry.request_started(request, context.invocation_metadata())
+        seqs: list = []  # the engine's Sequence, once admitted
+
+        def admitted(stream: RequestStream, request_id: str, num_prompt: int, params, stop: list[str]) -> None:
+            seqs.append(stream.seq)
+            telemetry.request_admitted(record, stream.seq.seq_id, request_id, num_prompt, params, stop)
+
+        code = grpc.StatusCode.OK
+        try:
+            async for response in self._generate(request, context, admitted):
+                yield response
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except BaseException:
+            code = context.code() or grpc.StatusCode.UNKNOWN  # context.abort() set it
+            raise
+        finally:
+            telemetry.request_finished(record, seqs[0] if seqs else None, code, context.details() or "")
+
+    async def _generate(self, request, context, on_admitted):
         try:
             prompt_ids = self._prompt_ids(request)
             check_prompt(prompt_ids, self.config.vocab_size, self.config.max_position_embeddings)
             params = sampling_params(request.sampling)
-            bad = [t for t in params.stop_token_ids if not 0 <= t < self.config.vocab_size]
-            if bad:
-                raise ValueError(f"stop token ids out of range [0, {self.config.vocab_size}): {bad[:5]}")
+            check_stop_token_ids(params.stop_token_ids, self.config.vocab_size)
             if any(s == "" for s in request.sampling.stop):
                 raise ValueError("stop strings must not be empty")
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         try:
             stream = self.engine.submit(prompt_ids, params)
+        except RequestTooLarge as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except QueueFull as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the router is at capacity: {e}")
         except ShardUnavailable as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         request_id = request.request_id or uuid.uuid4().hex
+        if on_admitted is not None:
+            on_admitted(stream, request_id, len(prompt_ids), params, list(request.sampling.stop))
         try:
             async for response in self._responses(stream, request, request_id, len(prompt_ids)):
                 yield response

@@ -6,12 +6,15 @@ A connection that fails (the stream ends, a write fails, a response times out) f
 requests with `ShardUnavailable`, marks itself down and reconnects in the background, checking the
 fingerprint again before it takes traffic.
 
-`ShardPool.dispatch` is called from the model thread (inside the forward pass); the network I/O runs
-on the event loop that owns the channels.
+`ShardPool.dispatch` is called from the model thread (inside the forward pass): it cuts the layer's
+tokens between workers (`dispatch.py`), hands the requests to the event loop that owns the channels
+and returns at once; `LayerDispatch.result()` waits for the partial sums (the model computes the
+shared expert in between), retries what a failed worker had on a healthy replica and adds them up.
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import time
@@ -23,18 +26,18 @@ import torch
 
 from nextserve.proto import tensors
 from nextserve.proto.v1 import experts_pb2, experts_pb2_grpc
+from nextserve.worker.fingerprint import FingerprintMismatch, check_worker_identity
 from nextserve.worker.plan import ExpertPlan
 from nextserve.worker.server import GRPC_OPTIONS
+
+from .dispatch import Assignment, Routing, add_partials, split_tokens, to_host, unowned_experts
+from .overlap import ComputeBaton
 
 log = logging.getLogger("nextserve.router")
 
 
 class ShardUnavailable(Exception):
     """No healthy worker can compute some of the tokens: the message names the shards."""
-
-
-class FingerprintMismatch(Exception):
-    """A worker serves another checkpoint (or another shard of the plan) than the router expects."""
 
 
 @dataclass
@@ -46,10 +49,10 @@ class DispatchStats:
 
 
 class WorkerConnection:
-    def __init__(self, shard: int, address: str, fingerprint: str, experts: tuple[int, ...],
+    def __init__(self, shard: int, address: str, fingerprint: str, experts: tuple[int, ...], dtype: str,
                  request_timeout: float, on_change: Callable[[], None]):
         self.shard, self.address = shard, address
-        self.fingerprint, self.experts = fingerprint, experts
+        self.fingerprint, self.experts, self.dtype = fingerprint, experts, dtype
         self.request_timeout = request_timeout
         self.on_change = on_change
         self.healthy = False
@@ -84,14 +87,8 @@ class WorkerConnection:
         self.on_change()
 
     def _check_identity(self, info: experts_pb2.InfoResponse) -> None:
-        if info.fingerprint != self.fingerprint:
-            raise FingerprintMismatch(
-                f"worker {self.address} (shard {self.shard}) serves checkpoint fingerprint {info.fingerprint}, "
-                f"but the router's checkpoint has fingerprint {self.fingerprint}: point both at the same checkpoint")
-        if info.shard != self.shard or tuple(info.expert_ids) != self.experts:
-            raise FingerprintMismatch(
-                f"worker {self.address} reports shard {info.shard} with {len(info.expert_ids)} experts, but the "
-                f"router's plan gives shard {self.shard} {len(self.experts)} experts: the plans differ")
+        check_worker_identity(info, address=self.address, fingerprint=self.fingerprint, shard=self.shard,
+                              experts=self.experts, dtype=self.dtype)
 
     async def _read_responses(self, call) -> None:
         try:
@@ -183,7 +180,7 @@ class WorkerConnection:
 class ShardPool:
     """All worker connections and the expert plan: splits a layer's routed tokens between workers."""
 
-    def __init__(self, plan: ExpertPlan, workers: dict[int, list[str]], fingerprint: str,
+    def __init__(self, plan: ExpertPlan, workers: dict[int, list[str]], fingerprint: str, dtype: str,
                  request_timeout: float = 60.0):
         missing = [s for s in plan.shard_indices if not workers.get(s)]
         if missing:
@@ -196,17 +193,21 @@ class ShardPool:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.request_timeout = request_timeout
         self.listeners: list[Callable[[bool], None]] = []
-        self.connections = [WorkerConnection(s, address, fingerprint, plan.experts_of(s), request_timeout,
+        self.connections = [WorkerConnection(s, address, fingerprint, plan.experts_of(s), dtype, request_timeout,
                                              self._changed)
                             for s in sorted(workers) for address in workers[s]]
-        # expert -> indices into self.connections that hold it
-        self._holders: list[list[int]] = [[] for _ in range(plan.num_experts)]
-        for i, c in enumerate(self.connections):
-            for e in c.experts:
-                self._holders[e].append(i)
         self.stats = DispatchStats([])
         self.record_stats = False
-        self._owners = self._choose_owners()
+        self._turns = itertools.count()
+        self.routing = self._route()
+        # handed to the other micro-batch while a layer's tokens are away (when two ping-pong; see overlap.py)
+        self.baton = ComputeBaton()
+        # Observability hooks (nextserve.router.telemetry sets them): on_dispatch(layer, expert_ids) from the
+        # model thread for every layer, on_reply(shard, request, seconds, failed) on the event loop for every
+        # shard's answer, and the W3C trace context sent with the current step's requests ({}: not traced).
+        self.on_dispatch: Callable[[int, torch.Tensor], None] | None = None
+        self.on_reply: Callable[[int, experts_pb2.ExpertRequest, float, bool], None] | None = None
+        self.trace_context: dict[str, str] = {}
 
     # -- lifecycle (on the event loop) --------------------------------------------------------------
 
@@ -232,90 +233,145 @@ class ShardPool:
     @property
     def healthy(self) -> bool:
         """Every expert has at least one healthy worker."""
-        return all(any(self.connections[i].healthy for i in holders) for holders in self._holders)
+        return bool((self.routing.owner >= 0).all())
 
     def down_shards(self) -> list[str]:
         return [f"{c!r}: {c.last_error}" for c in self.connections if not c.healthy]
 
     def _changed(self) -> None:
-        # Ownership only changes with health: recompute it here, not on every layer of every step.
-        self._owners = self._choose_owners()
+        # Routing only changes with health: rebuild it here, not on every layer of every step. The
+        # model thread reads `self.routing` once per split; replacing it whole keeps that read consistent.
+        self.routing = self._route()
         healthy = self.healthy
         for listener in self.listeners:
             listener(healthy)
 
+    def _route(self) -> Routing:
+        """Each expert's owner: the first shard in plan order that holds it and has a healthy replica;
+        every healthy replica of an owner shard shares its tokens (none stands by)."""
+        replicas: dict[int, tuple[int, ...]] = {}
+        for i, c in enumerate(self.connections):
+            if c.healthy:
+                replicas[c.shard] = replicas.get(c.shard, ()) + (i,)
+        owner = [next((s for s in self.plan.shards_of(e) if s in replicas), -1) for e in range(self.plan.num_experts)]
+        return Routing(torch.tensor(owner, dtype=torch.int64), replicas)
+
     # -- dispatch (from the model thread) -------------------------------------------------------------
 
-    def dispatch(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """sum over the k slots of each token of weight * expert(hidden), computed by the workers.
+    def dispatch(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
+                 weights: torch.Tensor) -> "LayerDispatch":
+        """Start each token's weighted sum over its k routed experts on the workers; returns at once.
 
-        hidden [T, H]; expert_ids [T, k] global; weights [T, k] fp32. Returns [T, H] in hidden's dtype.
-        A worker that fails mid-request is marked down and its share is recomputed on a replica, if
-        any holds the same experts; otherwise ShardUnavailable names the shard.
+        hidden [T, H] in the serving dtype (it travels in it); expert_ids [T, k] global; weights [T, k]
+        fp32. `result()` of the returned LayerDispatch gives the [T, H] fp32 sum, or raises
+        ShardUnavailable naming the shard that no healthy worker can stand in for.
         """
         assert self.loop is not None, "start() the pool first"
-        start = time.perf_counter()
-        for _ in range(len(self.connections) + 1):
-            parts = self._split(layer, hidden, expert_ids, weights)
-            future = asyncio.run_coroutine_threadsafe(self._send(parts), self.loop)
+        hidden_host, ids_host, weights_host = to_host(hidden, expert_ids, weights)
+        if self.on_dispatch is not None:
+            self.on_dispatch(layer, ids_host)
+        return LayerDispatch(self, layer, hidden_host, ids_host, weights_host, device=hidden.device)
+
+    def _requests(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                  rows: torch.Tensor) -> list[tuple[Assignment, experts_pb2.ExpertRequest]]:
+        """The requests for the slots of expert_ids [R, k] (-1 = nothing to do) of the layer's rows [R].
+        Raises ShardUnavailable when an expert named has no healthy holder."""
+        routing = self.routing
+        unowned = unowned_experts(routing, expert_ids)
+        if unowned:
+            shards = sorted({s for e in unowned for s in self.plan.shards_of(e)})
+            raise ShardUnavailable(f"expert shard(s) {shards} unavailable (experts {unowned[:8]}): "
+                                   + "; ".join(self.down_shards()))
+        requests = []
+        for part in split_tokens(routing, expert_ids, next(self._turns)):
+            part = Assignment(part.shard, part.connection, rows[part.rows], part.expert_ids)
+            requests.append((part, experts_pb2.ExpertRequest(
+                layer=layer, hidden=tensors.to_wire(hidden[part.rows]), expert_ids=tensors.to_wire(part.expert_ids),
+                weights=tensors.to_wire(weights[part.rows]))))
+        return requests
+
+    def _send(self, requests) -> concurrent.futures.Future:
+        async def one(connection, message):
+            if self.trace_context:
+                message.trace_context.update(self.trace_context)
+            start = time.perf_counter()
+            try:
+                result = await connection.request(message)
+            except ShardUnavailable as e:
+                result = e
+            if self.on_reply is not None:
+                self.on_reply(connection.shard, message, time.perf_counter() - start, isinstance(result, Exception))
+            return result
+
+        async def every():
+            return await asyncio.gather(*(one(self.connections[a.connection], m) for a, m in requests))
+        return asyncio.run_coroutine_threadsafe(every(), self.loop)
+
+
+class LayerDispatch:
+    """One MoE layer's routed tokens, sent to the workers; `result()` waits for and adds their partials."""
+
+    def __init__(self, pool: ShardPool, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
+                 weights: torch.Tensor, device: torch.device):
+        # hidden and weights: the host copies, kept to resend a failed worker's rows
+        self.pool, self.layer, self.device = pool, layer, device
+        self.hidden, self.weights = hidden, weights
+        self.started = time.perf_counter()
+        self.requests = pool._requests(layer, hidden, expert_ids, weights, torch.arange(hidden.shape[0]))
+        self.future = pool._send(self.requests)
+
+    def result(self) -> torch.Tensor:
+        """[T, H] fp32 on the model's device. A worker that failed is marked down (by its connection) and
+        its rows go to a healthy replica or another holder of its experts; ShardUnavailable otherwise,
+        and at once for a request that a healthy worker rejected."""
+        pool, T, H = self.pool, self.hidden.shape[0], self.hidden.shape[1]
+        partials, sent, received = [], 0, 0
+        requests, future = self.requests, self.future
+        for _ in range(len(pool.connections) + 1):
             try:
                 # each request is bounded by request_timeout; this bounds a loop that stopped altogether
-                results = future.result(self.request_timeout + 5.0)
-            except TimeoutError:
+                with pool.baton.away():
+                    responses = future.result(pool.request_timeout + 5.0)
+            except concurrent.futures.TimeoutError:
                 future.cancel()
                 raise ShardUnavailable("the router's network loop did not answer; is it shutting down?") from None
-            failures = [r for r in results if isinstance(r, ShardUnavailable)]
-            if not failures:
+            failed = []
+            for (part, message), response in zip(requests, responses):
+                if isinstance(response, ShardUnavailable):
+                    failed.append((part, response))
+                    continue
+                partials.append((part, self._partial(part, response)))
+                sent, received = sent + message.ByteSize(), received + response.ByteSize()
+            if not failed:
                 break
-            if not self.healthy:
-                raise failures[0]
-            log.warning("layer %d: retrying on replicas after: %s", layer, failures[0])
+            log.warning("layer %d: moving %d rows to healthy replicas after: %s", self.layer,
+                        sum(len(p.rows) for p, _ in failed), failed[0][1])
+            requests = []
+            for part, error in failed:
+                if pool.connections[part.connection].healthy:
+                    raise error  # a worker that is up but rejected the request: resending cannot help
+                try:
+                    requests += pool._requests(self.layer, self.hidden, part.expert_ids, self.weights, part.rows)
+                except ShardUnavailable:
+                    raise error from None  # names the shard and the address that failed, and why
+            future = pool._send(requests)
         else:
-            raise ShardUnavailable("expert dispatch kept failing: " + "; ".join(self.down_shards()))
-        out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        for (_, rows, _), response in zip(parts, results):
-            out.index_add_(0, rows, tensors.from_wire(response.output, hidden.device).float())
-        if self.record_stats:
-            self.stats.latencies.append(time.perf_counter() - start)
-            self.stats.bytes_sent += sum(m.ByteSize() for _, _, m in parts)
-            self.stats.bytes_received += sum(r.ByteSize() for r in results)
-        return out.to(hidden.dtype)
+            raise ShardUnavailable("expert dispatch kept failing: " + "; ".join(pool.down_shards()))
+        if pool.record_stats:
+            pool.stats.latencies.append(time.perf_counter() - self.started)
+            pool.stats.bytes_sent += sent
+            pool.stats.bytes_received += received
+        return add_partials(T, H, partials).to(self.device)
 
-    def _split(self, layer, hidden, expert_ids, weights):
-        """[(connection, token rows, request)] with each (token, slot) assigned to exactly one worker."""
-        slot_owner = self._owners[expert_ids.cpu()]
-        if bool((slot_owner < 0).any()):
-            experts = sorted(set(expert_ids.cpu()[slot_owner < 0].tolist()))
-            shards = sorted({s for e in experts for s in self.plan.shards_of(e)})
-            raise ShardUnavailable(f"expert shard(s) {shards} unavailable (experts {experts[:8]}): "
-                                   + "; ".join(self.down_shards()))
-        parts = []
-        for index in slot_owner.unique().tolist():
-            mine = slot_owner == index
-            rows = mine.any(dim=1).nonzero().squeeze(1)
-            ids = torch.where(mine[rows], expert_ids.cpu()[rows], -1).to(torch.int32)
-            rows_dev = rows.to(hidden.device)
-            message = experts_pb2.ExpertRequest(
-                layer=layer, hidden=tensors.to_wire(hidden[rows_dev]), expert_ids=tensors.to_wire(ids),
-                weights=tensors.to_wire(weights[rows_dev].float()))
-            parts.append((self.connections[index], rows_dev, message))
-        return parts
-
-    def _choose_owners(self) -> torch.Tensor:
-        """[num_experts]: expert -> index of the first healthy connection holding it (plan order), -1 if none.
-
-        The model thread dispatches one layer at a time, so no request is in flight when a layer is
-        split: replicas are standbys that take over when the first holder fails."""
-        owners = [next((i for i in holders if self.connections[i].healthy), -1) for holders in self._holders]
-        return torch.tensor(owners, dtype=torch.int64)
-
-    async def _send(self, parts) -> list:
-        async def one(connection, message):
-            try:
-                return await connection.request(message)
-            except ShardUnavailable as e:
-                return e
-        return await asyncio.gather(*(one(c, m) for c, _, m in parts))
+    def _partial(self, part: Assignment, response: experts_pb2.ExpertResponse) -> torch.Tensor:
+        partial = tensors.from_wire(response.output)
+        expected = (len(part.rows), self.hidden.shape[1])
+        if partial.dtype != torch.float32 or tuple(partial.shape) != expected:
+            connection = self.pool.connections[part.connection]
+            raise ShardUnavailable(f"expert shard {part.shard} ({connection.address}) answered with a {partial.dtype} "
+                                   f"tensor of shape {list(partial.shape)}, expected float32 {list(expected)}: "
+                                   f"is it an older worker version?")
+        return partial
 
 
 def _describe(e: BaseException) -> str:

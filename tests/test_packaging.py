@@ -6,7 +6,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPONENTS = {"cli", "client", "kernels", "model", "operator", "proto", "router", "worker"}
+COMPONENTS = {"cli", "client", "kernels", "model", "operator", "proto", "router", "telemetry", "worker"}
 
 
 def test_wheel_maps_components_under_nextserve(tmp_path):

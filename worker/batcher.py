@@ -7,6 +7,7 @@ Whatever arrives while a forward runs is merged into the next one, so a lone req
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -22,19 +23,22 @@ class _Pending:
     hidden: torch.Tensor      # [T, H]
     expert_ids: torch.Tensor  # [T, k]
     weights: torch.Tensor     # [T, k]
+    trace: object = None      # the sending step's trace context, for the forward's span (None: untraced)
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 class LayerBatcher:
-    def __init__(self, forward: Forward, executor: Executor):
+    def __init__(self, forward: Forward, executor: Executor, on_forward: Callable | None = None):
         self.forward, self.executor = forward, executor
+        # on_forward(layer, trace contexts, expert_ids, start_ns, end_ns, error) after every forward (telemetry)
+        self.on_forward = on_forward
         self.pending: list[_Pending] = []
         self.draining = False
         self.forwards = 0  # forward passes run (fewer than requests when merging happened)
 
     async def submit(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
-                     weights: torch.Tensor) -> torch.Tensor:
-        item = _Pending(layer, hidden, expert_ids, weights)
+                     weights: torch.Tensor, trace=None) -> torch.Tensor:
+        item = _Pending(layer, hidden, expert_ids, weights, trace)
         self.pending.append(item)
         if not self.draining:
             self.draining = True
@@ -57,7 +61,7 @@ class LayerBatcher:
     def _run_group(self, group: list[_Pending]) -> None:
         if len(group) > 1 and len({(g.hidden.dtype, g.hidden.shape[1], g.expert_ids.shape[1]) for g in group}) == 1:
             try:
-                out = self._forward(group[0].layer, torch.cat([g.hidden for g in group]),
+                out = self._forward(group, group[0].layer, torch.cat([g.hidden for g in group]),
                                     torch.cat([g.expert_ids for g in group]), torch.cat([g.weights for g in group]))
             except Exception:  # noqa: BLE001 - one bad request must not fail the others: one by one below
                 pass
@@ -67,13 +71,22 @@ class LayerBatcher:
                 return
         for g in group:
             try:
-                _resolve(g, self._forward(g.layer, g.hidden, g.expert_ids, g.weights))
+                _resolve(g, self._forward([g], g.layer, g.hidden, g.expert_ids, g.weights))
             except Exception as e:  # noqa: BLE001 - every waiter gets an answer, never a hang
                 _resolve(g, e)
 
-    def _forward(self, layer, hidden, expert_ids, weights) -> torch.Tensor:
+    def _forward(self, items, layer, hidden, expert_ids, weights) -> torch.Tensor:
         self.forwards += 1
-        return self.forward(layer, hidden, expert_ids, weights)
+        if self.on_forward is None:
+            return self.forward(layer, hidden, expert_ids, weights)
+        start, error = time.time_ns(), None
+        try:
+            return self.forward(layer, hidden, expert_ids, weights)
+        except Exception as e:
+            error = e
+            raise
+        finally:
+            self.on_forward(layer, [g.trace for g in items], expert_ids, start, time.time_ns(), error)
 
 
 def _resolve(item: _Pending, result) -> None:

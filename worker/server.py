@@ -6,13 +6,17 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
 
 from nextserve.proto.v1 import experts_pb2, experts_pb2_grpc
+from nextserve.telemetry import attributes as attr
+from nextserve.telemetry.tracing import setup_tracing
 
-from .fingerprint import checkpoint_fingerprint
+from .fingerprint import checkpoint_fingerprint, dtype_name
 from .plan import ExpertPlan
 from .service import ExpertWorkerService
 from .shard import ShardExperts
+from .telemetry import WorkerTelemetry
 
 log = logging.getLogger("nextserve.worker")
 
@@ -26,16 +30,20 @@ def load_plan(path: str | Path) -> ExpertPlan:
     return ExpertPlan.from_json(Path(path).read_text())
 
 
-def build_service(checkpoint: str | Path, plan: ExpertPlan, shard: int, dtype: str, device: str) -> ExpertWorkerService:
+def build_service(checkpoint: str | Path, plan: ExpertPlan, shard: int, dtype: str, device: str,
+                  otlp_endpoint: str | None = None) -> ExpertWorkerService:
+    """The shard's service. Tracing follows `otlp_endpoint` or the OTEL_* variables (off without an endpoint);
+    a worker never starts a trace, it continues the router steps' traces (so it has no sample ratio)."""
+    tracing = setup_tracing("nextserve-worker", otlp_endpoint, resource_attributes={attr.SHARD: shard})
     experts = ShardExperts.load(checkpoint, plan.experts_of(shard), dtype=dtype, device=device)
     if plan.num_experts != experts.config.num_experts:
         raise ValueError(f"the plan is for {plan.num_experts} experts, the checkpoint has {experts.config.num_experts}")
     info = experts_pb2.InfoResponse(
         fingerprint=checkpoint_fingerprint(checkpoint), shard=shard, expert_ids=experts.expert_ids,
         moe_layers=sorted(experts.layers), num_experts=experts.config.num_experts,
-        hidden_size=experts.config.hidden_size, dtype=str(experts.dtype).removeprefix("torch."),
+        hidden_size=experts.config.hidden_size, dtype=dtype_name(experts.dtype),
         parameter_bytes=experts.parameter_bytes)
-    return ExpertWorkerService(experts, info)
+    return ExpertWorkerService(experts, info, WorkerTelemetry(CollectorRegistry(), tracing, shard))
 
 
 async def serve(service: ExpertWorkerService, host: str, port: int) -> tuple[grpc.aio.Server, int]:

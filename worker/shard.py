@@ -61,12 +61,16 @@ class ShardExperts:
 
     @torch.inference_mode()
     def forward(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """hidden [T, H]; expert_ids [T, k] GLOBAL ids, -1 = skip; weights [T, k] fp32 -> [T, H] in hidden's dtype.
+        """hidden [T, H] in the worker's dtype; expert_ids [T, k] GLOBAL ids, -1 = skip; weights [T, k] fp32
+        -> [T, H] fp32: the partial sum unrounded, so the router adds the shards' partials before rounding.
 
         Slots naming an expert this shard does not hold contribute nothing, as do -1 slots (the router
         sends -1 where another shard computes the slot, e.g. a replicated expert)."""
         if layer not in self.layers:
             raise ValueError(f"layer {layer} is not an MoE layer this worker serves ({sorted(self.layers)})")
+        if hidden.dtype != self.dtype:
+            # Converting would compute something the router's in-process twin never computes.
+            raise ValueError(f"hidden states arrive in {hidden.dtype}, but this worker computes in {self.dtype}")
         T, H = hidden.shape
         if H != self.config.hidden_size or expert_ids.shape != weights.shape or expert_ids.shape[0] != T:
             raise ValueError(f"inconsistent shapes: hidden {list(hidden.shape)}, expert_ids {list(expert_ids.shape)}, "
@@ -76,6 +80,6 @@ class ShardExperts:
             raise ValueError(f"expert ids must lie in [-1, {self.config.num_experts})")
         experts = self.layers[layer]
         local = experts.local_index(self.device)[ids.clamp(min=0)].masked_fill(ids < 0, -1)
-        out = ops.expert_ffn(hidden.to(self.device, self.dtype), local, weights.to(self.device, torch.float32),
-                             experts.w13, experts.w2)
-        return out.to(hidden.dtype)
+        out = ops.expert_ffn(hidden.to(self.device), local, weights.to(self.device, torch.float32),
+                             experts.w13, experts.w2, out_dtype=torch.float32)
+        return out

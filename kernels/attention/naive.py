@@ -138,3 +138,109 @@ def check_attention_args(q, k, v, cu_seqlens_q, cu_seqlens_k, gate):
         if Lq < 0 or Lk < Lq:
             raise ValueError(f"attention: sequence {n} has Lq={Lq}, Lk={Lk}; need 0 <= Lq <= Lk")
     return cu_q, cu_k
+
+
+# --- paged KV cache -------------------------------------------------------------------------
+# A cache is [num_blocks, block_size, Hkv, D]: token p of a sequence lives in block
+# block_tables[n, p // block_size] at offset p % block_size, i.e. at slot
+# block_id * block_size + offset of the cache seen as [num_blocks * block_size, Hkv, D].
+
+def check_cache_args(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """Shapes of `reshape_and_cache` (no host sync). Raises ValueError naming the bad tensor."""
+    if k.dim() != 3 or k.shape != v.shape:
+        raise ValueError(f"reshape_and_cache: k {tuple(k.shape)} and v {tuple(v.shape)} must both be [T, Hkv, D]")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or tuple(k_cache.shape[2:]) != tuple(k.shape[1:]):
+        raise ValueError(f"reshape_and_cache: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} "
+                         f"must both be [num_blocks, block_size, Hkv, D] with (Hkv, D) = {tuple(k.shape[1:])}")
+    if slot_mapping.dim() != 1 or slot_mapping.numel() != k.shape[0]:
+        raise ValueError(f"reshape_and_cache: slot_mapping {tuple(slot_mapping.shape)} must be [T] = ({k.shape[0]},)")
+    if slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"reshape_and_cache: slot_mapping must be int32 or int64, got {slot_mapping.dtype}")
+
+
+def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> None:
+    """Write new keys and values into the paged caches, in place: token t goes to slot slot_mapping[t]
+    (block slot // block_size, offset slot % block_size); a negative slot is padding, not written.
+
+    Args:
+        k, v: [T, Hkv, D].
+        k_cache, v_cache: [num_blocks, block_size, Hkv, D] (values are cast to the cache dtype).
+        slot_mapping: [T] int64 (or int32).
+    """
+    check_cache_args(k, v, k_cache, v_cache, slot_mapping)
+    num_blocks, block_size = k_cache.shape[:2]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    if slots.numel() and int(slots.max()) >= num_blocks * block_size:
+        raise ValueError(f"reshape_and_cache: slot {int(slots.max())} is outside the cache's "
+                         f"{num_blocks} x {block_size} slots")
+    blocks, offsets = slots // block_size, slots % block_size
+    k_cache[blocks, offsets] = k[keep].to(k_cache.dtype)
+    v_cache[blocks, offsets] = v[keep].to(v_cache.dtype)
+
+
+def check_paged_attention_args(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, gate) -> int:
+    """Shapes of `paged_attention` (no host sync); returns N. Raises ValueError naming the bad tensor."""
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"paged_attention: expected q [Tq, Hq, D] and k_cache, v_cache [num_blocks, block_size, "
+                         f"Hkv, D], got {tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    if k_cache.shape[3] != q.shape[2]:
+        raise ValueError(f"paged_attention: q {tuple(q.shape)} and k_cache {tuple(k_cache.shape)} disagree on D")
+    if q.shape[1] % k_cache.shape[2]:
+        raise ValueError(f"paged_attention: Hq={q.shape[1]} is not a multiple of Hkv={k_cache.shape[2]}")
+    if gate is not None and gate.shape != q.shape:
+        raise ValueError(f"paged_attention: gate {tuple(gate.shape)} must be [Tq, Hq, D] = {tuple(q.shape)}")
+    if cu_seqlens_q.dim() != 1 or cu_seqlens_q.numel() < 2:
+        raise ValueError(f"paged_attention: cu_seqlens_q {tuple(cu_seqlens_q.shape)} must be [N+1], N >= 1")
+    N = cu_seqlens_q.numel() - 1
+    if tuple(seq_lens_k.shape) != (N,):
+        raise ValueError(f"paged_attention: seq_lens_k {tuple(seq_lens_k.shape)} must be [N] = ({N},)")
+    if block_tables.dim() != 2 or block_tables.shape[0] != N:
+        raise ValueError(f"paged_attention: block_tables {tuple(block_tables.shape)} must be [N={N}, max_blocks]")
+    for name, t in (("block_tables", block_tables), ("cu_seqlens_q", cu_seqlens_q), ("seq_lens_k", seq_lens_k)):
+        if t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"paged_attention: {name} must be int32 or int64, got {t.dtype}")
+    return N
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    cu_seqlens_q: torch.Tensor, seq_lens_k: torch.Tensor, *, scale: float,
+                    gate: torch.Tensor | None = None) -> torch.Tensor:
+    """`attention` with keys and values read from paged caches through each sequence's block table.
+
+    Sequence n has queries cu_seqlens_q[n]:cu_seqlens_q[n+1] (Lq_n) and seq_lens_k[n] = Lk_n >= Lq_n
+    keys, its new ones included (already written by `reshape_and_cache`); its queries are the last
+    Lq_n positions. The reference gathers the sequences' keys through the block tables in one
+    index and runs `attention` on them; entries of block_tables past cdiv(Lk_n, block_size) are
+    never read.
+
+    Args:
+        q: [Tq, Hq, D]; gate: [Tq, Hq, D] or None.
+        k_cache, v_cache: [num_blocks, block_size, Hkv, D].
+        block_tables: [N, max_blocks] int32; cu_seqlens_q: [N+1] int32; seq_lens_k: [N] int32.
+
+    Returns:
+        o [Tq, Hq, D] in q.dtype.
+    """
+    N = check_paged_attention_args(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, gate)
+    num_blocks, block_size = k_cache.shape[:2]
+    lengths = seq_lens_k.long()
+    lk = lengths.tolist()
+    max_blocks = block_tables.shape[1]
+    for n, L in enumerate(lk):
+        if not 0 <= L <= max_blocks * block_size:
+            raise ValueError(f"paged_attention: sequence {n} has {L} keys; its block table row holds at most "
+                             f"{max_blocks} x {block_size}")
+    # position p of sequence n -> slot block_tables[n, p // block_size] * block_size + p % block_size
+    seq = torch.repeat_interleave(torch.arange(N, device=q.device), lengths.to(q.device))
+    cu_k = torch.zeros(N + 1, dtype=torch.int64, device=q.device)
+    cu_k[1:] = lengths.to(q.device).cumsum(0)
+    pos = torch.arange(int(cu_k[-1]), device=q.device) - cu_k[seq]
+    blocks = block_tables.to(q.device).long()[seq, pos // block_size]
+    if blocks.numel() and not bool(((blocks >= 0) & (blocks < num_blocks)).all()):
+        raise ValueError(f"paged_attention: block_tables name blocks outside the cache's [0, {num_blocks})")
+    slots = blocks * block_size + pos % block_size
+    k = k_cache.flatten(0, 1)[slots]
+    v = v_cache.flatten(0, 1)[slots]
+    return attention(q, k, v, cu_seqlens_q, cu_k, scale=scale, gate=gate)

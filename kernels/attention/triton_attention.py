@@ -10,6 +10,10 @@ attention is a flash-style kernel (online softmax in fp32) over packed sequences
   whose partial results a second kernel merges: a batch of one request with 2 KV heads would
   otherwise run on 2 programs.
 - the sigmoid gate multiplies in the epilogue.
+- paged (PAGED): keys and values live in caches of fixed-size blocks, [num_blocks, block_size,
+  Hkv, D], and each sequence's block table names its blocks in order. Key tiles are BN-aligned
+  and BN divides the block size, so every tile sits in one block: one table lookup per tile,
+  then the same loads as the packed layout at another base. Nothing is gathered.
 Sequence boundaries stay on the device: the grid is sized from static upper bounds, programs map
 themselves to (sequence, tile) by a binary search, and surplus programs return at once.
 """
@@ -22,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .naive import rope_inv_freq
+from .naive import check_cache_args, check_paged_attention_args, rope_inv_freq
 
 
 def _interpreted() -> bool:
@@ -133,12 +137,29 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_norm_weight: torch.Tensor, 
 # --- varlen gated attention -------------------------------------------------------------------
 
 @triton.jit
+def _key_tile_ptrs(p_k, p_v, i_k, o_rk, o_rv, i_n, block_tables, stride_bt, stride_kb, stride_kt, stride_vb, stride_vt,
+                   PAGED: tl.constexpr, BLOCK_SIZE: tl.constexpr, BN: tl.constexpr):
+    """Row pointers [BN] into k and v of the BN-aligned key tile starting at key i_k of sequence i_n.
+    Paged, the tile lies in one block (it never straddles two): one table lookup gives its base
+    and the rows follow at the loop-invariant offsets o_rk / o_rv."""
+    if PAGED:
+        i_blk = tl.load(block_tables + i_n.to(tl.int64) * stride_bt + i_k // BLOCK_SIZE).to(tl.int64)
+        i_row = i_k % BLOCK_SIZE
+        p_kt = p_k + (i_blk * stride_kb + i_row * stride_kt) + o_rk
+        return p_kt, p_v + (i_blk * stride_vb + i_row * stride_vt) + o_rv
+    o_k = i_k + tl.arange(0, BN)
+    return p_k + o_k * stride_kt, p_v + o_k * stride_vt
+
+
+@triton.jit
 def attention_kernel(
     q, k, v, gate, o, o_partial, ml_partial,
-    cu_seqlens_q, cu_seqlens_k, tile_offsets,
+    cu_seqlens_q, cu_seqlens_k, tile_offsets, block_tables,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_gt, stride_gh,
+    stride_gt, stride_gh, stride_kb, stride_vb, stride_bt,
     N, HQ, D, DV, qk_scale,
+    PAGED: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
     G: tl.constexpr,
     BQ: tl.constexpr,
     BM: tl.constexpr,
@@ -163,8 +184,14 @@ def attention_kernel(
         i_hi = tl.where(b_take, i_hi, i_mid - 1)
     i_n = i_lo
     bos_q, eos_q = tl.load(cu_seqlens_q + i_n).to(tl.int64), tl.load(cu_seqlens_q + i_n + 1).to(tl.int64)
-    bos_k, eos_k = tl.load(cu_seqlens_k + i_n).to(tl.int64), tl.load(cu_seqlens_k + i_n + 1).to(tl.int64)
-    Lq, Lk = eos_q - bos_q, eos_k - bos_k
+    Lq = eos_q - bos_q
+    if PAGED:
+        # cu_seqlens_k holds the key counts seq_lens_k [N]; the keys start at each block's base
+        bos_k = tl.zeros([], dtype=tl.int64)
+        Lk = tl.load(cu_seqlens_k + i_n).to(tl.int64)
+    else:
+        bos_k = tl.load(cu_seqlens_k + i_n).to(tl.int64)
+        Lk = tl.load(cu_seqlens_k + i_n + 1).to(tl.int64) - bos_k
     i_q0 = (i_tile - tl.load(tile_offsets + i_n)) * BQ
 
     # Row r of the tile is query i_q0 + r // G of query head i_kvh * G + r % G.
@@ -189,13 +216,15 @@ def attention_kernel(
 
     p_k = k + bos_k * stride_kt + i_kvh * stride_kh
     p_v = v + bos_k * stride_vt + i_kvh * stride_vh
+    o_rk, o_rv = tl.arange(0, BN) * stride_kt, tl.arange(0, BN) * stride_vt   # row offsets within a paged tile
     b_m = tl.full([BM], -1e30, dtype=tl.float32)   # finite: a row without keys yet stays NaN-free
     b_l = tl.zeros([BM], dtype=tl.float32)
     b_acc = tl.zeros([BM, BDV], dtype=tl.float32)
     for i_k in range(i_start, tl.minimum(i_stop, i_diag), BN):
-        o_k = i_k + tl.arange(0, BN)
-        b_k = tl.load(p_k + o_k[:, None] * stride_kt + o_d[None, :], mask=m_d[None, :], other=0.)
-        b_v = tl.load(p_v + o_k[:, None] * stride_vt + o_dv[None, :], mask=m_dv[None, :], other=0.)
+        p_kt, p_vt = _key_tile_ptrs(p_k, p_v, i_k, o_rk, o_rv, i_n, block_tables, stride_bt, stride_kb, stride_kt,
+                                    stride_vb, stride_vt, PAGED, BLOCK_SIZE, BN)
+        b_k = tl.load(p_kt[:, None] + o_d[None, :], mask=m_d[None, :], other=0.)
+        b_v = tl.load(p_vt[:, None] + o_dv[None, :], mask=m_dv[None, :], other=0.)
         if UPCAST:
             b_k, b_v = b_k.to(tl.float32), b_v.to(tl.float32)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
@@ -208,8 +237,10 @@ def attention_kernel(
     for i_k in range(tl.maximum(i_start, i_diag), i_stop, BN):
         o_k = i_k + tl.arange(0, BN)
         m_k = o_k < Lk
-        b_k = tl.load(p_k + o_k[:, None] * stride_kt + o_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.)
-        b_v = tl.load(p_v + o_k[:, None] * stride_vt + o_dv[None, :], mask=m_k[:, None] & m_dv[None, :], other=0.)
+        p_kt, p_vt = _key_tile_ptrs(p_k, p_v, i_k, o_rk, o_rv, i_n, block_tables, stride_bt, stride_kb, stride_kt,
+                                    stride_vb, stride_vt, PAGED, BLOCK_SIZE, BN)
+        b_k = tl.load(p_kt[:, None] + o_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.)
+        b_v = tl.load(p_vt[:, None] + o_dv[None, :], mask=m_k[:, None] & m_dv[None, :], other=0.)
         if UPCAST:
             b_k, b_v = b_k.to(tl.float32), b_v.to(tl.float32)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
@@ -327,17 +358,68 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
     if cu_seqlens_q.dim() != 1 or cu_seqlens_q.shape != cu_seqlens_k.shape or cu_seqlens_q.numel() < 2:
         raise ValueError(f"attention: cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k "
                          f"{tuple(cu_seqlens_k.shape)} must both be [N+1], N >= 1")
+    return _attention(q, k, v, gate, cu_seqlens_q, cu_seqlens_k, None, scale, num_splits, Tk)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    cu_seqlens_q: torch.Tensor, seq_lens_k: torch.Tensor, *, scale: float,
+                    gate: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """`attention` with keys and values read from paged caches through each sequence's block table.
+
+    Sequence n has queries cu_seqlens_q[n]:cu_seqlens_q[n+1] (Lq_n) and seq_lens_k[n] = Lk_n >= Lq_n
+    keys, its new ones included (already written by `reshape_and_cache`); its queries are the
+    last Lq_n positions. Key p of sequence n is row p % block_size of block
+    block_tables[n, p // block_size]; table entries past cdiv(Lk_n, block_size) are never read.
+    Nothing is checked against the data (that would cost host syncs): Lk_n within the table and
+    block ids within the cache are the caller's contract; the torch reference checks them.
+
+    Args:
+        q: [Tq, Hq, D]; gate: [Tq, Hq, D] or None.
+        k_cache, v_cache: [num_blocks, block_size, Hkv, D], unit stride along D; block_size a power
+            of two >= 16 (64 in nextserve).
+        block_tables: [N, max_blocks] int32; cu_seqlens_q: [N+1] int32; seq_lens_k: [N] int32.
+        num_splits: as in `attention`; None sizes decode splits from N * max_blocks * block_size,
+            a static bound (the same launch for every step of a batch shape).
+
+    Returns:
+        o [Tq, Hq, D] in q.dtype.
+    """
+    N = check_paged_attention_args(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, gate)
+    if not q.dtype == k_cache.dtype == v_cache.dtype:
+        raise ValueError(f"paged_attention: q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype} "
+                         f"must share a dtype")
+    block_size = k_cache.shape[1]
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"paged_attention: block_size {block_size} (k_cache {tuple(k_cache.shape)}) must be a "
+                         f"power of two >= 16")
+    if k_cache.stride(3) != 1 or v_cache.stride(3) != 1 or block_tables.stride(1) != 1:
+        raise ValueError("paged_attention: k_cache and v_cache need unit stride along D, block_tables along its rows")
+    return _attention(q, k_cache, v_cache, gate, cu_seqlens_q, seq_lens_k, block_tables, scale, num_splits,
+                      N * block_tables.shape[1] * block_size)
+
+
+def _attention(q, k, v, gate, cu_seqlens_q, lens_k, block_tables, scale, num_splits, Tk):
+    """Launch for both layouts. Packed: k, v [Tk, Hkv, D] and lens_k = cu_seqlens_k [N+1]. Paged
+    (block_tables given): k, v [num_blocks, block_size, Hkv, D] and lens_k = seq_lens_k [N]; Tk
+    is then an upper bound on the keys, used only to size decode splits."""
+    paged = block_tables is not None
+    Tq, Hq, D = q.shape
+    Hkv, Dv = v.shape[-2:]
     N, G = cu_seqlens_q.numel() - 1, Hq // Hkv
     o = torch.empty(Tq, Hq, Dv, dtype=q.dtype, device=q.device)
     if Tq == 0:
         return o
-    q, k, v = _heads(q), _heads(k), _heads(v)
-    gate = _heads(gate) if gate is not None else None
+    q, gate = _heads(q), _heads(gate) if gate is not None else None
+    if not paged:
+        k, v = _heads(k), _heads(v)
 
     BM, BN, auto_splits, num_warps, num_stages = _attention_config(Tq, Tk, N, Hkv, G, D, q.device)
     num_splits = num_splits or auto_splits
     if G > BM:
         BM = triton.next_power_of_2(G)
+    block_size = k.shape[1] if paged else 1
+    if paged:
+        BN = min(BN, block_size)   # a key tile never straddles two blocks
     BQ = BM // G
     # Tiles of sequence n: cdiv(Lq_n, BQ); their prefix sums locate each program's sequence.
     lq = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
@@ -350,12 +432,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
         ml_partial = torch.empty(Tq * Hq * num_splits, 2, dtype=torch.float32, device=q.device)
     else:
         o_partial = ml_partial = None
+    # [.., token, head, dim] strides of either layout; block strides only when paged
     attention_kernel[(max_tiles, Hkv, num_splits)](
         q, k, v, gate, o, o_partial, ml_partial,
-        cu_seqlens_q, cu_seqlens_k, tile_offsets,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cu_seqlens_q, lens_k, tile_offsets, block_tables,
+        q.stride(0), q.stride(1), k.stride(-3), k.stride(-2), v.stride(-3), v.stride(-2),
         gate.stride(0) if gate is not None else 0, gate.stride(1) if gate is not None else 0,
+        k.stride(0) if paged else 0, v.stride(0) if paged else 0, block_tables.stride(0) if paged else 0,
         N, Hq, D, Dv, scale * math.log2(math.e),
+        PAGED=paged, BLOCK_SIZE=block_size,
         G=G, BQ=BQ, BM=BM, BN=BN,
         BD=max(16, triton.next_power_of_2(D)), BDV=max(16, triton.next_power_of_2(Dv)),
         NUM_SPLITS=num_splits, HAS_GATE=gate is not None,
@@ -371,3 +456,58 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
             BDV=triton.next_power_of_2(Dv), HAS_GATE=gate is not None,
         )
     return o
+
+
+# --- paged KV cache: the slot-mapping scatter --------------------------------------------------
+
+@triton.jit
+def reshape_and_cache_kernel(
+    k, v, k_cache, v_cache, slot_mapping,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cb, stride_cs, stride_ch,
+    HKV, D, num_slots,
+    BLOCK_SIZE: tl.constexpr,
+    BD: tl.constexpr,
+):
+    i_t, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    i_slot = tl.load(slot_mapping + i_t).to(tl.int64)
+    # negative: padding; past the cache: an engine bug, and a store there would corrupt memory
+    if (i_slot < 0) | (i_slot >= num_slots):
+        return
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_c = (i_slot // BLOCK_SIZE) * stride_cb + (i_slot % BLOCK_SIZE) * stride_cs + i_h * stride_ch + o_d
+    b_k = tl.load(k + i_t * stride_kt + i_h * stride_kh + o_d, mask=m_d)
+    b_v = tl.load(v + i_t * stride_vt + i_h * stride_vh + o_d, mask=m_d)
+    tl.store(k_cache + o_c, b_k.to(k_cache.dtype.element_ty), mask=m_d)
+    tl.store(v_cache + o_c, b_v.to(v_cache.dtype.element_ty), mask=m_d)
+
+
+def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> None:
+    """Write new keys and values into the paged caches, in place: token t goes to slot
+    slot_mapping[t] (block slot // block_size, offset slot % block_size); a negative slot is
+    padding. One program per (token, KV head) row. Slots past the cache are skipped rather than
+    reported (reporting would cost a host sync; the torch reference raises).
+
+    Args:
+        k, v: [T, Hkv, D] (any strides with unit stride along D).
+        k_cache, v_cache: [num_blocks, block_size, Hkv, D], contiguous along D, same strides.
+        slot_mapping: [T] int64 (or int32).
+    """
+    check_cache_args(k, v, k_cache, v_cache, slot_mapping)
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1:
+        raise ValueError(f"reshape_and_cache: k_cache strides {k_cache.stride()} and v_cache strides "
+                         f"{v_cache.stride()} must be equal, with unit stride along D")
+    T, Hkv, D = k.shape
+    if T == 0:
+        return
+    k, v = _heads(k), _heads(v)
+    num_blocks, block_size = k_cache.shape[:2]
+    reshape_and_cache_kernel[(T, Hkv)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        Hkv, D, num_blocks * block_size,
+        BLOCK_SIZE=block_size, BD=triton.next_power_of_2(D),
+    )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..checks import num_sequences
+from ..checks import check_slot_values, check_state_slots, num_sequences
 
 __all__ = ["causal_conv1d", "causal_conv1d_update"]
 
@@ -33,25 +33,31 @@ def _check_x_and_weight(x, weight, activation, x_layout: str) -> tuple[tuple[int
     return tuple(x.shape), weight.shape[1]
 
 
-def check_conv_inputs(x, weight, initial_state, cu_seqlens, activation) -> tuple[int, int, int, int]:
+def check_conv_inputs(x, weight, initial_state, cu_seqlens, activation,
+                      state_slots=None) -> tuple[int, int, int, int]:
     """Validate `causal_conv1d` inputs; return (T, C, W, N). Raises ValueError naming the bad shape.
 
-    x: [T, C]; weight: [C, W]; initial_state: [N, C, W - 1] or None; cu_seqlens: [N + 1] or None (N = 1).
+    x: [T, C]; weight: [C, W]; initial_state: [N, C, W - 1] or None, or with state_slots [N] the
+    pool [S, C, W - 1]; cu_seqlens: [N + 1] or None (N = 1).
     """
     (T, C), W = _check_x_and_weight(x, weight, activation, "[T, C] (sequences packed along T)")
     N = num_sequences(cu_seqlens, default=1)
-    if initial_state is not None and tuple(initial_state.shape) != (N, C, W - 1):
+    if state_slots is not None:
+        check_state_slots(state_slots, initial_state, N, (C, W - 1), "initial_state")
+    elif initial_state is not None and tuple(initial_state.shape) != (N, C, W - 1):
         raise ValueError(f"initial_state {tuple(initial_state.shape)} must be [N, C, W - 1] = {(N, C, W - 1)}")
     return T, C, W, N
 
 
-def check_conv_update_inputs(x, conv_state, weight, activation) -> tuple[int, int, int]:
+def check_conv_update_inputs(x, conv_state, weight, activation, state_slots=None) -> tuple[int, int, int]:
     """Validate `causal_conv1d_update` inputs; return (N, C, W).
 
-    x: [N, C]; conv_state: [N, C, W - 1]; weight: [C, W].
+    x: [N, C]; conv_state: [N, C, W - 1], or with state_slots [N] the pool [S, C, W - 1]; weight: [C, W].
     """
     (N, C), W = _check_x_and_weight(x, weight, activation, "[N, C] (one token per sequence)")
-    if tuple(conv_state.shape) != (N, C, W - 1):
+    if state_slots is not None:
+        check_state_slots(state_slots, conv_state, N, (C, W - 1), "conv_state")
+    elif tuple(conv_state.shape) != (N, C, W - 1):
         raise ValueError(f"conv_state {tuple(conv_state.shape)} must be [N, C, W - 1] = {(N, C, W - 1)}")
     return N, C, W
 
@@ -60,17 +66,29 @@ def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
     return F.silu(y) if activation in ("silu", "swish") else y
 
 
-def causal_conv1d(x, weight, *, initial_state=None, cu_seqlens=None, activation="silu"):
+def causal_conv1d(x, weight, *, initial_state=None, state_slots=None, cu_seqlens=None, activation="silu"):
     """Prefill: causal depthwise conv over packed sequences, then the activation.
 
     x: [T, C]; weight: [C, W]; initial_state: [N, C, W - 1] or None (zeros);
     cu_seqlens: [N + 1] or None (one sequence); activation: "silu" / "swish" or None.
-    Returns (y [T, C] in x.dtype, final_state [N, C, W - 1] in x.dtype).
+    state_slots: [N] int32/int64 or None. With it, initial_state is the whole pool [S, C, W - 1]:
+    sequence n starts from pool[state_slots[n]] and its final state is written back there.
+    Returns (y [T, C] in x.dtype, final_state [N, C, W - 1] in x.dtype, or None with state_slots).
 
     Example, two sequences of 5 and 2 tokens:
         y, state = causal_conv1d(x, w, cu_seqlens=torch.tensor([0, 5, 7], dtype=torch.int32))
+    Example, the same two continuing from pool slots 3 and 0:
+        y, _ = causal_conv1d(x, w, initial_state=pool, state_slots=torch.tensor([3, 0]), cu_seqlens=cu)
     """
-    T, C, W, N = check_conv_inputs(x, weight, initial_state, cu_seqlens, activation)
+    T, C, W, N = check_conv_inputs(x, weight, initial_state, cu_seqlens, activation, state_slots)
+    if state_slots is not None:
+        pool = initial_state
+        check_slot_values(state_slots, pool.shape[0])
+        slots = state_slots.long()
+        y, final_state = causal_conv1d(x, weight, initial_state=pool[slots], cu_seqlens=cu_seqlens,
+                                       activation=activation)
+        pool[slots] = final_state.to(pool.dtype)
+        return y, None
     device = x.device
     offsets = (cu_seqlens.to(device=device, dtype=torch.int64) if cu_seqlens is not None
                else torch.tensor([0, T], device=device))
@@ -96,13 +114,22 @@ def causal_conv1d(x, weight, *, initial_state=None, cu_seqlens=None, activation=
     return y, final_state
 
 
-def causal_conv1d_update(x, conv_state, weight, *, activation="silu"):
+def causal_conv1d_update(x, conv_state, weight, *, state_slots=None, activation="silu"):
     """Decode: one new token per sequence; conv_state is rolled in place.
 
     x: [N, C]; conv_state: [N, C, W - 1] (oldest input first); weight: [C, W].
+    state_slots: [N] int32/int64 or None. With it, conv_state is the whole pool [S, C, W - 1] and
+    sequence n rolls pool[state_slots[n]].
     Returns y [N, C] in x.dtype.
     """
-    check_conv_update_inputs(x, conv_state, weight, activation)
+    check_conv_update_inputs(x, conv_state, weight, activation, state_slots)
+    if state_slots is not None:
+        check_slot_values(state_slots, conv_state.shape[0])
+        slots = state_slots.long()
+        state = conv_state[slots]
+        y = causal_conv1d_update(x, state, weight, activation=activation)
+        conv_state[slots] = state
+        return y
     window = torch.cat([conv_state.float(), x.float()[..., None]], dim=-1)  # [N, C, W]
     y = _activate((window * weight.float()[None]).sum(-1), activation)
     conv_state.copy_(window[..., 1:])

@@ -145,11 +145,12 @@ def chunk_gdn_prepare_kernel(
 
 @triton.jit
 def chunk_gdn_fwd_h_kernel(
-    k, w, u, g_cum, h, v_new, h0, ht, chunk_states, cu_seqlens, chunk_offsets, state_offsets, T,
+    k, w, u, g_cum, h, v_new, h0, ht, chunk_states, cu_seqlens, chunk_offsets, state_offsets, state_slots, T,
     H: tl.constexpr, Hk: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_QK_L2NORM: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, STORE_CHUNK_STATES: tl.constexpr,
+    HAS_SLOTS: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -170,9 +171,14 @@ def chunk_gdn_fwd_h_kernel(
     # this program's [BK, BV] tile, at the same place in every [K, V] state
     o_s, m_s = _tile(0, K, V, i_v * BV, V, BK, BV)
 
+    # the state of sequence i_n is row i_n of h0/ht, or with slots row state_slots[i_n] of the pool
+    if HAS_SLOTS:
+        i_sh = tl.load(state_slots + i_n).to(tl.int64) * H + i_h
+    else:
+        i_sh = i_nh.to(tl.int64)
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
-        b_h = tl.load(h0 + i_nh.to(tl.int64) * K * V + o_s, mask=m_s, other=0).to(tl.float32)
+        b_h = tl.load(h0 + i_sh * K * V + o_s, mask=m_s, other=0).to(tl.float32)
 
     for i_t in range(NT):
         # the state at the chunk start, read by the output pass
@@ -200,7 +206,9 @@ def chunk_gdn_fwd_h_kernel(
                 tl.store(chunk_states + ((bsc + i_t) * H + i_h) * K * V + o_s, b_h, mask=m_s)
 
     if STORE_FINAL_STATE:
-        tl.store(ht + i_nh.to(tl.int64) * K * V + o_s, b_h, mask=m_s)
+        if HAS_SLOTS:
+            tl.debug_barrier()  # ht is h0: the whole tile was read before any of it is overwritten
+        tl.store(ht + i_sh * K * V + o_s, b_h, mask=m_s)
 
 
 @triton.jit
@@ -255,8 +263,10 @@ def _block_sizes(K: int, V: int) -> tuple[int, int, int]:
 
 
 def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-                               output_chunk_states, use_qk_l2norm, N):
+                               output_chunk_states, use_qk_l2norm, N, state_slots=None):
     """Allocate, build the chunk tables and launch the three passes. Inputs contiguous, shapes validated.
+    With state_slots [N], initial_state is the pool [S, H, K, V]: read and written in place by slot
+    (the returned final_state is then None).
 
     Returns (o [B, T, H, V] in v.dtype, final_state [N, H, K, V] fp32 or None,
     chunk_states [sum_n floor(L_n / BT), H, K, V] fp32 or None).
@@ -296,11 +306,16 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_fi
     v_new = torch.empty(B, T, H, V, dtype=dt, device=device)
     h = torch.empty(NC, H, K, V, dtype=dt, device=device)
     o = torch.empty(B, T, H, V, dtype=v.dtype, device=device)
-    final_state = torch.empty(N, H, K, V, dtype=torch.float32, device=device) if output_final_state else None
+    if state_slots is not None:
+        final_state = initial_state
+    else:
+        final_state = torch.empty(N, H, K, V, dtype=torch.float32, device=device) if output_final_state else None
     chunk_states = (torch.empty(n_states, H, K, V, dtype=torch.float32, device=device)
                     if output_chunk_states else None)
     if NC == 0:
-        # no tokens at all: the state passes through unchanged
+        # no tokens at all: the state passes through unchanged (a pool already holds it)
+        if state_slots is not None:
+            return o, None, chunk_states
         if final_state is not None:
             final_state.copy_(initial_state if initial_state is not None else torch.zeros_like(final_state))
         return o, final_state, chunk_states
@@ -312,23 +327,27 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_fi
                                       num_warps=8)
     chunk_gdn_fwd_h_kernel[(triton.cdiv(V, BV_h), N * H)](
         k, w, u, g_cum, h, v_new, initial_state, final_state, chunk_states, cu_seqlens, chunk_offsets,
-        state_offsets, T, BV=BV_h, **common, USE_INITIAL_STATE=initial_state is not None,
-        STORE_FINAL_STATE=final_state is not None, STORE_CHUNK_STATES=chunk_states is not None, num_warps=8)
+        state_offsets, state_slots, T, BV=BV_h, **common, USE_INITIAL_STATE=initial_state is not None,
+        STORE_FINAL_STATE=final_state is not None, STORE_CHUNK_STATES=chunk_states is not None,
+        HAS_SLOTS=state_slots is not None, num_warps=8)
     chunk_gdn_fwd_o_kernel[(triton.cdiv(V, BV_o), NC, H)](q, k, v_new, h, g_cum, o, cu_seqlens, chunk_indices, scale,
                                                           T, NT, BV=BV_o, **common, num_warps=8)
-    return o, final_state, chunk_states
+    return o, (None if state_slots is not None else final_state), chunk_states
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=True,
-                           cu_seqlens=None, output_chunk_states=False, use_qk_l2norm=True):
+                           cu_seqlens=None, output_chunk_states=False, use_qk_l2norm=True, state_slots=None):
     """The chunked gated delta rule (prefill), chunk size 64.
 
     q, k: [B, T, Hk, K]; v: [B, T, Hv, V] with Hv a multiple of Hk; g (log decay), beta: [B, T, Hv]
     (fp32 preferred). initial_state: [N, Hv, K, V] or None (zeros). cu_seqlens: [N + 1] int32/int64
     offsets of N sequences packed along T (then B == 1), or None (N = B sequences of length T).
     scale defaults to K ** -0.5. K is held in one block: K <= 256.
-    Returns (o [B, T, Hv, V] in v.dtype, final_state [N, Hv, K, V] fp32 or None,
-    chunk_states [sum_n floor(L_n / 64), Hv, K, V] fp32 or None: the state after each full chunk,
+    state_slots: [N] int32/int64 on the inputs' device, or None. With it, initial_state is the
+    contiguous fp32 pool [S, Hv, K, V]: sequence n starts from pool[state_slots[n]] and its final
+    state is written back there (slots are not range-checked here: that would cost a host sync).
+    Returns (o [B, T, Hv, V] in v.dtype, final_state [N, Hv, K, V] fp32 or None (None with
+    state_slots), chunk_states [sum_n floor(L_n / 64), Hv, K, V] fp32 or None: the state after each full chunk,
     sequence by sequence in order of position).
 
     Example, two sequences of 100 and 30 tokens:
@@ -336,14 +355,18 @@ def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, 
         o, s, cs = chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu, output_chunk_states=True)
         # q: [1, 130, Hk, K]; s: [2, Hv, K, V]; cs: [1, Hv, K, V] (the state after token 63 of sequence 0)
     """
-    shapes = check_gdn_inputs(q, k, v, (g, beta), ("g", "beta"), initial_state, cu_seqlens)
+    shapes = check_gdn_inputs(q, k, v, (g, beta), ("g", "beta"), initial_state, cu_seqlens, state_slots)
     if shapes.K > 256:
         raise ValueError(f"key head dim K={shapes.K} (k {tuple(k.shape)}) must be <= 256: it is held in one block")
     if not (q.device == k.device == v.device == g.device == beta.device):
         raise ValueError("q, k, v, g and beta must be on one device")
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
-    if initial_state is not None:
+    if state_slots is not None:
+        if not initial_state.is_contiguous():
+            raise ValueError("the state pool (initial_state with state_slots) must be contiguous: it is updated "
+                             "in place")
+    elif initial_state is not None:
         initial_state = initial_state.float().contiguous()
     return chunk_gated_delta_rule_fwd(q, k, v, g, beta, shapes.K ** -0.5 if scale is None else float(scale),
                                       initial_state, output_final_state, cu_seqlens, output_chunk_states,
-                                      use_qk_l2norm, shapes.N)
+                                      use_qk_l2norm, shapes.N, state_slots=state_slots)

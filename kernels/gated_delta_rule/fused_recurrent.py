@@ -24,10 +24,10 @@ __all__ = ["fused_recurrent_gated_delta_rule"]
 
 @triton.jit
 def fused_recurrent_gdn_fwd_kernel(
-    q, k, v, a, b, A_log, dt_bias, o, h0, ht, all_states, cu_seqlens, scale, T,
+    q, k, v, a, b, A_log, dt_bias, o, h0, ht, all_states, cu_seqlens, state_slots, scale, T,
     H: tl.constexpr, Hk: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_QK_L2NORM: tl.constexpr, IS_VARLEN: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
-    STORE_FINAL_STATE: tl.constexpr, STORE_ALL_STATES: tl.constexpr,
+    STORE_FINAL_STATE: tl.constexpr, STORE_ALL_STATES: tl.constexpr, HAS_SLOTS: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -47,9 +47,14 @@ def fused_recurrent_gdn_fwd_kernel(
     m_h = m_k[:, None] & m_v[None, :]
     o_h = o_k[:, None] * V + o_v[None, :]
 
+    # the state of sequence i_n is row i_n of h0/ht, or with slots row state_slots[i_n] of the pool
+    if HAS_SLOTS:
+        i_sh = tl.load(state_slots + i_n).to(tl.int64) * H + i_h
+    else:
+        i_sh = i_nh.to(tl.int64)
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
-        b_h = tl.load(h0 + i_nh.to(tl.int64) * K * V + o_h, mask=m_h, other=0).to(tl.float32)
+        b_h = tl.load(h0 + i_sh * K * V + o_h, mask=m_h, other=0).to(tl.float32)
     b_A = -tl.exp(tl.load(A_log + i_h).to(tl.float32))
     b_dt_bias = tl.load(dt_bias + i_h).to(tl.float32)
 
@@ -77,13 +82,17 @@ def fused_recurrent_gdn_fwd_kernel(
             tl.store(all_states + (t * H + i_h) * K * V + o_h, b_h, mask=m_h)
 
     if STORE_FINAL_STATE:
-        tl.store(ht + i_nh.to(tl.int64) * K * V + o_h, b_h, mask=m_h)
+        if HAS_SLOTS:
+            tl.debug_barrier()  # ht is h0: the whole tile was read before any of it is overwritten
+        tl.store(ht + i_sh * K * V + o_h, b_h, mask=m_h)
 
 
 def fused_recurrent_gated_delta_rule_fwd(q, k, v, a, b, A_log, dt_bias, scale, initial_state, output_final_state,
-                                         cu_seqlens, output_all_states, use_qk_l2norm, N, final_state=None):
+                                         cu_seqlens, output_all_states, use_qk_l2norm, N, final_state=None,
+                                         state_slots=None):
     """Allocate and launch. Inputs contiguous, shapes validated; `final_state` may be a preallocated
     [N, H, K, V] fp32 buffer (it may alias `initial_state`: each program reads its slice before writing it).
+    With state_slots [N], initial_state and final_state are both the pool [S, H, K, V], indexed by slot.
 
     Returns (o [B, T, H, V] in v.dtype, final_state [N, H, K, V] fp32 or None, all_states [B, T, H, K, V] fp32 or None).
     """
@@ -102,16 +111,17 @@ def fused_recurrent_gated_delta_rule_fwd(q, k, v, a, b, A_log, dt_bias, scale, i
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(device=v.device, dtype=torch.int32)
     fused_recurrent_gdn_fwd_kernel[(triton.cdiv(V, BV), N * H)](
-        q, k, v, a, b, A_log, dt_bias, o, initial_state, final_state, all_states, cu_seqlens, scale, T,
+        q, k, v, a, b, A_log, dt_bias, o, initial_state, final_state, all_states, cu_seqlens, state_slots, scale, T,
         H=H, Hk=Hk, K=K, V=V, BK=BK, BV=BV, USE_QK_L2NORM=use_qk_l2norm, IS_VARLEN=cu_seqlens is not None,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=final_state is not None,
-        STORE_ALL_STATES=all_states is not None, num_warps=4 if BK * BV >= 4096 else 2)
+        STORE_ALL_STATES=all_states is not None, HAS_SLOTS=state_slots is not None,
+        num_warps=4 if BK * BV >= 4096 else 2)
     return o, final_state, all_states
 
 
 def fused_recurrent_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, *, scale=None, initial_state=None,
                                      output_final_state=True, cu_seqlens=None, output_all_states=False,
-                                     use_qk_l2norm=True, inplace_final_state=False):
+                                     use_qk_l2norm=True, inplace_final_state=False, state_slots=None):
     """The gated delta rule token by token, with the gates computed inside (decode, short continuations).
 
     q, k: [B, T, Hk, K]; v: [B, T, Hv, V] with Hv a multiple of Hk; a, b: [B, T, Hv] raw gate
@@ -120,21 +130,33 @@ def fused_recurrent_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, *, scale=Non
     scale defaults to K ** -0.5. inplace_final_state: write the final state into `initial_state`
     (which must then be a contiguous fp32 tensor) instead of a new tensor: a decode step updates
     its state cache without a copy.
-    Returns (o [B, T, Hv, V] in v.dtype, final_state [N, Hv, K, V] fp32 or None,
-    all_states [B, T, Hv, K, V] fp32 or None: the state after every token).
+    state_slots: [N] int32/int64 on the inputs' device, or None. With it, initial_state is the
+    contiguous fp32 pool [S, Hv, K, V]: sequence n starts from pool[state_slots[n]] and its final
+    state is written back there (slots are not range-checked here: that would cost a host sync).
+    Returns (o [B, T, Hv, V] in v.dtype, final_state [N, Hv, K, V] fp32 or None (None with
+    state_slots), all_states [B, T, Hv, K, V] fp32 or None: the state after every token).
 
     Example, one decode step for 8 sequences, updating their states in place:
         o, state, _ = fused_recurrent_gated_delta_rule(q, k, v, a, b, A_log, dt_bias,
                                                        initial_state=state, inplace_final_state=True)
         # q: [8, 1, Hk, K]; v: [8, 1, Hv, V]; state: [8, Hv, K, V]
     """
-    shapes = check_gdn_inputs(q, k, v, (a, b), ("a", "b"), initial_state, cu_seqlens)
+    shapes = check_gdn_inputs(q, k, v, (a, b), ("a", "b"), initial_state, cu_seqlens, state_slots)
     if tuple(A_log.shape) != (shapes.Hv,) or tuple(dt_bias.shape) != (shapes.Hv,):
         raise ValueError(f"A_log {tuple(A_log.shape)} and dt_bias {tuple(dt_bias.shape)} must be [Hv] = "
                          f"({shapes.Hv},)")
     if shapes.K > 256 or shapes.V > 256:
         raise ValueError(f"head dims K={shapes.K}, V={shapes.V} must be <= 256: the state slice stays in registers")
     final_state = None
+    if state_slots is not None:
+        if not initial_state.is_contiguous():
+            raise ValueError("the state pool (initial_state with state_slots) must be contiguous: it is updated "
+                             "in place")
+        q, k, v, a, b, A_log, dt_bias = (x.contiguous() for x in (q, k, v, a, b, A_log, dt_bias))
+        o, _, all_states = fused_recurrent_gated_delta_rule_fwd(
+            q, k, v, a, b, A_log, dt_bias, shapes.K ** -0.5 if scale is None else float(scale), initial_state, True,
+            cu_seqlens, output_all_states, use_qk_l2norm, shapes.N, final_state=initial_state, state_slots=state_slots)
+        return o, None, all_states
     if inplace_final_state:
         if initial_state is None or initial_state.dtype != torch.float32 or not initial_state.is_contiguous():
             raise ValueError("inplace_final_state needs initial_state as a contiguous fp32 [N, Hv, K, V] tensor")

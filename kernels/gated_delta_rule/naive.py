@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_slot_values
 from .utils import check_gdn_inputs, sequence_offsets
 
 __all__ = [
@@ -76,6 +77,18 @@ def _gather_padded(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.new_zeros((1,) + x.shape[1:])])[index]
 
 
+def _with_state_slots(fn, q, k, v, g, beta, initial_state, state_slots, cu_seqlens, **kwargs):
+    """Run `fn` on the pool rows state_slots index, write the final states back into those rows,
+    and return fn's outputs with final_state None: the slot-indexed form of either reference."""
+    check_gdn_inputs(q, k, v, (g, beta), ("g", "beta"), initial_state, cu_seqlens, state_slots)
+    check_slot_values(state_slots, initial_state.shape[0])
+    slots = state_slots.long()
+    o, final_state, extra = fn(q, k, v, g, beta, initial_state=initial_state[slots], output_final_state=True,
+                               cu_seqlens=cu_seqlens, **kwargs)
+    initial_state[slots] = final_state
+    return o, None, extra
+
+
 def _initial_state(initial_state, N, Hv, K, V, device):
     if initial_state is None:
         return torch.zeros(N, Hv, K, V, dtype=torch.float32, device=device)
@@ -83,18 +96,25 @@ def _initial_state(initial_state, N, Hv, K, V, device):
 
 
 def naive_recurrent_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=True,
-                                     cu_seqlens=None, output_all_states=False, use_qk_l2norm=True):
+                                     cu_seqlens=None, output_all_states=False, use_qk_l2norm=True, state_slots=None):
     """The gated delta rule token by token.
 
     q, k: [B, T, Hk, K]; v: [B, T, Hv, V] with Hv a multiple of Hk; g, beta: [B, T, Hv].
     initial_state: [N, Hv, K, V] or None (zeros); cu_seqlens: [N + 1] or None (N = B).
-    Returns (o [B, T, Hv, V] in v.dtype, final_state [N, Hv, K, V] fp32 or None,
-    all_states [B, T, Hv, K, V] fp32 or None: the state after every token).
+    state_slots: [N] int32/int64 or None. With it, initial_state is the whole fp32 pool
+    [S, Hv, K, V]: sequence n starts from pool[state_slots[n]] and its final state is written back
+    there (output_final_state is then moot: the pool is the output).
+    Returns (o [B, T, Hv, V] in v.dtype, final_state [N, Hv, K, V] fp32 or None (always None with
+    state_slots), all_states [B, T, Hv, K, V] fp32 or None: the state after every token).
 
     Example, two sequences of 3 and 5 tokens packed:
         o, s, _ = naive_recurrent_gated_delta_rule(q, k, v, g, beta, cu_seqlens=torch.tensor([0, 3, 8]))
         # q: [1, 8, Hk, K] ... s: [2, Hv, K, V]
     """
+    if state_slots is not None:
+        return _with_state_slots(naive_recurrent_gated_delta_rule, q, k, v, g, beta, initial_state, state_slots,
+                                 cu_seqlens, scale=scale, output_all_states=output_all_states,
+                                 use_qk_l2norm=use_qk_l2norm)
     shapes = check_gdn_inputs(q, k, v, (g, beta), ("g", "beta"), initial_state, cu_seqlens)
     B, T, Hv, K, V, N = shapes.B, shapes.T, shapes.Hv, shapes.K, shapes.V, shapes.N
     dtype, device = v.dtype, v.device
@@ -132,15 +152,16 @@ def naive_recurrent_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_st
 def naive_recurrent_gated_delta_rule_from_gates(q, k, v, a, b, A_log, dt_bias, **kwargs):
     """`gdn_gating` then `naive_recurrent_gated_delta_rule`: the reference of the fused recurrent kernel.
 
-    a, b: [B, T, Hv] raw projections; A_log, dt_bias: [Hv]; other arguments and the returned
-    (o, final_state, all_states) as in `naive_recurrent_gated_delta_rule`.
+    a, b: [B, T, Hv] raw projections; A_log, dt_bias: [Hv]; other arguments (state_slots included)
+    and the returned (o, final_state, all_states) as in `naive_recurrent_gated_delta_rule`.
     """
     g, beta = gdn_gating(a, b, A_log, dt_bias)
     return naive_recurrent_gated_delta_rule(q, k, v, g, beta, **kwargs)
 
 
 def naive_chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=True,
-                                 cu_seqlens=None, output_chunk_states=False, use_qk_l2norm=True, chunk_size=64):
+                                 cu_seqlens=None, output_chunk_states=False, use_qk_l2norm=True, chunk_size=64,
+                                 state_slots=None):
     """The gated delta rule in chunks of `chunk_size` tokens (the WY/UT form).
 
     Within a chunk, with G the cumulative sum of g from the chunk start and Γ_ij = exp(G_i - G_j):
@@ -154,10 +175,17 @@ def naive_chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=
 
     q, k: [B, T, Hk, K]; v: [B, T, Hv, V] with Hv a multiple of Hk; g, beta: [B, T, Hv].
     initial_state: [N, Hv, K, V] or None (zeros); cu_seqlens: [N + 1] or None (N = B).
-    Returns (o [B, T, Hv, V] in v.dtype, final_state [N, Hv, K, V] fp32 or None,
-    chunk_states [sum_n floor(L_n / chunk_size), Hv, K, V] fp32 or None: the state after each
-    full chunk, sequence by sequence in order of position).
+    state_slots: [N] int32/int64 or None. With it, initial_state is the whole fp32 pool
+    [S, Hv, K, V]: sequence n starts from pool[state_slots[n]] and its final state is written back
+    there (output_final_state is then moot: the pool is the output).
+    Returns (o [B, T, Hv, V] in v.dtype, final_state [N, Hv, K, V] fp32 or None (always None with
+    state_slots), chunk_states [sum_n floor(L_n / chunk_size), Hv, K, V] fp32 or None: the state
+    after each full chunk, sequence by sequence in order of position).
     """
+    if state_slots is not None:
+        return _with_state_slots(naive_chunk_gated_delta_rule, q, k, v, g, beta, initial_state, state_slots,
+                                 cu_seqlens, scale=scale, output_chunk_states=output_chunk_states,
+                                 use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size)
     shapes = check_gdn_inputs(q, k, v, (g, beta), ("g", "beta"), initial_state, cu_seqlens)
     B, T, Hv, K, V, N = shapes.B, shapes.T, shapes.Hv, shapes.K, shapes.V, shapes.N
     BT = chunk_size

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checks import num_sequences
+from ..checks import check_state_slots, num_sequences
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,11 +22,12 @@ class GDNShapes:
 
 def check_gdn_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: tuple[torch.Tensor, ...],
                      gate_names: tuple[str, ...], initial_state: torch.Tensor | None,
-                     cu_seqlens: torch.Tensor | None) -> GDNShapes:
+                     cu_seqlens: torch.Tensor | None, state_slots: torch.Tensor | None = None) -> GDNShapes:
     """Validate the gated-delta-rule inputs and return their sizes; raise ValueError naming the bad shape.
 
-    q, k: [B, T, Hk, K]; v: [B, T, Hv, V]; each gate: [B, T, Hv]; initial_state: [N, Hv, K, V];
-    cu_seqlens: [N + 1] integer offsets starting at 0 (then B must be 1).
+    q, k: [B, T, Hk, K]; v: [B, T, Hv, V]; each gate: [B, T, Hv]; initial_state: [N, Hv, K, V], or
+    with state_slots [N] the fp32 pool [S, Hv, K, V]; cu_seqlens: [N + 1] integer offsets starting
+    at 0 (then B must be 1).
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D [B, T, H, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}, "
@@ -47,7 +48,12 @@ def check_gdn_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: t
         raise ValueError(f"with cu_seqlens the batch size must be 1 (sequences packed along T); got q "
                          f"{tuple(q.shape)}")
     N = num_sequences(cu_seqlens, default=B)
-    if initial_state is not None and tuple(initial_state.shape) != (N, Hv, K, V):
+    if state_slots is not None:
+        check_state_slots(state_slots, initial_state, N, (Hv, K, V), "initial_state")
+        if initial_state.dtype != torch.float32:
+            # the pool is updated in place, so it cannot be converted: it must already be fp32
+            raise ValueError(f"the recurrent state pool must be fp32, got initial_state {initial_state.dtype}")
+    elif initial_state is not None and tuple(initial_state.shape) != (N, Hv, K, V):
         raise ValueError(f"initial_state {tuple(initial_state.shape)} must be [N, Hv, K, V] = {(N, Hv, K, V)}")
     return GDNShapes(B=B, T=T, Hk=Hk, Hv=Hv, K=K, V=V, N=N)
 

@@ -33,7 +33,7 @@ def moe_route(router_logits: torch.Tensor, top_k: int, *, renormalize: bool = Tr
 
 
 def expert_ffn(hidden: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
-               w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+               w13: torch.Tensor, w2: torch.Tensor, *, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """sum_j weights[t, j] * down_e(silu(gate_e h_t) * up_e h_t) over the slots j whose expert is local.
 
     Token slots are sorted by expert once, so each active expert costs one pair of matmuls over
@@ -46,9 +46,10 @@ def expert_ffn(hidden: torch.Tensor, expert_ids: torch.Tensor, expert_weights: t
         expert_weights: [T, k] fp32 routing weights.
         w13: [E_local, 2*I, H], gate_proj rows then up_proj rows.
         w2: [E_local, H, I].
+        out_dtype: dtype of the result (default hidden.dtype); torch.float32 returns the fp32 sum unrounded.
 
     Returns:
-        [T, H] in hidden.dtype.
+        [T, H] in out_dtype.
     """
     check_expert_ffn_args(hidden, expert_ids, expert_weights, w13, w2)
     T, H = hidden.shape
@@ -76,7 +77,7 @@ def expert_ffn(hidden: torch.Tensor, expert_ids: torch.Tensor, expert_weights: t
         weighted = torch.cat(outputs).float() * expert_weights.reshape(-1)[slots, None].float()
         per_slot.index_copy_(0, slots, weighted)
     out = per_slot.view(T, k, H).sum(1)
-    return out.to(hidden.dtype)
+    return out.to(out_dtype or hidden.dtype)
 
 
 def check_expert_ffn_args(hidden, expert_ids, expert_weights, w13, w2):

@@ -292,7 +292,7 @@ def _gemm_config(n_slots: int, num_experts: int):
 
 
 def expert_ffn(hidden: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
-               w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+               w13: torch.Tensor, w2: torch.Tensor, *, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """sum_j weights[t, j] * down_e(silu(gate_e h_t) * up_e h_t) over the slots j whose expert is local.
 
     The SwiGLU intermediate and each slot's weighted output are rounded to hidden.dtype (as the
@@ -305,9 +305,10 @@ def expert_ffn(hidden: torch.Tensor, expert_ids: torch.Tensor, expert_weights: t
         expert_weights: [T, k] fp32.
         w13: [E_local, 2*I, H], gate_proj rows then up_proj rows, dtype of hidden.
         w2: [E_local, H, I], dtype of hidden.
+        out_dtype: dtype of the result (default hidden.dtype); torch.float32 stores the fp32 sum unrounded.
 
     Returns:
-        [T, H] in hidden.dtype.
+        [T, H] in out_dtype.
     """
     check_expert_ffn_args(hidden, expert_ids, expert_weights, w13, w2)
     if w13.dtype != hidden.dtype or w2.dtype != hidden.dtype:
@@ -316,7 +317,7 @@ def expert_ffn(hidden: torch.Tensor, expert_ids: torch.Tensor, expert_weights: t
     k = expert_ids.shape[1]
     E, I = w13.shape[0], w13.shape[1] // 2
     device = hidden.device
-    out = torch.empty(T, H, dtype=hidden.dtype, device=device)
+    out = torch.empty(T, H, dtype=out_dtype or hidden.dtype, device=device)
     if T == 0 or k == 0:
         return out.zero_()
     expert_ids = expert_ids.contiguous()

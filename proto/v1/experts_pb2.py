@@ -24,15 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1anextserve/v1/experts.proto\x12\x0cnextserve.v1\"I\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.nextserve.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"\r\n\x0bInfoRequest\"\xac\x01\n\x0cInfoResponse\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\r\n\x05shard\x18\x02 \x01(\r\x12\x12\n\nexpert_ids\x18\x03 \x03(\r\x12\x12\n\nmoe_layers\x18\x04 \x03(\r\x12\x13\n\x0bnum_experts\x18\x05 \x01(\r\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x17\n\x0fparameter_bytes\x18\x08 \x01(\x04\"\xa9\x01\n\rExpertRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12$\n\x06hidden\x18\x03 \x01(\x0b\x32\x14.nextserve.v1.Tensor\x12(\n\nexpert_ids\x18\x04 \x01(\x0b\x32\x14.nextserve.v1.Tensor\x12%\n\x07weights\x18\x05 \x01(\x0b\x32\x14.nextserve.v1.Tensor\"Y\n\x0e\x45xpertResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12$\n\x06output\x18\x02 \x01(\x0b\x32\x14.nextserve.v1.Tensor\x12\r\n\x05\x65rror\x18\x03 \x01(\t*i\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT32\x10\x04\x32\x97\x01\n\x0c\x45xpertWorker\x12=\n\x04Info\x12\x19.nextserve.v1.InfoRequest\x1a\x1a.nextserve.v1.InfoResponse\x12H\n\x07\x45xperts\x12\x1b.nextserve.v1.ExpertRequest\x1a\x1c.nextserve.v1.ExpertResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1anextserve/v1/experts.proto\x12\x0cnextserve.v1\"I\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.nextserve.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"\r\n\x0bInfoRequest\"\xac\x01\n\x0cInfoResponse\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\r\n\x05shard\x18\x02 \x01(\r\x12\x12\n\nexpert_ids\x18\x03 \x03(\r\x12\x12\n\nmoe_layers\x18\x04 \x03(\r\x12\x13\n\x0bnum_experts\x18\x05 \x01(\r\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x17\n\x0fparameter_bytes\x18\x08 \x01(\x04\"\xa4\x02\n\rExpertRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12$\n\x06hidden\x18\x03 \x01(\x0b\x32\x14.nextserve.v1.Tensor\x12(\n\nexpert_ids\x18\x04 \x01(\x0b\x32\x14.nextserve.v1.Tensor\x12%\n\x07weights\x18\x05 \x01(\x0b\x32\x14.nextserve.v1.Tensor\x12\x44\n\rtrace_context\x18\x06 \x03(\x0b\x32-.nextserve.v1.ExpertRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Y\n\x0e\x45xpertResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12$\n\x06output\x18\x02 \x01(\x0b\x32\x14.nextserve.v1.Tensor\x12\r\n\x05\x65rror\x18\x03 \x01(\t*i\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT32\x10\x04\x32\x97\x01\n\x0c\x45xpertWorker\x12=\n\x04Info\x12\x19.nextserve.v1.InfoRequest\x1a\x1a.nextserve.v1.InfoResponse\x12H\n\x07\x45xperts\x12\x1b.nextserve.v1.ExpertRequest\x1a\x1c.nextserve.v1.ExpertResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nextserve.v1.experts_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=572
-  _globals['_DTYPE']._serialized_end=677
+  _globals['_EXPERTREQUEST_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_EXPERTREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_DTYPE']._serialized_start=695
+  _globals['_DTYPE']._serialized_end=800
   _globals['_TENSOR']._serialized_start=44
   _globals['_TENSOR']._serialized_end=117
   _globals['_INFOREQUEST']._serialized_start=119
@@ -40,9 +42,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFORESPONSE']._serialized_start=135
   _globals['_INFORESPONSE']._serialized_end=307
   _globals['_EXPERTREQUEST']._serialized_start=310
-  _globals['_EXPERTREQUEST']._serialized_end=479
-  _globals['_EXPERTRESPONSE']._serialized_start=481
-  _globals['_EXPERTRESPONSE']._serialized_end=570
-  _globals['_EXPERTWORKER']._serialized_start=680
-  _globals['_EXPERTWORKER']._serialized_end=831
+  _globals['_EXPERTREQUEST']._serialized_end=602
+  _globals['_EXPERTREQUEST_TRACECONTEXTENTRY']._serialized_start=551
+  _globals['_EXPERTREQUEST_TRACECONTEXTENTRY']._serialized_end=602
+  _globals['_EXPERTRESPONSE']._serialized_start=604
+  _globals['_EXPERTRESPONSE']._serialized_end=693
+  _globals['_EXPERTWORKER']._serialized_start=803
+  _globals['_EXPERTWORKER']._serialized_end=954
 # @@protoc_insertion_point(module_scope)

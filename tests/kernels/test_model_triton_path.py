@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from nextserve.model import ForwardBatch, Qwen3NextForCausalLM
+from nextserve.model import Qwen3NextForCausalLM, StaticCache
 
 
 @pytest.fixture(scope="module")
@@ -12,13 +12,13 @@ def model(tiny_checkpoint):
 
 def prefill_then_decode(model, prompts, steps):
     """Logits of a packed ragged prefill, then `steps` greedy decode steps of every sequence."""
-    states = [model.new_state() for _ in prompts]
-    batch = ForwardBatch.build(states, [len(p) for p in prompts], "cpu")
+    cache, seqs = StaticCache(model, len(prompts), max(len(p) for p in prompts) + steps), list(range(len(prompts)))
+    batch = cache.batch(seqs, [len(p) for p in prompts])
     logits, _ = model.forward_batch(torch.cat(prompts), batch, all_logits=True)
     outputs = [logits]
     last = logits[batch.last_token_indices()]
     for _ in range(steps):
-        last, _ = model.forward_batch(last.argmax(-1), ForwardBatch.build(states, [1] * len(prompts), "cpu"))
+        last, _ = model.forward_batch(last.argmax(-1), cache.batch(seqs, [1] * len(prompts)))
         outputs.append(last)
     return outputs
 

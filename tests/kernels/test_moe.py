@@ -221,3 +221,27 @@ def test_triton_block_matches_transformers(monkeypatch, close):
         got = routed + block.shared_expert(x) * torch.sigmoid(block.shared_expert_gate(x))
     assert calls == ["moe_route", "expert_ffn"]
     close(got, expected, reduction=BLOCK_CHAIN)
+
+
+@pytest.mark.parametrize("impl", ["naive", "triton"])
+def test_expert_ffn_fp32_output_is_the_sum_before_its_rounding(impl, poisoned_empty):
+    """out_dtype=float32 returns the fp32 accumulator that the default output rounds to hidden's dtype:
+    what a worker sends back so that shard partials are added before the one rounding."""
+    expert_ffn = naive.expert_ffn if impl == "naive" else triton_moe.expert_ffn
+    T, H, I, E, k = 9, 48, 40, 7, 3
+    torch.manual_seed(11)
+    hidden = torch.randn(T, H).to(torch.bfloat16)
+    weights, ids = naive.moe_route(torch.randn(T, 12), k)
+    w13, w2 = random_experts(E, H, I, torch.bfloat16, seed=3)
+    local_ids = shard_ids(ids, 2, 2 + E)
+    with poisoned_empty():
+        rounded = expert_ffn(hidden, local_ids, weights, w13, w2)
+        full = expert_ffn(hidden, local_ids, weights, w13, w2, out_dtype=torch.float32)
+    assert full.dtype == torch.float32 and rounded.dtype == torch.bfloat16
+    # the default output is this sum rounded once: within one bf16 ulp (2^-7 relative) whatever the
+    # rounding mode (Triton's interpreter truncates), exactly torch's rounding on the reference
+    assert bool(((rounded.float() - full).abs() <= full.abs() * 2.0 ** -7).all())
+    if impl == "naive":
+        assert torch.equal(full.to(torch.bfloat16), rounded)
+    # not merely bf16 values stored in fp32: the fp32 sum keeps bits that bf16 drops
+    assert not torch.equal(full, rounded.float())

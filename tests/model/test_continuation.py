@@ -3,9 +3,8 @@ oracle here: it restarts DeltaNet state when more than one new token arrives).""
 import pytest
 import torch
 
-from nextserve.model import ForwardBatch, Qwen3NextForCausalLM
+from nextserve.model import Qwen3NextForCausalLM, StaticCache
 from nextserve.model.moe import Experts
-from nextserve.model.state import LinearAttentionState
 
 
 @pytest.fixture(scope="module")
@@ -18,69 +17,74 @@ def tokens(model):
     return torch.randint(0, model.config.vocab_size, (150,), generator=torch.Generator().manual_seed(7))
 
 
-def run(model, state, ids, **kw):
-    return model.forward_batch(ids, ForwardBatch.build([state], [len(ids)], "cpu", **kw), all_logits=True)[0]
+def run(model, cache, seq, ids, **kw):
+    """Feed `ids` to sequence `seq` of `cache`; returns every new token's logits and the batch."""
+    batch = cache.batch([seq], [len(ids)], **kw)
+    return model.forward_batch(ids, batch, all_logits=True)[0], batch
+
+
+def full_forward(model, ids):
+    return run(model, StaticCache(model, 1, len(ids)), 0, ids)[0]
 
 
 def test_prefill_then_continue_in_one_piece_equals_full_forward(model, tokens, logits_close):
-    full = run(model, model.new_state(), tokens)
-    state = model.new_state()
-    run(model, state, tokens[:100])
-    continued = run(model, state, tokens[100:])
+    full = full_forward(model, tokens)
+    cache = StaticCache(model, 1, 150)
+    run(model, cache, 0, tokens[:100])
+    continued, _ = run(model, cache, 0, tokens[100:])
     logits_close(continued, full[100:], model.config, 150)
-    assert state.num_tokens == 150
+    assert cache.lengths == [150]
 
 
 def test_prefill_then_decode_token_by_token_equals_full_forward(model, tokens, logits_close):
-    full = run(model, model.new_state(), tokens)
-    state = model.new_state()
-    run(model, state, tokens[:90])
+    full = full_forward(model, tokens)
+    cache = StaticCache(model, 1, 150)
+    run(model, cache, 0, tokens[:90])
     for t in range(90, 150):
-        step = run(model, state, tokens[t:t + 1])
+        step, _ = run(model, cache, 0, tokens[t:t + 1])
         logits_close(step[0], full[t], model.config, 150)
 
 
 def test_batched_sequences_continue_independently(model, tokens, logits_close):
     """Two sequences at different depths in one packed batch: each matches its own full forward."""
     a, b = tokens[:120], tokens[30:]
-    full_a, full_b = run(model, model.new_state(), a), run(model, model.new_state(), b)
-    sa, sb = model.new_state(), model.new_state()
-    run(model, sa, a[:50])
-    run(model, sb, b[:70])
-    batch = ForwardBatch.build([sa, sb], [70, 50], "cpu")
-    logits, _ = model.forward_batch(torch.cat([a[50:], b[70:]]), batch, all_logits=True)
+    full_a, full_b = full_forward(model, a), full_forward(model, b)
+    cache = StaticCache(model, 2, 120)
+    run(model, cache, 1, b[:70])  # the second slot and blocks first: nothing may assume sequence order
+    run(model, cache, 0, a[:50])
+    logits, _ = model.forward_batch(torch.cat([a[50:], b[70:]]), cache.batch([0, 1], [70, 50]), all_logits=True)
     logits_close(logits[:70], full_a[50:], model.config, 120)
     logits_close(logits[70:], full_b[70:], model.config, 120)
 
 
 def test_chunk_boundary_checkpoints_equal_recurrent_states(model, tokens, rms_close, model_chain):
-    state = model.new_state()
-    run(model, state, tokens[:140], record_checkpoints=True)
-    assert sorted(state.checkpoints) == [64, 128]
+    cache = StaticCache(model, 2, 140)
+    _, batch = run(model, cache, 0, tokens[:140], record_checkpoints=True)
+    [checkpoints] = batch.checkpoints
+    assert sorted(checkpoints) == [64, 128]
 
     # the recurrent (token-by-token) form reaches the same states at the same positions
-    stepped = model.new_state()
     for t in range(128):
-        run(model, stepped, tokens[t:t + 1])
+        run(model, cache, 1, tokens[t:t + 1])
         if t + 1 in (64, 128):
-            for saved, live in zip(state.checkpoints[t + 1], stepped.layers):
-                if isinstance(live, LinearAttentionState):
+            for i, (saved, live) in enumerate(zip(checkpoints[t + 1], cache.pools.read_state(1))):
+                if model.config.layer_types[i] == "linear_attention":
                     # the layers below feed these states: the whole model's chain up to here
                     rms_close(saved.recurrent, live.recurrent, reduction=model_chain(model.config, t + 1))
                     rms_close(saved.conv, live.conv, reduction=model_chain(model.config, t + 1))
                 else:
-                    assert saved is None
+                    assert saved is None and live is None
 
 
 def test_resume_from_checkpoint_equals_full_forward(model, tokens, logits_close):
-    full = run(model, model.new_state(), tokens)
-    state = model.new_state()
-    run(model, state, tokens[:140], record_checkpoints=True)
-    resumed = state.resume_from_checkpoint(64)
-    assert resumed.num_tokens == 64
-    logits_close(run(model, resumed, tokens[64:]), full[64:], model.config, 150)
-    with pytest.raises(KeyError, match="no checkpoint at position 100"):
-        state.resume_from_checkpoint(100)
+    full = full_forward(model, tokens)
+    cache = StaticCache(model, 2, 150)
+    _, batch = run(model, cache, 0, tokens[:140], record_checkpoints=True)
+    cache.resume(1, 0, 64, batch.checkpoints[0][64])
+    assert cache.lengths[1] == 64
+    logits_close(run(model, cache, 1, tokens[64:])[0], full[64:], model.config, 150)
+    with pytest.raises(ValueError, match="multiples of 64"):
+        cache.resume(1, 0, 100, batch.checkpoints[0][64])
 
 
 def test_expert_shards_sum_to_all_experts(model, close):

@@ -5,7 +5,7 @@ import pytest
 import torch
 import transformers
 
-from nextserve.model import ForwardBatch, Qwen3NextForCausalLM, SamplingParams, generate
+from nextserve.model import Qwen3NextForCausalLM, SamplingParams, StaticCache, generate
 from nextserve.model.make_checkpoint import make_checkpoint
 from nextserve.model.presets import config_from_preset
 
@@ -44,7 +44,7 @@ def test_logits_match_transformers_over_ragged_batch(checkpoint, logits_close):
     lengths = [130, 37, 64, 1]  # across chunk boundaries, exactly one chunk, a single token
     prompts = [torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(n)) for n in lengths]
 
-    batch = ForwardBatch.build([ours.new_state() for _ in prompts], lengths, "cpu")
+    batch = StaticCache(ours, len(prompts), max(lengths)).batch(list(range(len(prompts))), lengths)
     logits, _ = ours.forward_batch(torch.cat(prompts), batch, all_logits=True)
     with torch.no_grad():
         for ids, got in zip(prompts, logits.split(lengths)):

@@ -112,3 +112,39 @@ def test_cli_generate_streams_text_and_reports_bad_flags(tiny_checkpoint):
     bad = subprocess.run([sys.executable, "-m", "nextserve.cli", "generate", "--checkpoint", str(tiny_checkpoint),
                           "--top-p", "0", "hello"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "top_p" in bad.stderr
+
+
+BATCH_PARAMS = [
+    dict(temperature=0),
+    dict(temperature=0, repetition_penalty=1.3, presence_penalty=0.5),
+    dict(temperature=0.8, seed=1),
+    dict(temperature=1.2, top_k=7, seed=2),
+    dict(temperature=0.7, top_p=0.8, seed=3),
+    dict(temperature=1.0, top_k=20, top_p=0.6, repetition_penalty=1.5, frequency_penalty=0.4, seed=4),
+    dict(temperature=0.9, presence_penalty=-0.7, seed=5),
+    dict(temperature=1.0, top_k=1000, seed=6),  # k beyond the vocabulary: no cut
+]
+
+
+def test_batch_sampling_equals_per_sequence_sampling_for_the_same_seeds():
+    from nextserve.model.sampling import sample_batch
+    vocab, g = 300, torch.Generator().manual_seed(0)
+    histories = [([int(t) for t in torch.randint(0, vocab, (n,), generator=g)],
+                  [int(t) for t in torch.randint(0, vocab, (m,), generator=g)])
+                 for n, m in zip([5, 1, 9, 3, 12, 7, 4, 2], [0, 6, 3, 0, 8, 11, 5, 1])]
+    alone = [Sampler(SamplingParams(**p)) for p in BATCH_PARAMS]
+    together = [Sampler(SamplingParams(**p)) for p in BATCH_PARAMS]
+    for step in range(25):
+        logits = torch.randn(len(BATCH_PARAMS), vocab, generator=g) * 3
+        expected = [s(logits[i], *histories[i]) for i, s in enumerate(alone)]
+        assert sample_batch(logits, together, histories) == expected, f"step {step}"
+        for h, t in zip(histories, expected):
+            h[1].append(t)
+    assert len({tuple(h[1][-25:]) for h in histories[2:]}) > 1  # the sampled rows really sampled
+
+
+def test_batch_sampling_of_greedy_rows_is_argmax():
+    from nextserve.model.sampling import sample_batch
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(1))
+    samplers = [Sampler(SamplingParams(temperature=0)) for _ in range(4)]
+    assert sample_batch(logits, samplers, [([], [])] * 4) == logits.argmax(-1).tolist()

@@ -157,3 +157,48 @@ async def test_long_release_names_are_truncated(apiserver):
         if doc:
             assert len(doc["metadata"]["name"]) <= 63
     assert result["info"]["notes"].lstrip().startswith("WARNING")
+
+
+def _monitoring_crds(kmock):
+    for res, kind in (("monitoring.coreos.com/v1/servicemonitors", "ServiceMonitor"),
+                      ("monitoring.coreos.com/v1/podmonitors", "PodMonitor")):
+        kmock.resources[res] = kmock_lib.ResourceInfo(kind=kind, namespaced=True, singular=kind.lower(),
+                                                      verbs={"get", "list", "watch", "create", "patch", "update", "delete"})
+
+
+@pytest.mark.parametrize("monitor", ["serviceMonitor", "podMonitor"])
+async def test_monitoring_objects_select_every_router_and_worker_metrics_port(apiserver, monitor):
+    from nextserve.operator import manifests
+
+    kmock, env = apiserver
+    _monitoring_crds(kmock)
+    values = {"watchNamespaces": ["team-a"], "monitoring": {monitor: {"enabled": True, "labels": {"release": "kps"}},
+                                                            "grafanaDashboard": {"enabled": True}}}
+    rc, release, err = await helm("install", str(CHART), "ns", RELEASE_NS, json.dumps(values), env=env)
+    assert rc == 0, err
+    docs = {d["kind"]: d for d in yaml.safe_load_all(release["manifest"]) if d}
+    kind = monitor[0].upper() + monitor[1:]
+    assert set(docs) == {kind, "ConfigMap", "ClusterKopfPeering", "ClusterRole", "ClusterRoleBinding", "Deployment",
+                         "ServiceAccount"}
+    spec = docs[kind]["spec"]
+    assert docs[kind]["metadata"]["labels"]["release"] == "kps"
+    assert spec["namespaceSelector"] == {"matchNames": ["team-a"]}
+    # the labels the operator puts on router and worker pods and Services, and the port it names
+    child = manifests.labels("qwen", "worker")
+    for key, value in spec["selector"]["matchLabels"].items():
+        assert child[key] == value
+    assert spec["selector"]["matchExpressions"] == [
+        {"key": manifests.COMPONENT, "operator": "In", "values": ["router", "worker"]}]
+    [endpoint] = spec["endpoints" if monitor == "serviceMonitor" else "podMetricsEndpoints"]
+    assert endpoint["port"] == manifests.METRICS_SERVICE_PORT["name"] == "metrics"
+    dashboard = json.loads(docs["ConfigMap"]["data"]["nextserve.json"])
+    assert dashboard["uid"] == "nextserve" and docs["ConfigMap"]["metadata"]["labels"]["grafana_dashboard"] == "1"
+    kubernetes_validate.validate(docs["ConfigMap"], K8S_VERSION, strict=True)
+
+
+async def test_enabling_both_monitors_fails_with_a_reason(apiserver):
+    kmock, env = apiserver
+    _monitoring_crds(kmock)
+    values = {"monitoring": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}}
+    rc, _, err = await helm("install", str(CHART), "both", RELEASE_NS, json.dumps(values), env=env)
+    assert rc != 0 and "not both" in err

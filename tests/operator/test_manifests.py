@@ -112,8 +112,9 @@ def test_big_spec_children():
     assert flag(args, "--max-queue") == "256"
     assert flag(args, "--cache-url") == "redis://qwen-redis.prod.svc.cluster.local:6379/0"
     assert flag(args, "--cache-ttl") == "600"
-    assert flag(args, "--otlp-endpoint") == "http://otel-collector.observability:4317"
-    assert float(flag(args, "--trace-sample-ratio")) == 0.1
+    router_env = {e["name"]: e.get("value") for e in router["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert router_env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.observability:4317"
+    assert float(router_env["OTEL_TRACES_SAMPLER_ARG"]) == 0.1
     assert router["spec"]["replicas"] == 2
     assert router["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
     assert router["metadata"]["annotations"][m.ANNOTATION_PLAN] == fp
@@ -149,7 +150,8 @@ def test_tiny_cpu_external_cache_children():
     rc = router["spec"]["template"]["spec"]["containers"][0]
     assert flag(rc["args"], "--cache-url") == "$(NEXTSERVE_CACHE_URL)"
     assert {"name": "NEXTSERVE_CACHE_URL", "valueFrom": {"secretKeyRef": {"name": "redis-url", "key": "uri"}}} in rc["env"]
-    assert "--otlp-endpoint" not in rc["args"] and "--max-batch-tokens" not in rc["args"]
+    assert "--max-batch-tokens" not in rc["args"]
+    assert not [e for e in rc["env"] if e["name"].startswith("OTEL_")]  # no tracing block: tracing stays off
 
 
 @pytest.mark.parametrize("spec", [BIG, TINY], ids=["big", "tiny"])
@@ -298,3 +300,48 @@ def test_flag_registration_does_not_import_kopf():
             "p = argparse.ArgumentParser(); add_arguments(p); print('kopf' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_tracing_block_becomes_otel_variables_and_every_pod_serves_metrics():
+    b, parsed, plan, children = build(BIG)
+    pods = {(c["kind"], c["metadata"]["name"]): c["spec"]["template"]["spec"]["containers"][0]
+            for c in children if c["kind"] in ("StatefulSet", "Deployment") and "redis" not in c["metadata"]["name"]}
+    assert len(pods) == 9  # 8 worker shards and the router
+    for (kind, _), container in pods.items():
+        role = "router" if kind == "Deployment" else "worker"
+        env = {e["name"]: e for e in container["env"]}
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"] == "http://otel-collector.observability:4317"
+        assert env["OTEL_EXPORTER_OTLP_PROTOCOL"]["value"] == "grpc"
+        assert env["OTEL_SERVICE_NAME"]["value"] == f"nextserve-{role}"
+        assert env["OTEL_POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+        names = [e["name"] for e in container["env"]]
+        assert names.index("OTEL_POD_NAME") < names.index("OTEL_RESOURCE_ATTRIBUTES")  # $(VAR) needs it defined first
+        assert "k8s.pod.name=$(OTEL_POD_NAME)" in env["OTEL_RESOURCE_ATTRIBUTES"]["value"]
+        assert "k8s.namespace.name=prod" in env["OTEL_RESOURCE_ATTRIBUTES"]["value"]
+        # only routers start traces; workers follow their parent's decision
+        expected_sampler = "parentbased_traceidratio" if role == "router" else "parentbased_always_on"
+        assert env["OTEL_TRACES_SAMPLER"]["value"] == expected_sampler
+        assert ("OTEL_TRACES_SAMPLER_ARG" in env) is (role == "router")
+        assert flag(container["args"], "--metrics-port") == str(m.METRICS_PORT)
+        assert {"name": "metrics", "containerPort": m.METRICS_PORT, "protocol": "TCP"} in container["ports"]
+    services = {c["metadata"]["name"]: c["spec"] for c in children if c["kind"] == "Service" and "redis" not in
+                c["metadata"]["name"]}
+    assert len(services) == 9
+    for name, service in services.items():
+        # BIG's router Service is a LoadBalancer: its metrics stay off the outside (a PodMonitor scrapes them)
+        assert (m.METRICS_SERVICE_PORT in service["ports"]) is (service.get("type") != "LoadBalancer")
+    *_, tiny_children = build(TINY)
+    tiny_router = next(c for c in tiny_children if c["kind"] == "Service" and c["metadata"]["name"] == "qwen-router")
+    assert tiny_router["spec"]["type"] == "ClusterIP" and m.METRICS_SERVICE_PORT in tiny_router["spec"]["ports"]
+
+
+def test_operator_command_lines_are_accepted_by_the_nextserve_cli():
+    """Every flag the operator writes exists in `nextserve worker` / `nextserve router`."""
+    from nextserve.cli.main import build_parser as cli_parser
+
+    b, parsed, plan, children = build(BIG)
+    parser = cli_parser()
+    for child in children:
+        if child["kind"] in ("StatefulSet", "Deployment") and "redis" not in child["metadata"]["name"]:
+            args = child["spec"]["template"]["spec"]["containers"][0]["args"]
+            assert parser.parse_args(args).metrics_port == m.METRICS_PORT

@@ -88,10 +88,11 @@ def write_plan(directory: Path, plan: ExpertPlan) -> Path:
 
 
 class WorkerProcess:
-    """`nextserve worker` as a subprocess (float32, cpu, one torch thread)."""
+    """`nextserve worker` as a subprocess (cpu, one torch thread; float32 unless told)."""
 
-    def __init__(self, checkpoint: Path, plan_file: Path, shard: int, log_dir: Path, port: int | None = None):
-        self.checkpoint, self.plan_file, self.shard = checkpoint, plan_file, shard
+    def __init__(self, checkpoint: Path, plan_file: Path, shard: int, log_dir: Path, port: int | None = None,
+                 dtype: str = "float32"):
+        self.checkpoint, self.plan_file, self.shard, self.dtype = checkpoint, plan_file, shard, dtype
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = log_dir / f"worker-{shard}-{self.port}.log"
@@ -101,7 +102,7 @@ class WorkerProcess:
         env = dict(os.environ, OMP_NUM_THREADS="1")
         argv = [sys.executable, "-m", "nextserve.cli.main", "worker", "--checkpoint", str(self.checkpoint),
                 "--plan", str(self.plan_file), "--shard", str(self.shard), "--port", str(self.port),
-                "--host", "127.0.0.1", "--dtype", "float32", "--device", "cpu"]
+                "--host", "127.0.0.1", "--dtype", self.dtype, "--device", "cpu"]
         self._log = open(self.log_path, "ab")
         self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         return self
@@ -131,11 +132,12 @@ class WorkerProcess:
 
 @pytest.fixture
 def worker_processes(tmp_path):
-    """Factory: worker_processes(checkpoint, plan_file, shard, port=None) -> started WorkerProcess (not yet ready)."""
+    """Factory: worker_processes(checkpoint, plan_file, shard, port=None, dtype="float32") -> started
+    WorkerProcess (not yet ready)."""
     started: list[WorkerProcess] = []
 
-    def start(checkpoint, plan_file, shard, port=None):
-        worker = WorkerProcess(checkpoint, plan_file, shard, tmp_path, port).start()
+    def start(checkpoint, plan_file, shard, port=None, dtype="float32"):
+        worker = WorkerProcess(checkpoint, plan_file, shard, tmp_path, port, dtype).start()
         started.append(worker)
         return worker
 
@@ -145,19 +147,23 @@ def worker_processes(tmp_path):
 
 
 class InProcessWorkers:
-    """Expert workers served from the test process (one background loop), one per plan shard."""
+    """Expert workers served from the test process (one background loop): `replicas` per plan shard."""
 
-    def __init__(self, servers: BackgroundLoop, checkpoint: Path, plan: ExpertPlan):
+    def __init__(self, servers: BackgroundLoop, checkpoint: Path, plan: ExpertPlan, dtype: str = "float32",
+                 replicas: int = 1):
         from nextserve.worker.server import build_service, serve
 
         self.servers = servers
         self.grpc_servers = []
         self.addresses: dict[int, list[str]] = {}
+        self.services: dict[str, object] = {}  # address -> ExpertWorkerService, for its counters
         for shard in plan.shard_indices:
-            service = build_service(checkpoint, plan, shard, "float32", "cpu")
-            server, port = servers.run(serve(service, "127.0.0.1", 0))
-            self.grpc_servers.append(server)
-            self.addresses[shard] = [f"127.0.0.1:{port}"]
+            for _ in range(replicas):
+                service = build_service(checkpoint, plan, shard, dtype, "cpu")
+                server, port = servers.run(serve(service, "127.0.0.1", 0))
+                self.grpc_servers.append(server)
+                self.addresses.setdefault(shard, []).append(f"127.0.0.1:{port}")
+                self.services[f"127.0.0.1:{port}"] = service
 
     def stop(self) -> None:
         for server in self.grpc_servers:
@@ -186,14 +192,16 @@ def contiguous_plan(checkpoint: Path, num_shards: int) -> ExpertPlan:
 
 @pytest.fixture
 def routers(servers, tiny_checkpoint):
-    """Factory: routers(plan, workers, **limits) -> a started in-process Router (float32, cpu); stopped after the test."""
+    """Factory: routers(plan, workers, dtype="float32", **limits) -> a started in-process Router (cpu);
+    stopped after the test."""
     from nextserve.router.server import RouterOptions, start_router
 
     started = []
 
-    def start(plan: ExpertPlan, workers: dict[int, list[str]], checkpoint: Path | None = None, **limits):
+    def start(plan: ExpertPlan, workers: dict[int, list[str]], checkpoint: Path | None = None, dtype="float32",
+              **limits):
         options = RouterOptions(checkpoint=str(checkpoint or tiny_checkpoint), plan=plan, workers=workers,
-                                host="127.0.0.1", port=0, dtype="float32", device="cpu", **limits)
+                                host="127.0.0.1", port=0, dtype=dtype, device="cpu", **limits)
         router = servers.run(start_router(options))
         started.append(router)
         return router

@@ -17,12 +17,14 @@ def test_up_serves_generate_matches_in_process_and_sigterm_stops_everything(help
     stderr_path = tmp_path / "up.stderr"
     with open(stderr_path, "wb") as stderr:
         up = subprocess.Popen([*NEXTSERVE, "up", "--checkpoint", str(tiny_checkpoint), "--shards", "2",
-                               "--port", str(port), "--startup-timeout", "120"],
+                               "--port", str(port), "--startup-timeout", "120", "--kv-cache-memory", "1MiB"],
                               stdout=subprocess.PIPE, stderr=stderr, env=ENV, text=True)
     try:
         banner = _read_line_containing(up, "nextserve is up", timeout=150)
         assert banner is not None, f"up did not come up:\n{stderr_path.read_text()[-3000:]}"
         assert f"127.0.0.1:{port}" in banner
+        sizing = _read_line_containing(up, "KV cache", timeout=10)  # the router's pools, as it sized them
+        assert sizing is not None and "1.0 MiB" in sizing and "tokens" in sizing and "sequences" in sizing
         workdir = re.search(r"logs in (\S+)\)", stderr_path.read_text()).group(1)
 
         args = ["generate", "--prompt-ids", "1,2,3", "--max-tokens", "6", "--temperature", "0"]

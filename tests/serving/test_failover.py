@@ -53,7 +53,7 @@ def test_a_replica_takes_over_and_the_stream_completes_correctly(
         for chunk in client.generate_stream(prompt, max_tokens=n, temperature=0, ignore_eos=True):
             tokens.extend(chunk.token_ids)
             if len(tokens) == 2:
-                primary.kill()  # the first holder carries the traffic while both are up
+                primary.kill()  # both replicas carry shard 1 while up: the dead one's rows move to the other
         assert tokens == reference(prompt, n, ignore_eos=True)[0]
         by_address = {c.address: c for c in router.pool.connections}
         assert not by_address[primary.address].healthy and by_address[replica.address].healthy
