@@ -22,9 +22,11 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-# The paged-KV block and DeltaNet chunk size (nextserve.kernels.paging.BLOCK_SIZE of issue 10): a full
-# block's KV and the state recorded at a chunk boundary end at the same position.
-BLOCK_TOKENS = 64
+from nextserve.kernels.paging import BLOCK_SIZE
+
+# The paged-KV block and DeltaNet chunk size: a full block's KV and the state recorded at a chunk
+# boundary end at the same position, so every cache key can name both.
+BLOCK_TOKENS = BLOCK_SIZE
 CACHE_FORMAT_VERSION = 1
 SERVING_DTYPES = ("float32", "bfloat16", "float16")
 DIGEST_BYTES = 16

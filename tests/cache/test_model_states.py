@@ -2,24 +2,20 @@
 records fit the layout the codec checks, come back bit for bit, and a sequence resumed from them
 continues exactly as one resumed from the in-memory checkpoint (and within rounding of a cold run).
 
-The conversion between the model's memory and cache values lives here: it is what the engine does
-when it snapshots and restores. Issue 10 replaces the per-sequence `SequenceState` with pools (KV
-blocks by block table, DeltaNet state slots); both are handled until it is merged, then the
-`SequenceState` half goes.
+The conversion between the engine's pools (KV blocks by block table, DeltaNet state slots) and cache
+values lives here: it is what the engine does when it snapshots and restores.
 """
 import pytest
 import pytest_asyncio
 import torch
 
-from nextserve.model import Qwen3NextForCausalLM
-from nextserve.model import state as model_state
+from nextserve.model import Qwen3NextForCausalLM, StaticCache
 from nextserve.model.state import LinearAttentionState
 from nextserve.router.cache.keys import BLOCK_TOKENS, CacheNamespace, chain_keys
 from nextserve.router.cache.layout import ModelLayout
 from nextserve.router.cache.redis_tier import RedisTier, RedisTierOptions
 
 pytestmark = pytest.mark.asyncio
-POOLS = hasattr(model_state, "CachePools")  # issue 10's engine memory
 
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
@@ -51,11 +47,11 @@ def checkpoint_of(hit, layout: ModelLayout, num_layers: int) -> list:
             if i in layout.linear_layers else None for i in range(num_layers)]
 
 
-class PoolsSequences:
-    """Issue 10: sequences 0 (cold), 1 (resumed from memory), 2 (resumed from Redis) in one StaticCache."""
+class Sequences:
+    """Sequences 0 (cold), 1 (resumed from the in-memory checkpoint), 2 (resumed from Redis) in one StaticCache."""
 
     def __init__(self, model, max_tokens: int):
-        self.model, self.cache = model, model_state.StaticCache(model, 3, max_tokens)
+        self.model, self.cache = model, StaticCache(model, 3, max_tokens)
 
     def run(self, seq: int, ids, **kw):
         batch = self.cache.batch([seq], [len(ids)], **kw)
@@ -84,40 +80,9 @@ class PoolsSequences:
         return self.run(2, ids)[0]
 
 
-class StateSequences:
-    """Before issue 10: one SequenceState per sequence."""
-
-    def __init__(self, model, max_tokens: int):
-        self.model = model
-
-    def run(self, state, ids, **kw):
-        batch = model_state.ForwardBatch.build([state], [len(ids)], "cpu", **kw)
-        return self.model.forward_batch(ids, batch, all_logits=True)[0]
-
-    def prefill_cold(self, ids):
-        self.cold = self.model.new_state()
-        return self.run(self.cold, ids, record_checkpoints=True), self.cold.checkpoints
-
-    def kv_blocks(self, position: int, layout: ModelLayout) -> list[dict]:
-        return [{f"layers.{i}.{name}": t[start:start + BLOCK_TOKENS].clone()
-                 for i in layout.attention_layers for name, t in zip(("key", "value"), self.cold.layers[i].view())}
-                for start in range(0, position, BLOCK_TOKENS)]
-
-    def continue_from_memory(self, position: int, checkpoint, ids):
-        return self.run(self.cold.resume_from_checkpoint(position), ids)
-
-    def continue_from_hit(self, hit, layout: ModelLayout, ids):
-        layers = checkpoint_of(hit, layout, len(self.cold.layers))
-        for i in layout.attention_layers:
-            keys = torch.cat([b[f"layers.{i}.key"] for b in hit.kv_blocks])
-            values = torch.cat([b[f"layers.{i}.value"] for b in hit.kv_blocks])
-            layers[i] = model_state.KVCache(keys, values, keys.shape[0])
-        return self.run(model_state.SequenceState(layers, hit.position), ids)
-
-
 async def test_a_prefix_stored_in_redis_resumes_exactly_as_the_in_memory_checkpoint(model, tier, logits_close):
     tokens = torch.randint(0, model.config.vocab_size, (150,), generator=torch.Generator().manual_seed(11))
-    seqs = (PoolsSequences if POOLS else StateSequences)(model, 150)
+    seqs = Sequences(model, 150)
     full, checkpoints = seqs.prefill_cold(tokens)
     assert sorted(checkpoints) == [64, 128]
     keys = chain_keys(tier.namespace, tokens.tolist())
