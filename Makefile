@@ -32,13 +32,14 @@ $(HELM_VENV)/.installed:
 	$(HELM_VENV)/bin/pip install -q helm-sdkpy==0.1.32
 	touch $@
 
-# Services the tests run for real: Prometheus (the metrics test scrapes the router and a worker) and
-# curl (the HTTP API's streaming test runs `curl -N` as a user would), from Debian's packages.
+# What the tests run for real, from Debian's packages: Prometheus (the metrics test scrapes the router
+# and a worker), redis-server (the cache tests, plain and TLS, with certificates made by the openssl
+# CLI) and curl (the HTTP API's streaming test runs `curl -N` as a user would).
 test-deps:
-	@command -v prometheus >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-		apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
-	@command -v curl >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-		apt-get install -y -qq --no-install-recommends curl >/dev/null)
+	@command -v prometheus >/dev/null && command -v redis-server >/dev/null && command -v openssl >/dev/null \
+		&& command -v curl >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		prometheus redis-server openssl curl >/dev/null)
 
 test: dev $(HELM_VENV)/.installed test-deps
 	$(BIN)/python -m pytest -q

@@ -21,3 +21,4 @@ def test_wheel_maps_components_under_nextserve(tmp_path):
     assert "nextserve/operator/__init__.py" not in names  # a namespace package, on purpose
     assert "nextserve/kernels/gated_delta_rule/chunk.py" in names
     assert "nextserve/proto/v1/serving_pb2_grpc.py" in names
+    assert "nextserve/router/cache/keys.py" in names  # subpackages are listed one by one in pyproject.toml
