@@ -6,12 +6,14 @@ any UTF-8 text (emoji, CJK, code) encodes and decodes exactly, whatever the corp
 
 Files written (the layout transformers' `AutoTokenizer` reads):
   tokenizer.json         the `tokenizers` model: vocab, merges, pre-tokenizer, decoder, special tokens
-  tokenizer_config.json  which tokens are eos / pad, and the tokenizer class name
+  tokenizer_config.json  which tokens are eos / pad, the tokenizer class name, and Qwen's ChatML
+                         chat template (`chat_template.CHATML_TEMPLATE`)
 """
 from __future__ import annotations
 
 import codecs
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -28,10 +30,11 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 
-def train_tokenizer(vocab_size: int) -> Tokenizer:
-    """Train byte-level BPE on the built-in corpus up to `vocab_size` tokens (fewer if the corpus runs
-    out of merges: ~4.1k is the most it yields). Deterministic: the same vocab_size gives the same
-    `tokenizer.json` bytes in every process."""
+def train_tokenizer(vocab_size: int, texts: Iterable[str] | None = None) -> Tokenizer:
+    """Train byte-level BPE up to `vocab_size` tokens (fewer if the text runs out of merges: the
+    built-in corpus yields ~4.1k at most). `texts` is the training text, one document per item
+    (default: the built-in corpus; the trained model uses its training corpus, see `model.corpus`).
+    Deterministic: the same texts and vocab_size give the same `tokenizer.json` bytes in every process."""
     minimum = len(SPECIAL_TOKENS) + 256
     if vocab_size < minimum:
         raise ValueError(f"vocab_size {vocab_size} < {minimum} (3 special tokens + 256 byte tokens)")
@@ -47,12 +50,14 @@ def train_tokenizer(vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen or not
         show_progress=False,
     )
-    tokenizer.train_from_iterator([CORPUS], trainer=trainer)
+    tokenizer.train_from_iterator([CORPUS] if texts is None else texts, trainer=trainer)
     return tokenizer
 
 
 def save_tokenizer(tokenizer: Tokenizer, out_dir: str | Path, model_max_length: int) -> None:
     """Write `tokenizer.json` and `tokenizer_config.json` into `out_dir`."""
+    from .chat_template import CHATML_TEMPLATE  # imports this module's token names
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / TOKENIZER_FILE).write_text(tokenizer.to_str(pretty=True), encoding="utf-8")
@@ -74,6 +79,7 @@ def save_tokenizer(tokenizer: Tokenizer, out_dir: str | Path, model_max_length: 
         "add_prefix_space": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": model_max_length,
+        "chat_template": CHATML_TEMPLATE,
     }
     (out_dir / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
@@ -193,3 +199,12 @@ def load_tokenizer(path: str | Path) -> TextTokenizer:
         if isinstance(eos_token, dict):  # older transformers wrote AddedToken dicts
             eos_token = eos_token["content"]
     return TextTokenizer(Tokenizer.from_file(str(file)), eos_token=eos_token)
+
+
+def load_tokenizer_if_present(path: str | Path) -> TextTokenizer | None:
+    """The checkpoint's tokenizer, or None when it has no tokenizer.json (a checkpoint saved by
+    transformers' save_pretrained holds weights and config only): token ids in and out need none."""
+    path = Path(path)
+    if path.is_dir() and not (path / TOKENIZER_FILE).exists():
+        return None
+    return load_tokenizer(path)
