@@ -38,20 +38,22 @@ REPORT_FILE = "training.json"
 
 @dataclass(slots=True)
 class TrainConfig:
-    steps: int = 1200
+    # 2000 steps x 8 x 256 tokens = 4.1M tokens, about half an epoch of the 3.11 stdlib's 8.4M:
+    # about an hour on 2 CPU cores (docs/training.md has the measurement)
+    steps: int = 2000
     batch_size: int = 8
     seq_len: int = 256              # positions per window that both losses score
     lr: float = 3e-3
     min_lr_ratio: float = 0.1       # the cosine decays to lr * min_lr_ratio at the last step
-    warmup_steps: int = 60
+    warmup_steps: int = 100
     weight_decay: float = 0.1       # on matrices only; norms, gates' biases and decays are not shrunk
     grad_clip: float = 1.0
     mtp_weight: float = 0.3         # DeepSeek-V3's weight for the MTP loss over most of its run
     router_weight: float = 0.001    # the config's router_aux_loss_coef
     seed: int = 0
-    eval_every: int = 200
+    eval_every: int = 250
     eval_windows: int = 32
-    save_every: int = 200
+    save_every: int = 250
 
     def __post_init__(self):
         assert self.steps >= 1 and self.batch_size >= 1 and self.seq_len >= 1
@@ -194,7 +196,11 @@ def train(out_dir: str | Path, *, preset: str | Qwen3NextConfig = "stdlib", cfg:
     else:
         config = config_from_preset(preset) if isinstance(preset, str) else preset
         tokenizer = None
+    began = time.perf_counter()
     corpus = prepare_corpus(corpus_dir, config.vocab_size, tokenizer)
+    tqdm.write(f"corpus {corpus.files.root}: {len(corpus.files.train)} training files ({corpus.train.numel():,} "
+               f"tokens), {len(corpus.files.validation)} validation files ({corpus.validation.numel():,} tokens); "
+               f"prepared in {time.perf_counter() - began:.0f} s")
     if saved is not None and saved["corpus_digest"] != corpus.files.digest:
         raise ValueError("the corpus differs from the one this run started on (another Python version or "
                          "corpus directory): resume it where it began, or start a new run")
