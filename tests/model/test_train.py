@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from nextserve.cli.main import main as cli_main
 from nextserve.kernels.gated_delta_rule.naive import (naive_chunk_gated_delta_rule,
                                                       naive_recurrent_gated_delta_rule)
-from nextserve.model import Qwen3NextForCausalLM
+from nextserve.model import ForwardBatch, Qwen3NextForCausalLM
 from nextserve.model.checkpoint import SINGLE_FILE
 from nextserve.model.corpus import find_corpus, is_validation
 from nextserve.model.presets import config_from_preset
@@ -172,6 +172,26 @@ def test_checkpoint_holds_exactly_the_trained_weights_mtp_included(run, corpus_d
     report = json.loads((out / REPORT_FILE).read_text())
     assert report["step"] == SETTINGS["steps"] and report["corpus"]["train_files"] == 24
     assert report["corpus"]["license"].startswith("PSF")
+
+
+def test_the_mtp_loss_trains_the_draft_that_serving_computes(run, logits_close):
+    """Training scores the MTP head exactly where serving drafts with it: the draft logits of
+    `forward_batch` + `mtp_logits` (hidden at t, the token at t + 1) are the training forward's."""
+    out, _ = run
+    model = Qwen3NextForCausalLM.from_pretrained(out, dtype=torch.float32, with_mtp=True)
+    S = 40
+    ids = torch.randint(0, VOCAB, (S + 2,), generator=torch.Generator().manual_seed(2))
+    batch = ForwardBatch.build([model.new_state()], [S], "cpu")
+    _, hidden = model.forward_batch(ids[:S], batch, all_logits=True)
+    drafts = model.mtp_logits(ids[1:S + 1], hidden, batch)
+    with torch.no_grad():
+        fresh = ForwardBatch.build([model.new_state()], [S], "cpu")
+        trained_hidden = model.model(ids[:S], fresh)  # what compute_losses runs, unrolled
+        training_drafts = model.lm_head(model.mtp(model.model.embed_tokens(ids[1:S + 1]), trained_hidden,
+                                                  fresh)).float()
+        mtp_loss = compute_losses(model, ids[None]).mtp
+    assert torch.equal(torch.nn.functional.cross_entropy(training_drafts, ids[2:]), mtp_loss)
+    logits_close(drafts, training_drafts, model.config, S, what="draft logits")
 
 
 def test_resume_continues_exactly_as_an_uninterrupted_run(run, corpus_dir, tmp_path):
