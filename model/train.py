@@ -193,9 +193,11 @@ def train(out_dir: str | Path, *, preset: str | Qwen3NextConfig = "stdlib", cfg:
             raise ValueError(f"--resume with different training settings (saved, given): {changed}")
         config = Qwen3NextConfig.from_dict(saved["model_config"])
         tokenizer = Tokenizer.from_file(str(out_dir / TOKENIZER_FILE))
-    else:
-        config = config_from_preset(preset) if isinstance(preset, str) else preset
-        tokenizer = None
+    requested = config_from_preset(preset) if isinstance(preset, str) else preset
+    if saved is None:
+        config, tokenizer = requested, None
+    elif requested.to_dict() != saved["model_config"]:
+        raise ValueError("--resume with a different model shape (--preset) than the run was started with")
     began = time.perf_counter()
     corpus = prepare_corpus(corpus_dir, config.vocab_size, tokenizer)
     tqdm.write(f"corpus {corpus.files.root}: {len(corpus.files.train)} training files ({corpus.train.numel():,} "

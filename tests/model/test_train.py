@@ -204,6 +204,7 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(run, corpus_dir, tmp_p
     assert torch.load(split / STATE_FILE, weights_only=False)["step"] == 5
     assert cli_main(common) == 1  # refuses to start over an existing run
     assert cli_main([*common, "--resume", "--lr=0.02"]) == 1  # refuses changed settings
+    assert cli_main([*common, "--resume", "--preset", "small"]) == 1  # and a changed model
     assert cli_main([*common, "--resume"]) == 0
     resumed = torch.load(split / STATE_FILE, weights_only=False)
     assert resumed["history"] == result.history and resumed["evals"] == result.evals
