@@ -86,4 +86,6 @@ def run(args: argparse.Namespace) -> int:
     step = result.history[-1]["step"] if result.history else 0
     summary = f"; validation loss {last['val_loss']:.4f}, MTP {last['val_mtp']:.4f}" if last else ""
     print(f"trained to step {step} of {cfg.steps} in {args.out}{summary}")
+    for prompt, sample in (last["samples"].items() if last else ()):
+        print(f"--- greedy sample after {prompt!r} ---\n{sample}")
     return 0

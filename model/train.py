@@ -25,15 +25,20 @@ from tqdm import tqdm
 
 from .config import Qwen3NextConfig
 from .corpus import CorpusFiles, find_corpus, token_stream
+from .generate import generate
 from .make_checkpoint import init_tensor
 from .presets import config_from_preset
 from .qwen3_next import Qwen3NextForCausalLM
+from .sampling import SamplingParams
 from .save import save_pretrained
-from .tokenizer import ENDOFTEXT, TOKENIZER_FILE, train_tokenizer
+from .tokenizer import ENDOFTEXT, TOKENIZER_FILE, TextTokenizer, train_tokenizer
 from .train_objective import Losses, check_trainable, compute_losses
 
 STATE_FILE = "train-state.pt"
 REPORT_FILE = "training.json"
+# Each evaluation also decodes these greedily: the loss says how much was learnt, samples say what.
+SAMPLE_PROMPTS = ("import ", "def ", "class ")
+SAMPLE_TOKENS = 48
 
 
 @dataclass(slots=True)
@@ -72,7 +77,7 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     history: list[dict] = field(default_factory=list)  # per step: step, loss, mtp, router, lr
-    evals: list[dict] = field(default_factory=list)    # per evaluation: step, val_loss, val_mtp
+    evals: list[dict] = field(default_factory=list)    # per evaluation: step, val_loss, val_mtp, samples
 
 
 # --- the model ------------------------------------------------------------------------------------
@@ -164,6 +169,15 @@ def evaluate(model: Qwen3NextForCausalLM, windows: torch.Tensor, batch_size: int
     return {"val_loss": main / len(windows), "val_mtp": mtp / len(windows)}
 
 
+def greedy_samples(model: Qwen3NextForCausalLM, tokenizer: Tokenizer) -> dict[str, str]:
+    """prompt -> prompt + its greedy continuation (SAMPLE_TOKENS tokens at most, or to end-of-text)."""
+    text = TextTokenizer(tokenizer)
+    prompts = [text.encode(p) for p in SAMPLE_PROMPTS]
+    done = generate(model, prompts, SamplingParams(max_tokens=SAMPLE_TOKENS, temperature=0),
+                    eos_token_id=text.eos_token_id)
+    return {p: p + text.decode(c.output_ids) for p, c in zip(SAMPLE_PROMPTS, done)}
+
+
 # --- the run ----------------------------------------------------------------------------------------
 
 def _config_dict(cfg: TrainConfig) -> dict:
@@ -245,7 +259,8 @@ def train(out_dir: str | Path, *, preset: str | Qwen3NextConfig = "stdlib", cfg:
         bar.set_postfix(loss=f"{record['loss']:.3f}", mtp=f"{record['mtp']:.3f}", lr=f"{lr:.1e}")
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            result.evals.append({"step": done, **evaluate(model, val_windows, cfg.batch_size)})
+            result.evals.append({"step": done, **evaluate(model, val_windows, cfg.batch_size),
+                                 "samples": greedy_samples(model, corpus.tokenizer)})
             bar.write(f"step {done}: validation loss {result.evals[-1]['val_loss']:.4f}, "
                       f"MTP {result.evals[-1]['val_mtp']:.4f}")
         if done % cfg.save_every == 0 or done == end:

@@ -19,7 +19,7 @@ from nextserve.model.corpus import find_corpus, is_validation
 from nextserve.model.presets import config_from_preset
 from nextserve.model.tokenizer import ENDOFTEXT, IM_END, IM_START, load_tokenizer
 from nextserve.model.tokenizer_corpus import CORPUS
-from nextserve.model.train import REPORT_FILE, STATE_FILE, TrainConfig, init_weights, train
+from nextserve.model.train import REPORT_FILE, SAMPLE_PROMPTS, STATE_FILE, TrainConfig, init_weights, train
 from nextserve.model.train_objective import compute_losses
 
 VOCAB = 512  # the tiny preset's
@@ -130,6 +130,9 @@ def test_a_few_steps_reduce_both_losses(run):
     assert [e["step"] for e in result.evals] == [6, 12]
     assert result.evals[-1]["val_loss"] < result.evals[0]["val_loss"] < math.log(VOCAB)
     assert result.evals[-1]["val_mtp"] < math.log(VOCAB)
+    samples = result.evals[-1]["samples"]
+    assert sorted(samples) == sorted(SAMPLE_PROMPTS)
+    assert all(text.startswith(prompt) and len(text) > len(prompt) for prompt, text in samples.items())
 
 
 def test_checkpoint_loads_in_transformers_without_weight_warnings_and_logits_agree(run, logits_close):
