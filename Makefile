@@ -6,11 +6,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CHECKPOINT ?= checkpoints/small
 SHARDS ?= 2
+TRAINED ?= checkpoints/stdlib
 
 HELM_PYTHON ?= $(shell pyenv root 2>/dev/null)/versions/3.12.1/bin/python
 HELM_VENV ?= .venv-helm
 
-.PHONY: serve test test-deps dev clean constraints
+.PHONY: serve test test-deps dev clean constraints train
 
 # The venv is rebuilt when the dependency list changes.
 $(VENV)/.installed: pyproject.toml
@@ -54,6 +55,10 @@ $(CHECKPOINT)/config.json: | dev
 
 serve: dev $(CHECKPOINT)/config.json
 	$(BIN)/nextserve up --checkpoint $(CHECKPOINT) --shards $(SHARDS)
+
+# Train the small model that ships with nextserve: about an hour on 2 idle cores (docs/training.md).
+train: dev
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/nextserve train --out $(TRAINED)
 
 clean:
 	rm -rf $(VENV) $(HELM_VENV) build *.egg-info checkpoints

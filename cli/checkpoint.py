@@ -30,7 +30,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "produce byte-identical files.",
     )
     make.add_argument("--preset", required=True, choices=[p for p in PRESETS if p != "80b-a3b"],
-                      help="model size: tiny (~0.6M parameters, for tests) or small (~244M, for benchmarks)")
+                      help="model size: tiny (~0.6M parameters, for tests), small (~74M, for benchmarks) or stdlib "
+                      "(~15M, the shape `nextserve train` trains)")
     make.add_argument("--out", required=True, type=Path, help="output directory (created; old weights replaced)")
     make.add_argument("--seed", type=int, default=0, help="random seed of the weights (default: 0)")
     make.add_argument("--max-shard-size", default=None,

@@ -7,14 +7,14 @@ import sys
 
 # Each subcommand lives in its own module with `add_parser(subparsers)`; the module is imported
 # only to register flags, so `nextserve --help` stays quick and torch-free where it can.
-SUBCOMMANDS = ["generate", "checkpoint", "worker", "router", "up", "operator"]
+SUBCOMMANDS = ["generate", "checkpoint", "train", "worker", "router", "up", "operator"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nextserve",
-        description="Expert-parallel serving for Qwen3-Next: make checkpoints, generate text, run the "
-                    "router and expert workers, or run the Kubernetes operator.",
+        description="Expert-parallel serving for Qwen3-Next: make or train checkpoints, generate text, "
+                    "run the router and expert workers, or run the Kubernetes operator.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMANDS:

@@ -99,6 +99,24 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
+def write_model_configs(out_dir: Path, config: Qwen3NextConfig, tokenizer, torch_dtype: torch.dtype) -> Qwen3NextConfig:
+    """Write config.json and generation_config.json for weights of `torch_dtype`, and remove the
+    weight files of any earlier write. Returns the config as written."""
+    # Special-token ids are the written tokenizer's, whatever the preset says (80b-a3b names Qwen's).
+    eos = tokenizer.token_to_id(ENDOFTEXT)
+    config = dataclasses.replace(config, bos_token_id=None, eos_token_id=eos, torch_dtype=_DTYPE_NAMES[torch_dtype])
+    config_dict = config.to_dict()
+    config_dict["pad_token_id"] = eos
+    _write_json(out_dir / "config.json", config_dict)
+    # Chat models stop on <|im_end|> as well as on end-of-text, as Qwen's instruct checkpoints do.
+    stop_ids = [eos, tokenizer.token_to_id(IM_END)]
+    _write_json(out_dir / "generation_config.json", {"eos_token_id": stop_ids, "pad_token_id": eos})
+
+    for old in [*out_dir.glob("model*.safetensors"), out_dir / INDEX_FILE]:
+        old.unlink(missing_ok=True)  # stale shards of an earlier write would shadow or confuse readers
+    return config
+
+
 def make_checkpoint(
     out_dir: str | Path,
     preset: str | Qwen3NextConfig,
@@ -121,18 +139,7 @@ def make_checkpoint(
     tokenizer = write_tokenizer(out_dir, config.vocab_size, config.max_position_embeddings)
     # The tokenizer may have fewer tokens than the config's vocab (the corpus yields ~4.1k at most);
     # the extra embedding rows are valid ids that the tokenizer simply never produces.
-    # Special-token ids are the written tokenizer's, whatever the preset says (80b-a3b names Qwen's).
-    eos = tokenizer.token_to_id(ENDOFTEXT)
-    config = dataclasses.replace(config, bos_token_id=None, eos_token_id=eos, torch_dtype=_DTYPE_NAMES[torch_dtype])
-    config_dict = config.to_dict()
-    config_dict["pad_token_id"] = eos
-    _write_json(out_dir / "config.json", config_dict)
-    # Chat models stop on <|im_end|> as well as on end-of-text, as Qwen's instruct checkpoints do.
-    stop_ids = [eos, tokenizer.token_to_id(IM_END)]
-    _write_json(out_dir / "generation_config.json", {"eos_token_id": stop_ids, "pad_token_id": eos})
-
-    for old in [*out_dir.glob("model*.safetensors"), out_dir / INDEX_FILE]:
-        old.unlink(missing_ok=True)  # stale shards of an earlier write would shadow or confuse readers
+    config = write_model_configs(out_dir, config, tokenizer, torch_dtype)
 
     shapes = expected_tensors(config)
     element_size = torch.empty((), dtype=torch_dtype).element_size()

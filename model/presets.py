@@ -1,4 +1,5 @@
-"""Named model sizes: `tiny` for tests, `small` for benchmarks, `80b-a3b` for the real shapes.
+"""Named model sizes: `tiny` for tests, `small` for benchmarks, `stdlib` for the model nextserve
+trains and ships, `80b-a3b` for the real shapes.
 
 The two synthetic presets keep every structural feature of Qwen3-Next that the serving math depends
 on: a 3:1 DeltaNet:attention layer pattern, more value heads than key heads, GQA, partial RoPE, a
@@ -63,6 +64,37 @@ PRESETS: dict[str, dict] = {
         intermediate_size=1024,
         eos_token_id=0,
         torch_dtype="float32",
+    ),
+    # The model that ships trained (`nextserve train`, docs/training.md): every Qwen3-Next feature
+    # (DeltaNet and gated attention 3:1, more value than key heads, GQA, partial RoPE, routed experts
+    # top-k > 1 plus a shared expert, an MTP layer) at a size a 2-core CPU trains in about an hour
+    # and that stays under 30 MB in bf16. The vocab is what its tokenizer is trained to on the
+    # standard library's sources. RoPE base 1e4, not 1e7: with 16 rotary dims and 256-token training
+    # windows, a 1e7 base would leave most rotary frequencies nearly constant over the window.
+    "stdlib": dict(
+        vocab_size=8192,
+        hidden_size=256,
+        num_hidden_layers=4,
+        layer_types=list(_LINEAR_X3_FULL),
+        full_attention_interval=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        partial_rotary_factor=0.25,  # rotary dim 16
+        rope_theta=1e4,
+        max_position_embeddings=4096,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=64,
+        linear_value_head_dim=64,
+        linear_conv_kernel_dim=4,
+        num_experts=16,
+        num_experts_per_tok=2,
+        moe_intermediate_size=128,
+        shared_expert_intermediate_size=256,
+        intermediate_size=1024,
+        eos_token_id=0,
+        torch_dtype="bfloat16",
     ),
     # Qwen3-Next-80B-A3B: ~80B parameters, ~3B active. For planning and docs only.
     "80b-a3b": dict(

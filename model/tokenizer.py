@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -29,10 +30,11 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 
-def train_tokenizer(vocab_size: int) -> Tokenizer:
-    """Train byte-level BPE on the built-in corpus up to `vocab_size` tokens (fewer if the corpus runs
-    out of merges: ~4.1k is the most it yields). Deterministic: the same vocab_size gives the same
-    `tokenizer.json` bytes in every process."""
+def train_tokenizer(vocab_size: int, texts: Iterable[str] | None = None) -> Tokenizer:
+    """Train byte-level BPE up to `vocab_size` tokens (fewer if the text runs out of merges: the
+    built-in corpus yields ~4.1k at most). `texts` is the training text, one document per item
+    (default: the built-in corpus; the trained model uses its training corpus, see `model.corpus`).
+    Deterministic: the same texts and vocab_size give the same `tokenizer.json` bytes in every process."""
     minimum = len(SPECIAL_TOKENS) + 256
     if vocab_size < minimum:
         raise ValueError(f"vocab_size {vocab_size} < {minimum} (3 special tokens + 256 byte tokens)")
@@ -48,7 +50,7 @@ def train_tokenizer(vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen or not
         show_progress=False,
     )
-    tokenizer.train_from_iterator([CORPUS], trainer=trainer)
+    tokenizer.train_from_iterator([CORPUS] if texts is None else texts, trainer=trainer)
     return tokenizer
 
 

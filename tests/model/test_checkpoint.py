@@ -78,7 +78,9 @@ def test_preset_sizes():
     assert experts & (experts - 1) != 0, "tiny must not have a power-of-two expert count"
     with pytest.raises(ValueError, match="unknown preset"):
         config_from_preset("huge")
-    assert set(PRESETS) == {"tiny", "small", "80b-a3b"}
+    assert set(PRESETS) == {"tiny", "small", "stdlib", "80b-a3b"}
+    stdlib = parameter_counts(config_from_preset("stdlib"))["total"]
+    assert stdlib * 2 <= 30e6, "the trained model ships as at most ~30 MB of bf16"
 
 
 def test_init_statistics_follow_the_norm_conventions(tiny_checkpoint):
