@@ -21,7 +21,7 @@ from nextserve.kernels.ops import kernel_backend
 
 from .moe import SparseMoeBlock
 from .qwen3_next import Qwen3NextForCausalLM
-from .state import ForwardBatch
+from .state import StaticCache
 
 
 @dataclass
@@ -77,7 +77,7 @@ def compute_losses(model: Qwen3NextForCausalLM, windows: torch.Tensor) -> Losses
     if S < 1:
         raise ValueError(f"windows {tuple(windows.shape)} must hold at least 3 tokens each")
     inputs, next_ids, after_next = windows[:, :S], windows[:, 1:S + 1], windows[:, 2:]
-    batch = ForwardBatch.build([model.new_state() for _ in range(B)], [S] * B, windows.device)
+    batch = StaticCache(model, B, S).batch(list(range(B)), [S] * B)  # fresh pools: zero state, empty KV
     with captured_router_logits(model) as router_logits:
         hidden = model.model(inputs.reshape(-1), batch)  # [B*S, H], final-normed
         main = F.cross_entropy(model.lm_head(hidden).float(), next_ids.reshape(-1))

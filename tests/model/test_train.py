@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from nextserve.cli.main import main as cli_main
 from nextserve.kernels.gated_delta_rule.naive import (naive_chunk_gated_delta_rule,
                                                       naive_recurrent_gated_delta_rule)
-from nextserve.model import ForwardBatch, Qwen3NextForCausalLM
+from nextserve.model import Qwen3NextForCausalLM, StaticCache
 from nextserve.model.checkpoint import SINGLE_FILE
 from nextserve.model.corpus import find_corpus, is_validation
 from nextserve.model.presets import config_from_preset
@@ -185,11 +185,11 @@ def test_the_mtp_loss_trains_the_draft_that_serving_computes(run, logits_close):
     model = Qwen3NextForCausalLM.from_pretrained(out, dtype=torch.float32, with_mtp=True)
     S = 40
     ids = torch.randint(0, VOCAB, (S + 2,), generator=torch.Generator().manual_seed(2))
-    batch = ForwardBatch.build([model.new_state()], [S], "cpu")
+    batch = StaticCache(model, 1, S).batch([0], [S])
     _, hidden = model.forward_batch(ids[:S], batch, all_logits=True)
     drafts = model.mtp_logits(ids[1:S + 1], hidden, batch)
     with torch.no_grad():
-        fresh = ForwardBatch.build([model.new_state()], [S], "cpu")
+        fresh = StaticCache(model, 1, S).batch([0], [S])
         trained_hidden = model.model(ids[:S], fresh)  # what compute_losses runs, unrolled
         training_drafts = model.lm_head(model.mtp(model.model.embed_tokens(ids[1:S + 1]), trained_hidden,
                                                   fresh)).float()
