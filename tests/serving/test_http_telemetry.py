@@ -43,6 +43,8 @@ def test_kv_block_and_state_slot_gauges_follow_a_running_request(http_router, oa
     assert sample(http_router, "nextserve_router_state_slots_total") == http_router.engine.scheduler.blocks.num_slots
     assert sample(http_router, "nextserve_router_kv_blocks_used") == 0
     assert sample(http_router, "nextserve_router_state_slots_used") == 0
+    hung_up = sample(http_router, "nextserve_router_http_responses_total", endpoint="/v1/completions", status="499")
+    aborted = sample(http_router, "nextserve_router_requests_total", finish_reason="abort")
     prompt = list(range(5, 5 + BLOCK_SIZE + 3))  # more than one block
     stream = oai.completions.create(model="tiny", prompt=prompt, max_tokens=40, temperature=0, stream=True,
                                     extra_body={"ignore_eos": True})
@@ -55,6 +57,10 @@ def test_kv_block_and_state_slot_gauges_follow_a_running_request(http_router, oa
         stream.close()
     _wait(lambda: sample(http_router, "nextserve_router_kv_blocks_used") == 0)
     assert sample(http_router, "nextserve_router_state_slots_used") == 0
+    # the client closed the stream before its end: counted as 499, and the sequence as aborted
+    _wait(lambda: sample(http_router, "nextserve_router_http_responses_total", endpoint="/v1/completions",
+                         status="499") == hung_up + 1)
+    assert sample(http_router, "nextserve_router_requests_total", finish_reason="abort") == aborted + 1
 
 
 def test_an_http_completion_is_one_request_span_with_its_steps_and_counts_in_the_metrics(http_router, oai, spans):
