@@ -1,7 +1,7 @@
 """The operator's hands on its children: kubernetes_asyncio's typed APIs behind five verbs.
 
 kopf watches the custom resource itself; everything the operator builds (ConfigMaps,
-Services, StatefulSets, Deployments, PodDisruptionBudgets) goes through the official
+Services, StatefulSets, Deployments, PodDisruptionBudgets, the router's HorizontalPodAutoscaler) goes through the official
 asyncio client. Credentials are loaded by that client the usual way: the in-cluster service
 account in a pod, the current kubeconfig context elsewhere.
 
@@ -35,6 +35,7 @@ KINDS: dict[str, tuple[type, str]] = {
     "StatefulSet": (client.AppsV1Api, "stateful_set"),
     "Deployment": (client.AppsV1Api, "deployment"),
     "PodDisruptionBudget": (client.PolicyV1Api, "pod_disruption_budget"),
+    "HorizontalPodAutoscaler": (client.AutoscalingV2Api, "horizontal_pod_autoscaler"),
 }
 
 # The verbs each kind is used with; the chart's RBAC rules are checked against this table.
@@ -44,6 +45,7 @@ VERBS_USED: dict[str, set[str]] = {
     "StatefulSet": {"get", "list", "create", "patch", "delete"},
     "Deployment": {"get", "list", "create", "patch", "delete"},
     "PodDisruptionBudget": {"get", "list", "create", "patch", "delete"},
+    "HorizontalPodAutoscaler": {"get", "create", "patch", "delete"},  # one per deployment, found by name
 }
 
 ApiError = ApiException

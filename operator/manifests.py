@@ -32,6 +32,9 @@ LABEL_PLAN = f"{GROUP}/plan"
 LABEL_SHARD = f"{GROUP}/shard"
 ANNOTATION_PLAN = f"{GROUP}/plan"
 COMPONENT = "app.kubernetes.io/component"
+# The per-pod custom metric an autoscaled router is scaled on (the Prometheus adapter's rule
+# in docs/operator.md computes it from nextserve_router_running/waiting_sequences).
+ROUTER_SEQUENCES_METRIC = "nextserve_router_sequences"
 
 # StatefulSet names longer than 52 characters break the controller-revision-hash pod label.
 STS_NAME_LIMIT = 52
@@ -404,7 +407,8 @@ def router_deployment(body: Mapping[str, Any], spec: DeploymentSpec, plan: Exper
         "kind": "Deployment",
         "metadata": _metadata(body, router_name(name), lbls, {ANNOTATION_PLAN: fp}),
         "spec": {
-            "replicas": spec.router.replicas,
+            # Under an autoscaler the count is the HPA's: a replicas field here would fight it.
+            **({} if spec.router.autoscaling is not None else {"replicas": spec.router.replicas}),
             # Never fewer ready routers than asked for: a plan switch surges a new router
             # and retires an old one only once the new one passes its health check.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
@@ -416,6 +420,37 @@ def router_deployment(body: Mapping[str, Any], spec: DeploymentSpec, plan: Exper
                     "terminationGracePeriodSeconds": PRE_STOP_SECONDS + spec.router.drain_seconds + EXIT_MARGIN_SECONDS,
                 },
             },
+        },
+    }
+
+
+def router_autoscaler(body: Mapping[str, Any], spec: DeploymentSpec) -> dict[str, Any]:
+    """The router's HorizontalPodAutoscaler (spec.router.autoscaling must be set).
+
+    `sequencesPerRouter` scales on ROUTER_SEQUENCES_METRIC, a per-pod custom metric that the
+    Prometheus adapter derives from the routers' running + waiting sequence gauges (the rule is in
+    docs/operator.md); `cpuUtilization` on the routers' CPU use, which metrics-server provides."""
+    name = body["metadata"]["name"]
+    auto = spec.router.autoscaling
+    if auto.sequences_per_router is not None:
+        metric = {"type": "Pods", "pods": {"metric": {"name": ROUTER_SEQUENCES_METRIC},
+                                           "target": {"type": "AverageValue",
+                                                      "averageValue": str(auto.sequences_per_router)}}}
+    else:
+        metric = {"type": "Resource", "resource": {"name": "cpu", "target": {
+            "type": "Utilization", "averageUtilization": auto.cpu_utilization}}}
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _metadata(body, router_name(name), labels(name, "router")),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": router_name(name)},
+            "minReplicas": auto.min_replicas,
+            "maxReplicas": auto.max_replicas,
+            "metrics": [metric],
+            # A router leaving drains its generations (drainSeconds): scale down slowly, one at a time.
+            "behavior": {"scaleDown": {"stabilizationWindowSeconds": 300,
+                                       "policies": [{"type": "Pods", "value": 1, "periodSeconds": 60}]}},
         },
     }
 
@@ -485,4 +520,5 @@ def router_children(body: Mapping[str, Any], spec: DeploymentSpec, plan: ExpertP
 def all_children(body: Mapping[str, Any], spec: DeploymentSpec, plan: ExpertPlan) -> list[dict[str, Any]]:
     """Everything a settled deployment consists of (no rollout in flight)."""
     return (worker_children(body, spec, plan) + router_children(body, spec, plan)
-            + [router_disruption_budget(body, spec)])
+            + [router_disruption_budget(body, spec)]
+            + ([router_autoscaler(body, spec)] if spec.router.autoscaling is not None else []))

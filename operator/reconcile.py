@@ -69,6 +69,7 @@ async def reconcile(api: Kube, body: Mapping[str, Any], now: str | None = None,
     else:
         await api.apply(m.router_service(body, spec))
     await api.apply(m.router_disruption_budget(body, spec))
+    await _autoscaler(api, body, spec)
 
     if step.retire_old:
         await _retire(api, namespace, selector, keep=fp)
@@ -100,6 +101,16 @@ async def reconcile(api: Kube, body: Mapping[str, Any], now: str | None = None,
         old=old_status,
         now=now,
     )
+
+
+async def _autoscaler(api: Kube, body: Mapping[str, Any], spec: s.DeploymentSpec) -> None:
+    """The router's HPA when the spec asks for one; deleted when it no longer does."""
+    if spec.router.autoscaling is not None:
+        await api.apply(m.router_autoscaler(body, spec))
+        return
+    meta = body["metadata"]
+    if await api.get("HorizontalPodAutoscaler", meta["namespace"], m.router_name(meta["name"])) is not None:
+        await api.delete("HorizontalPodAutoscaler", meta["namespace"], m.router_name(meta["name"]))
 
 
 async def _retire(api: Kube, namespace: str, selector: dict[str, str], keep: str) -> None:

@@ -61,6 +61,15 @@ class ExpertsSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class AutoscalingSpec:
+    """An HPA owns the router's replica count, between the bounds, on exactly one target."""
+    min_replicas: int
+    max_replicas: int
+    sequences_per_router: int | None  # average running + waiting sequences (a custom metric)
+    cpu_utilization: int | None       # average CPU use, percent of the request (resource metrics)
+
+
+@dataclasses.dataclass(frozen=True)
 class RouterSpec:
     replicas: int
     device: str
@@ -74,6 +83,7 @@ class RouterSpec:
     max_unavailable: int        # PodDisruptionBudget of the routers
     placement: Placement
     http_port: int | None = 8000  # the OpenAI-compatible HTTP API (container and Service port); None: off
+    autoscaling: AutoscalingSpec | None = None  # set: `replicas` is the HPA's, not the operator's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +115,24 @@ def _placement(raw: Mapping[str, Any]) -> Placement:
         tolerations=list(raw.get("tolerations") or []),
         affinity=dict(raw.get("affinity") or {}),
     )
+
+
+def _autoscaling(raw: Mapping[str, Any] | None) -> AutoscalingSpec | None:
+    if not raw:
+        return None
+    targets = [key for key in ("sequencesPerRouter", "cpuUtilization") if raw.get(key) is not None]
+    if len(targets) != 1:
+        raise InvalidSpec("InvalidAutoscaling", "spec.router.autoscaling must set exactly one target: "
+                                                "sequencesPerRouter or cpuUtilization")
+    if "maxReplicas" not in raw:
+        raise InvalidSpec("InvalidAutoscaling", "spec.router.autoscaling.maxReplicas is required")
+    low, high = int(raw.get("minReplicas", 1)), int(raw["maxReplicas"])
+    if low > high:
+        raise InvalidSpec("InvalidAutoscaling", f"spec.router.autoscaling.minReplicas ({low}) is above "
+                                                f"maxReplicas ({high})")
+    per_router, cpu = raw.get("sequencesPerRouter"), raw.get("cpuUtilization")
+    return AutoscalingSpec(low, high, int(per_router) if per_router is not None else None,
+                           int(cpu) if cpu is not None else None)
 
 
 def parse_spec(raw: Mapping[str, Any]) -> DeploymentSpec:
@@ -159,6 +187,7 @@ def parse_spec(raw: Mapping[str, Any]) -> DeploymentSpec:
             max_unavailable=int((router.get("disruptionBudget") or {}).get("maxUnavailable", 1)),
             placement=_placement(router),
             http_port=int(http.get("port", 8000)) if http.get("enabled", True) else None,
+            autoscaling=_autoscaling(router.get("autoscaling")),
         ),
         tracing=TracingSpec(
             otlp_endpoint=tracing["otlpEndpoint"],

@@ -1,8 +1,8 @@
 """The router's Prometheus series (names, units and labels are documented in docs/observability.md).
 
-Label values are bounded: finish reasons and gRPC codes are fixed sets, `shard` is a plan shard
-index, and the per-expert token counts are one series per (MoE layer, expert) of the model.
-KV-block / state-slot usage and prefix-cache series join here once those parts exist.
+Label values are bounded: finish reasons and gRPC codes are fixed sets, HTTP statuses are folded
+into a fixed set (`http_status_label`), `endpoint` is one of the generation routes, `shard` is a
+plan shard index, and the per-expert token counts are one series per (MoE layer, expert) of the model.
 """
 from __future__ import annotations
 
@@ -23,6 +23,15 @@ TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 DISPATCH_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
+
+# The statuses the HTTP API answers with (docs/http-api.md); anything else is counted by its class.
+HTTP_STATUSES = (200, 400, 404, 405, 415, 422, 429, 499, 500, 503)
+
+
+def http_status_label(status: int) -> str:
+    """The `status` label of an HTTP response: the code itself when it is one the API uses, else its
+    class ("4xx", "5xx"), so a stray code cannot add series."""
+    return str(status) if status in HTTP_STATUSES else f"{status // 100}xx"
 
 
 class ExpertTokenCounts:
@@ -79,11 +88,21 @@ class RouterMetrics:
                                 registry=registry)
         self.responses = Counter(PREFIX + "responses", "Generate calls ended, by gRPC status code", ["code"],
                                  registry=registry)
+        self.http_responses = Counter(
+            PREFIX + "http_responses", "HTTP generation requests ended, by route and HTTP status (499: the client "
+            "went away)", ["endpoint", "status"], registry=registry)
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of admitted requests",
                                      registry=registry)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated", registry=registry)
         self.running = Gauge(PREFIX + "running_sequences", "Sequences in the running batch", registry=registry)
         self.waiting = Gauge(PREFIX + "waiting_sequences", "Sequences queued, not yet admitted", registry=registry)
+        self.kv_blocks_used = Gauge(PREFIX + "kv_blocks_used", "Attention K/V blocks held by sequences",
+                                    registry=registry)
+        self.kv_blocks_total = Gauge(PREFIX + "kv_blocks_total", "Attention K/V blocks in the pool", registry=registry)
+        self.state_slots_used = Gauge(PREFIX + "state_slots_used", "DeltaNet state slots held by sequences",
+                                      registry=registry)
+        self.state_slots_total = Gauge(PREFIX + "state_slots_total", "DeltaNet state slots in the pool",
+                                       registry=registry)
         self.shard_dispatch = Histogram(
             PREFIX + "shard_dispatch_seconds", "One MoE layer's round trip to one expert shard (send, compute, "
             "receive)", ["shard"], buckets=DISPATCH_BUCKETS, registry=registry)
@@ -99,3 +118,11 @@ class RouterMetrics:
         """Read the scheduler's queue lengths at scrape time: nothing to update on the hot path."""
         self.running.set_function(running)
         self.waiting.set_function(waiting)
+
+    def watch_memory(self, blocks) -> None:
+        """Read the block manager's free lists at scrape time (a BlockManager: `num_blocks`,
+        `num_free_blocks`, `num_slots`, `num_free_slots`); the engine's loop pays nothing."""
+        self.kv_blocks_total.set_function(lambda: blocks.num_blocks)
+        self.kv_blocks_used.set_function(lambda: blocks.num_blocks - blocks.num_free_blocks)
+        self.state_slots_total.set_function(lambda: blocks.num_slots)
+        self.state_slots_used.set_function(lambda: blocks.num_slots - blocks.num_free_slots)

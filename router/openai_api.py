@@ -23,6 +23,7 @@ from nextserve.model.sampling import SamplingParams
 from nextserve.model.tokenizer import TextTokenizer
 
 from .engine import Engine, RequestStream
+from . import http_telemetry
 from .generation import Delta, decode_stream
 from .openai_errors import APIError, bad_param, parse_body, queue_full, unavailable
 from .openai_schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -154,13 +155,15 @@ class OpenAIFrontend:
         if served.drain is not None and not served.drain.admitting:
             raise unavailable(served.drain.reason)
         try:
-            return served.engine.submit(prompt_ids, params)
+            stream = served.engine.submit(prompt_ids, params)
         except RequestTooLarge as e:
             raise bad_param(param, str(e), code="context_length_exceeded") from None
         except QueueFull as e:
             raise queue_full(str(e)) from None
         except ShardUnavailable as e:
             raise unavailable(str(e)) from None
+        http_telemetry.admitted(stream, len(prompt_ids), params, stops)
+        return stream
 
     def submit_choices(self, prompt_ids: list[int], choices: list[SamplingParams], stops: list[str],
                        param: str) -> list[RequestStream]:

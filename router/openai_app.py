@@ -1,8 +1,10 @@
-"""The OpenAI-compatible HTTP API as one ASGI app: models, completions, chat, responses, health probes."""
+"""The OpenAI-compatible HTTP API as one ASGI app: models, completions, chat, responses, health probes;
+generation requests traced and counted as gRPC ones are (router/http_telemetry.py)."""
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
 
+from .http_telemetry import HttpTelemetryMiddleware
 from .openai_api import OpenAIFrontend, ServedModel
 from .openai_errors import APIError, unavailable
 from .openai_responses import ResponsesEndpoint
@@ -14,6 +16,8 @@ def build_app(served: ServedModel) -> FastAPI:
     responses = ResponsesEndpoint(frontend)
     app = FastAPI(title="nextserve", summary="OpenAI-compatible API of a nextserve router",
                   docs_url=None, redoc_url=None)
+    # Inside Starlette's outermost error middleware, so it sees the status of every answer, 500s included.
+    app.add_middleware(HttpTelemetryMiddleware, telemetry=served.engine.telemetry)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):

@@ -23,9 +23,9 @@ from prometheus_client import CollectorRegistry
 
 from nextserve.model.sampling import SamplingParams
 from nextserve.telemetry import attributes as attr
-from nextserve.telemetry.tracing import Tracing, context_from_grpc_metadata, inject
+from nextserve.telemetry.tracing import Tracing, context_from_grpc_metadata, extract, inject
 
-from .metrics import RouterMetrics
+from .metrics import RouterMetrics, http_status_label
 
 
 @dataclass(slots=True, eq=False)
@@ -39,6 +39,7 @@ class RequestRecord:
     first_scheduled: float | None = None
     first_token: float | None = None
     last_token: float | None = None
+    end: float | None = None
 
     def wall_ns(self, t: float) -> int:
         return self.arrival_ns + int((t - self.arrival) * 1e9)
@@ -67,6 +68,7 @@ class RouterTelemetry:
     def attach(self, scheduler, pool) -> None:
         """Read queue lengths from `scheduler` at scrape time; time every shard reply of `pool`."""
         self.metrics.watch_queue(lambda: len(scheduler.running), lambda: len(scheduler.waiting))
+        self.metrics.watch_memory(scheduler.blocks)
         self._pool = pool
         for shard in {c.shard for c in pool.connections}:  # the error series exist before the first error
             self.metrics.shard_dispatch_errors.labels(str(shard))
@@ -80,26 +82,34 @@ class RouterTelemetry:
     # -- requests (the gRPC service, event loop) ------------------------------------------------------
 
     def request_started(self, request, metadata) -> RequestRecord:
+        return self._start(attr.OPERATION_TEXT_COMPLETION, context_from_grpc_metadata(metadata), request.session_id)
+
+    def http_request_started(self, operation: str, headers: Mapping[str, str]) -> RequestRecord:
+        """An HTTP generation request arrived (router/http_telemetry.py); `headers` may carry W3C context."""
+        return self._start(operation, extract(headers), "")
+
+    def _start(self, operation: str, parent, session_id: str) -> RequestRecord:
         record = RequestRecord(time.monotonic(), time.time_ns())
         if self.tracer is not None:
             span = self.tracer.start_span(
-                f"{attr.OPERATION_TEXT_COMPLETION} {self.model_name}", context=context_from_grpc_metadata(metadata),
-                kind=SpanKind.SERVER, start_time=record.arrival_ns,
-                attributes={attr.OPERATION_NAME: attr.OPERATION_TEXT_COMPLETION, attr.REQUEST_MODEL: self.model_name})
+                f"{operation} {self.model_name}", context=parent, kind=SpanKind.SERVER, start_time=record.arrival_ns,
+                attributes={attr.OPERATION_NAME: operation, attr.REQUEST_MODEL: self.model_name})
             if span.is_recording():
-                if request.session_id:
-                    span.set_attribute(attr.SESSION_ID, request.session_id)
+                if session_id:
+                    span.set_attribute(attr.SESSION_ID, session_id)
                 record.span = span
         return record
 
-    def request_admitted(self, record: RequestRecord, seq_id: int, request_id: str, num_prompt: int,
+    def request_admitted(self, record: RequestRecord, seq_id: int, request_id: str | None, num_prompt: int,
                          params: SamplingParams, stop: list[str]) -> None:
+        """A sequence of the request was queued. An HTTP request with `n` choices admits one per choice;
+        each counts its prompt (each is prefilled) and the span keeps the last choice's parameters."""
         record.seq_id, record.num_prompt = seq_id, num_prompt
         self._records[seq_id] = record
         self.metrics.prompt_tokens.inc(num_prompt)
         if record.span is not None:
             record.span.set_attributes({
-                attr.RESPONSE_ID: request_id, attr.USAGE_INPUT_TOKENS: num_prompt,
+                **({attr.RESPONSE_ID: request_id} if request_id else {}), attr.USAGE_INPUT_TOKENS: num_prompt,
                 attr.REQUEST_MAX_TOKENS: params.max_tokens, attr.REQUEST_TEMPERATURE: params.temperature,
                 attr.REQUEST_TOP_P: params.top_p, attr.REQUEST_TOP_K: params.top_k,
                 attr.REQUEST_PRESENCE_PENALTY: params.presence_penalty,
@@ -109,26 +119,51 @@ class RouterTelemetry:
 
     def request_finished(self, record: RequestRecord, seq, code: grpc.StatusCode, message: str = "") -> None:
         """Once per Generate call, any outcome. `seq` is the engine's Sequence (None: never admitted)."""
-        end = time.monotonic()
         self.metrics.responses.labels(code.name).inc()
-        num_output = len(seq.output_ids) if seq is not None else 0
-        if seq is not None:
-            self._records.pop(seq.seq_id, None)
-            reason = _finish_reason(seq.finish_reason, code)
-            self.metrics.requests.labels(reason).inc()
-            self.metrics.request_duration.observe(end - record.arrival)
-            if record.first_scheduled is None:  # never ran: it waited until it ended
-                self.metrics.queue_time.observe(end - record.arrival)
+        seqs = [seq] if seq is not None else []
+        reasons = self._end_sequences(record, seqs, lambda s: _finish_reason(s.finish_reason, code))
         span = record.span
         if span is None:
             return
         span.set_attribute(attr.RPC_GRPC_STATUS_CODE, code.value[0])
-        if seq is not None:
-            span.set_attributes({attr.USAGE_OUTPUT_TOKENS: num_output, attr.RESPONSE_FINISH_REASONS: [reason]})
-            self._phase_spans(record, end)
-        if code != grpc.StatusCode.OK:
-            span.set_status(Status(StatusCode.ERROR, f"{code.name}: {message}" if message else code.name))
-        span.end(end_time=record.wall_ns(end))
+        error = None if code == grpc.StatusCode.OK else (f"{code.name}: {message}" if message else code.name)
+        self._end_request_span(record, seqs, reasons, error)
+
+    def http_request_finished(self, record: RequestRecord, seqs: list, endpoint: str, status: int) -> None:
+        """Once per HTTP generation request, any outcome; `seqs` are the sequences it admitted (one per
+        choice), `status` the HTTP status it answered with (499 when the client went away first)."""
+        self.metrics.http_responses.labels(endpoint, http_status_label(status)).inc()
+        reasons = self._end_sequences(record, seqs, lambda s: _http_finish_reason(s.finish_reason, status))
+        span = record.span
+        if span is None:
+            return
+        span.set_attribute(attr.HTTP_RESPONSE_STATUS_CODE, status)
+        # OpenTelemetry's HTTP conventions: on a SERVER span only a 5xx is an error (a 4xx is the caller's).
+        self._end_request_span(record, seqs, reasons, f"HTTP {status}" if status >= 500 else None)
+
+    def _end_sequences(self, record: RequestRecord, seqs: list, reason_of) -> list[str]:
+        end = time.monotonic()
+        record.end = end
+        reasons = []
+        for seq in seqs:
+            self._records.pop(seq.seq_id, None)
+            reasons.append(reason_of(seq))
+            self.metrics.requests.labels(reasons[-1]).inc()
+        if seqs:
+            self.metrics.request_duration.observe(end - record.arrival)
+            if record.first_scheduled is None:  # never ran: it waited until it ended
+                self.metrics.queue_time.observe(end - record.arrival)
+        return reasons
+
+    def _end_request_span(self, record: RequestRecord, seqs: list, reasons: list[str], error: str | None) -> None:
+        span = record.span
+        if seqs:
+            span.set_attributes({attr.USAGE_OUTPUT_TOKENS: sum(len(s.output_ids) for s in seqs),
+                                 attr.RESPONSE_FINISH_REASONS: reasons})
+            self._phase_spans(record, record.end)
+        if error is not None:
+            span.set_status(Status(StatusCode.ERROR, error))
+        span.end(end_time=record.wall_ns(record.end))
 
     def _phase_spans(self, record: RequestRecord, end: float) -> None:
         context = trace.set_span_in_context(record.span)
@@ -223,6 +258,12 @@ def _finish_reason(engine_reason: str | None, code: grpc.StatusCode) -> str:
     if code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
         return "abort"  # the caller went away
     return "error"
+
+
+def _http_finish_reason(engine_reason: str | None, status: int) -> str:
+    if status == 200:
+        return engine_reason if engine_reason in ("stop", "length") else "stop"  # a stop string, as above
+    return "abort" if status == 499 else "error"
 
 
 def moe_layers(config) -> list[int]:

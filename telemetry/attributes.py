@@ -21,11 +21,15 @@ RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
 USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
 USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 
-# The operation a Generate call is, in the GenAI vocabulary (a prompt in, a continuation out).
+# The operation a Generate call is, in the GenAI vocabulary (a prompt in, a continuation out); the
+# HTTP API's chat routes (chat completions, responses) are "chat".
 OPERATION_TEXT_COMPLETION = "text_completion"
+OPERATION_CHAT = "chat"
 
 # gRPC (rpc.* semantic conventions) on the request span
 RPC_GRPC_STATUS_CODE = "rpc.grpc.status_code"
+# HTTP (http.* semantic conventions) on the request span of an HTTP API call
+HTTP_RESPONSE_STATUS_CODE = "http.response.status_code"
 
 # nextserve's own
 SESSION_ID = "nextserve.session_id"

@@ -121,9 +121,11 @@ def _check_least_privilege(rules):
     assert not any(r == "secrets" for _, r in rules)  # the operator reads no Secret
     # The children: exactly the verbs operator/kube.py uses on each kind, no more.
     from nextserve.operator.kube import KINDS, VERBS_USED
-    groups = {"ConfigMap": "", "Service": "", "StatefulSet": "apps", "Deployment": "apps", "PodDisruptionBudget": "policy"}
+    groups = {"ConfigMap": "", "Service": "", "StatefulSet": "apps", "Deployment": "apps", "PodDisruptionBudget": "policy",
+              "HorizontalPodAutoscaler": "autoscaling"}
     for kind, verbs in VERBS_USED.items():
-        plural = {"PodDisruptionBudget": "poddisruptionbudgets"}.get(kind, kind.lower() + "s")
+        plural = {"PodDisruptionBudget": "poddisruptionbudgets",
+                  "HorizontalPodAutoscaler": "horizontalpodautoscalers"}.get(kind, kind.lower() + "s")
         assert kind in KINDS and rules[(groups[kind], plural)] == verbs, kind
 
 

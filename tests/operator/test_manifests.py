@@ -399,3 +399,52 @@ def test_router_http_api_port_follows_the_cr_switch(cr_schema, http, port):
     assert "grpc" in container_ports and "grpc" in service_ports
     for child in children:
         kubernetes_validate.validate(child, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("autoscaling, metric", [
+    ({"maxReplicas": 6, "sequencesPerRouter": 24}, {"type": "Pods", "pods": {
+        "metric": {"name": "nextserve_router_sequences"}, "target": {"type": "AverageValue", "averageValue": "24"}}}),
+    ({"minReplicas": 2, "maxReplicas": 4, "cpuUtilization": 70}, {"type": "Resource", "resource": {
+        "name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}}),
+], ids=["sequences", "cpu"])
+def test_router_autoscaling_is_an_hpa_that_owns_the_replicas(cr_schema, autoscaling, metric):
+    spec = copy.deepcopy(TINY)
+    spec["router"]["autoscaling"] = autoscaling
+    assert not list(jsonschema.Draft4Validator(cr_schema).iter_errors(body(spec)))
+    b, parsed, plan, children = build(spec)
+    [hpa] = [c for c in children if c["kind"] == "HorizontalPodAutoscaler"]
+    router = next(c for c in children if c["kind"] == "Deployment")
+    assert "replicas" not in router["spec"]  # the HPA's field: the operator must not write it
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": router["metadata"]["name"]}
+    assert hpa["spec"]["metrics"] == [metric]
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (autoscaling.get("minReplicas", 1),
+                                                                        autoscaling["maxReplicas"])
+    assert hpa["metadata"]["ownerReferences"][0]["uid"] == "uid-123"
+    kubernetes_validate.validate(hpa, K8S_VERSION, strict=True)
+    kubernetes_validate.validate(router, K8S_VERSION, strict=True)
+    if "cpuUtilization" in autoscaling:  # utilisation is a share of the request: there must be one
+        assert "cpu" in router["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]
+
+    # without the block: replicas from the spec, no HPA
+    *_, plain = build(TINY)
+    assert next(c for c in plain if c["kind"] == "Deployment")["spec"]["replicas"] == 1
+    assert not [c for c in plain if c["kind"] == "HorizontalPodAutoscaler"]
+
+
+@pytest.mark.parametrize("autoscaling, schema_rejects", [
+    ({"maxReplicas": 4}, True),                                           # no target
+    ({"maxReplicas": 4, "sequencesPerRouter": 8, "cpuUtilization": 50}, True),  # two targets
+    ({"sequencesPerRouter": 8}, True),                                    # no upper bound
+    ({"maxReplicas": 4, "cpuUtilization": 150}, True),
+    ({"minReplicas": 5, "maxReplicas": 4, "sequencesPerRouter": 8}, False),  # the CEL rule; the parser too
+], ids=["no-target", "two-targets", "no-max", "cpu-over-100", "min-above-max"])
+def test_bad_router_autoscaling_is_refused_by_schema_or_parser(cr_schema, autoscaling, schema_rejects):
+    spec = copy.deepcopy(TINY)
+    spec["router"]["autoscaling"] = autoscaling
+    assert bool(list(jsonschema.Draft4Validator(cr_schema).iter_errors(body(spec)))) is schema_rejects
+    if "cpuUtilization" in autoscaling and autoscaling["cpuUtilization"] > 100:
+        return  # a range only the schema checks
+    with pytest.raises(s.InvalidSpec) as error:
+        s.parse_spec(spec)
+    assert error.value.reason == "InvalidAutoscaling"

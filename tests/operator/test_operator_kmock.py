@@ -297,3 +297,42 @@ async def test_rbac_denial_is_a_warning_with_the_remedy_and_in_healthz(cluster, 
     async with cluster.session.get(f"http://127.0.0.1:{port}/healthz") as resp:
         report = await resp.json()
     assert report["operator"] == {"role": "standalone", "problems": [message]}
+
+
+HPA = "autoscaling/v2/horizontalpodautoscalers"
+
+
+async def test_router_autoscaling_hands_replicas_to_an_hpa_and_back(cluster, operator):
+    await operator.start()
+    spec = cluster.small_spec()
+    spec["router"]["autoscaling"] = {"minReplicas": 2, "maxReplicas": 5, "sequencesPerRouter": 16}
+    body = cluster.make_body(spec=spec)
+    await cluster.create_cr(body)
+    await cluster.eventually(lambda: "demo-router" in cluster.objects(HPA), what="router HPA")
+    hpa = cluster.objects(HPA)["demo-router"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "demo-router" and hpa["spec"]["maxReplicas"] == 5
+    assert hpa["metadata"]["ownerReferences"][0]["uid"] == body["metadata"]["uid"]
+    await cluster.eventually(lambda: "demo-router" in cluster.deployments(), what="router")
+
+    def router_writes():
+        return [r for r in cluster.kmock if r.method in ("PATCH", "POST") and r.resource is not None
+                and r.resource.plural == "deployments" and (r.data or {}).get("metadata", {}).get("name") == "demo-router"]
+
+    assert router_writes() and all("replicas" not in r.data["spec"] for r in router_writes())
+
+    # The HPA controller scales the router; a spec change rewrites the router without replicas.
+    cluster.kmock.objects[DEPLOY, NS, "demo-router"].patch({"spec": {"replicas": 4}})
+    spec["router"]["maxBatchTokens"] = 2048
+    writes_before = len(router_writes())
+    await cluster.patch_spec(spec)
+    await cluster.eventually(lambda: "--max-batch-tokens" in cluster.deployments()["demo-router"]["spec"]["template"]
+                             ["spec"]["containers"][0]["args"], what="router args updated")
+    assert len(router_writes()) > writes_before and all("replicas" not in r.data["spec"] for r in router_writes())
+    assert cluster.deployments()["demo-router"]["spec"]["replicas"] == 4
+
+    # Autoscaling off: the HPA goes, and the operator owns replicas again.
+    del spec["router"]["autoscaling"]
+    await cluster.patch_spec({**spec, "router": {**spec["router"], "autoscaling": None}})
+    await cluster.eventually(lambda: "demo-router" not in cluster.objects(HPA), what="HPA deleted")
+    await cluster.eventually(lambda: cluster.deployments()["demo-router"]["spec"]["replicas"] == 2,
+                             what="replicas from the spec")

