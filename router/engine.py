@@ -138,6 +138,11 @@ class Engine:
     def num_active(self) -> int:
         return len(self._streams)
 
+    @property
+    def idle(self) -> bool:
+        """No forward pass running and nothing scheduled (an aborted request's last pass has ended too)."""
+        return not self._stepping and not self.scheduler.has_work()
+
     # -- the loop -----------------------------------------------------------------------------------
 
     async def _run(self) -> None:
