@@ -18,7 +18,8 @@ GREEDY = dict(temperature=0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def start(servers, in_process_workers, tiny_checkpoint, helpers):
-    """start(**options) -> a started in-process Router over 2 workers; all stopped at the module's end."""
+    """start(**options) -> a started in-process Router over 2 workers; start.stop(router) stops one early,
+    the rest stop at the module's end."""
     from nextserve.router.server import RouterOptions, start_router
 
     started = []
@@ -31,13 +32,14 @@ def start(servers, in_process_workers, tiny_checkpoint, helpers):
         started.append(router)
         return router
 
+    def stop(router):
+        started.remove(router)
+        servers.run(router.stop(0))
+
+    make.stop = stop
     yield make
     for router in started:
         servers.run(router.stop(0))
-
-
-def stop(servers, router):
-    servers.run(router.stop(0))
 
 
 @pytest.fixture(scope="module")
@@ -95,13 +97,13 @@ def test_a_second_router_on_the_same_redis_continues_and_a_restart_keeps_the_ses
         history = [5, 6, 7, 8, *first.token_ids, 9, 10]
         assert second.token_ids == a.generate(history, max_tokens=4, **GREEDY).token_ids
         history += second.token_ids
-    stop(servers, other)
+    start.stop(other)
     restarted = start(cache_url=redis_url)  # a new process would see only what Redis holds
     with client(restarted) as c:
         third = c.generate([3, 4], max_tokens=4, session_id="shared", append_to_session=True, **GREEDY)
         assert third.token_ids == c.generate([*history, 3, 4], max_tokens=4, **GREEDY).token_ids
         assert third.prompt_tokens == len(history) + 2
-    stop(servers, restarted)
+    start.stop(restarted)
 
 
 def test_a_concurrent_second_turn_is_aborted_and_the_history_never_interleaves(servers, router):
@@ -184,7 +186,7 @@ def test_records_expire_after_the_ttl_refreshed_on_use(servers, start, redis_ser
         with pytest.raises(ServingError) as e:
             c.generate([6], max_tokens=2, session_id="brief", append_to_session=True, **GREEDY)
         assert e.value.code == grpc.StatusCode.NOT_FOUND and "expired" in e.value.details
-    stop(servers, short)
+    start.stop(short)
 
 
 def test_flushall_between_turns_is_a_clear_error_never_a_wrong_continuation(servers, redis_server, redis_url,
