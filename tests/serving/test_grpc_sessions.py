@@ -226,3 +226,19 @@ def test_redis_down_fails_session_requests_with_unavailable_and_serves_stateless
                     break
                 assert e.code == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline
                 time.sleep(0.1)
+
+
+def test_redis_lost_during_a_turn_ends_it_with_unavailable_and_stores_nothing(servers, redis_server, redis_url,
+                                                                              redis_router):
+    with client(redis_router) as c:
+        c.generate([3, 1, 4], max_tokens=2, session_id="midway", **GREEDY)
+        stream = c.generate_stream([1, 5], max_tokens=40, session_id="midway", append_to_session=True, **GREEDY)
+        next(stream)  # the turn holds the session and decodes
+        redis_server.kill()
+        try:
+            with pytest.raises(ServingError) as e:
+                for chunk in stream:
+                    assert chunk.finish_reason is None  # the last message never comes: the turn was not stored
+            assert e.value.code == grpc.StatusCode.UNAVAILABLE and "not stored" in e.value.details
+        finally:
+            redis_server.start()
