@@ -71,8 +71,8 @@ async def start_http(app, host: str, port: int, startup_timeout: float = 30.0) -
 async def serve_openai(engine, config, tokenizer, checkpoint: str, host: str, port: int, model_name: str | None,
                        sessions, drain=None) -> HttpServer:
     """The OpenAI-compatible API of this router's engine on host:port; the model is named after the
-    checkpoint directory unless `model_name` is given. `sessions`: the router's SessionStore
-    (router/session_stores.py), where /v1/responses keeps its responses."""
+    checkpoint directory unless `model_name` is given. `sessions`: where /v1/responses keeps its
+    responses (SessionStores.responses, router/session_stores.py)."""
     import time
     from pathlib import Path
 

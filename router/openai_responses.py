@@ -4,8 +4,8 @@ The next turn's prompt is the stored token history (prompt and output of every e
 model saw them), the template's end-of-turn tokens the output did not already end with, and the
 new input rendered by the chat template: the same tokens as sending the whole history at once.
 
-Each stored response is a session record of the router's session store (router/session_stores.py),
-under the response id: `token_ids` is the conversation, `metadata["response"]` the response object.
+Each stored response is a session record (router/session_stores.py: the responses keyspace), under
+the response id: `token_ids` is the conversation, `metadata["response"]` the response object.
 With --cache-url the store is Redis, so a response can be continued after a router restart and by
 any router replica; unreachable, it answers 503 naming the problem.
 """

@@ -28,7 +28,7 @@ from .http_server import HttpServer, serve_openai
 from .runner import ModelRunner, load_dense_model, plan_cache
 from .scheduler import Scheduler
 from .service import ServingService
-from .session_stores import OpenSessionStore, open_session_store
+from .session_stores import SessionStores, open_session_stores
 from .shards import ShardPool
 from .telemetry import RouterTelemetry, moe_layers
 
@@ -96,7 +96,7 @@ class Router:
     """A running router (server, engine, pool); `await shutdown(grace)` drains and releases everything."""
 
     def __init__(self, server: grpc.aio.Server, port: int, engine: Engine, pool: ShardPool, health_service,
-                 drain: Drain, sessions: OpenSessionStore, metrics: MetricsServer | None = None,
+                 drain: Drain, sessions: SessionStores, metrics: MetricsServer | None = None,
                  http: HttpServer | None = None):
         self.server, self.port, self.engine, self.pool, self.health = server, port, engine, pool, health_service
         self.drain, self.sessions, self.metrics = drain, sessions, metrics
@@ -185,10 +185,10 @@ async def start_router(options: RouterOptions) -> Router:
     engine = Engine(runner, scheduler, pool, eos, config.max_position_embeddings, telemetry)
 
     drain = Drain()
-    sessions = open_session_store(options.cache_url, options.session_ttl, options.max_sessions)
+    sessions = open_session_stores(options.cache_url, options.session_ttl, options.max_sessions)
     server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[RefuseWhileDraining(drain)])
     serving_pb2_grpc.add_ServingServicer_to_server(
-        ServingService(engine, config, tokenizer, fingerprint, sessions.store), server)
+        ServingService(engine, config, tokenizer, fingerprint, sessions.sessions), server)
     health_service = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
     port = server.add_insecure_port(f"{options.host}:{options.port}")
@@ -214,7 +214,7 @@ async def start_router(options: RouterOptions) -> Router:
     if options.http_port is not None:  # before gRPC: once gRPC health answers, HTTP answers too
         try:
             router.http = await serve_openai(engine, config, tokenizer, options.checkpoint, options.host,
-                                             options.http_port, options.served_model_name, sessions.store, drain)
+                                             options.http_port, options.served_model_name, sessions.responses, drain)
         except BaseException:
             await router.stop(0)
             raise

@@ -63,7 +63,7 @@ def client(router) -> Client:
 
 
 def stored_tokens(servers, router, session_id):
-    record = servers.run(router.sessions.store.get(session_id))
+    record = servers.run(router.sessions.sessions.get(session_id))
     return None if record is None else list(record.token_ids)
 
 

@@ -3,8 +3,12 @@ previous_response_id continues across a router restart and equals the whole hist
 (greedy); bad ids are clear 400/404s; Redis down is a 503 naming the store, while stateless requests
 are served.
 """
+import grpc
 import openai
 import pytest
+
+from nextserve.client import Client
+from nextserve.client.messages import ServingError
 
 from nextserve.model.tokenizer import load_tokenizer
 
@@ -52,8 +56,8 @@ def test_a_conversation_continues_across_a_router_restart_on_redis(servers, star
         second = client.responses.create(model="tiny", previous_response_id=first.id, input="And then?",
                                          max_output_tokens=6, temperature=0)
         assert second.previous_response_id == first.id
-        turn1 = list(servers.run(second_router.sessions.store.get(first.id)).token_ids)
-        turn2 = list(servers.run(second_router.sessions.store.get(second.id)).token_ids)
+        turn1 = list(servers.run(second_router.sessions.responses.get(first.id)).token_ids)
+        turn2 = list(servers.run(second_router.sessions.responses.get(second.id)).token_ids)
         history = turn2[:second.usage.input_tokens]
         assert history[:len(turn1)] == turn1 and len(history) > len(turn1)  # turn 1, then its close and the new input
         tokenizer = load_tokenizer(tiny_checkpoint)
@@ -62,6 +66,13 @@ def test_a_conversation_continues_across_a_router_restart_on_redis(servers, star
                                           extra_body={"stop_token_ids": stop_ids})
         assert whole.choices[0].model_extra["token_ids"] == turn2[len(history):]
         assert second.output_text == whole.choices[0].text
+    # a gRPC session named like a response is another record: it cannot read or overwrite the response
+    with Client(f"127.0.0.1:{second_router.port}", timeout=120, retries=0) as grpc_client:
+        with pytest.raises(ServingError) as e:
+            grpc_client.generate([1, 2], max_tokens=2, session_id=second.id, append_to_session=True)
+        assert e.value.code == grpc.StatusCode.NOT_FOUND
+        grpc_client.generate([1, 2], max_tokens=2, session_id=second.id)
+    assert list(servers.run(second_router.sessions.responses.get(second.id)).token_ids) == turn2
 
 
 def test_bad_previous_response_ids_are_clear_client_errors(start, redis_url):
