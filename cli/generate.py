@@ -41,6 +41,11 @@ def add_parser(sub) -> None:
     add_dtype_flag(p, "in-process model weight, activation and KV cache")
     p.add_argument("--device", default="cpu", help="torch device for the in-process model (default cpu)")
     p.add_argument("--kv-cache-memory", default="4GiB", metavar="SIZE", help="in-process: " + CACHE_MEMORY_HELP)
+    session = p.add_argument_group("sessions (with --router)")
+    session.add_argument("--session-id", metavar="ID",
+                         help="a conversation the router keeps: it stores this turn's prompt and output")
+    session.add_argument("--append-to-session", action="store_true",
+                         help="the prompt is only the new turn; the router puts the session's stored history first")
     add_sampling_flags(p)
     p.set_defaults(func=run)
 
@@ -48,6 +53,9 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     if (args.prompt is None) == (args.prompt_ids is None):
         print("error: give either a prompt text or --prompt-ids", file=sys.stderr)
+        return 2
+    if (args.session_id or args.append_to_session) and not args.router:
+        print("error: --session-id and --append-to-session need --router (a router keeps the sessions)", file=sys.stderr)
         return 2
     if args.router:
         from nextserve.client.cli import generate_cli_remote

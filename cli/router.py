@@ -30,10 +30,16 @@ def add_parser(sub) -> None:
     http.add_argument("--no-http", action="store_true", help="serve gRPC only")
     http.add_argument("--served-model-name", metavar="NAME",
                       help='the "model" HTTP clients name (default: the checkpoint folder\'s name)')
-    http.add_argument("--session-ttl", type=float, default=3600.0, metavar="SECONDS",
-                      help="how long /v1/responses keeps a response for previous_response_id (default 3600)")
-    http.add_argument("--max-sessions", type=int, default=10_000, metavar="N",
-                      help="stored responses kept at most; the least recently used go first (default 10000)")
+    sessions = p.add_argument_group("sessions (gRPC session_id and /v1/responses previous_response_id)")
+    sessions.add_argument("--cache-url", metavar="URL",
+                          help="redis://host:port/db or rediss://... (TLS): keep session records in this Redis, so "
+                               "they survive a router restart and every replica sharing it continues them; while it "
+                               "is unreachable, requests naming a session get UNAVAILABLE / 503 (default: in memory)")
+    sessions.add_argument("--session-ttl", type=float, default=3600.0, metavar="SECONDS",
+                          help="a session or stored response expires this long after its last use (default 3600)")
+    sessions.add_argument("--max-sessions", type=int, default=10_000, metavar="N",
+                          help="in memory: records kept at most, the least recently used go first (default 10000); "
+                               "in Redis the bound is its maxmemory")
     p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
     p.add_argument("--max-batch-tokens", type=int, default=2048, metavar="N",
                    help="tokens per forward pass: decodes plus prompt chunks (default 2048)")
@@ -77,7 +83,7 @@ def run(args) -> int:
             otlp_endpoint=args.otlp_endpoint, trace_sample_ratio=args.trace_sample_ratio,
             metrics_port=args.metrics_port,
             http_port=None if args.no_http else args.http_port, served_model_name=args.served_model_name,
-            session_ttl=args.session_ttl, max_sessions=args.max_sessions)
+            session_ttl=args.session_ttl, max_sessions=args.max_sessions, cache_url=args.cache_url)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

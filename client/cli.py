@@ -14,7 +14,8 @@ def generate_cli_remote(args) -> int:
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                     frequency_penalty=args.frequency_penalty, seed=args.seed, stop_token_ids=list(args.stop_token_ids),
-                    ignore_eos=args.ignore_eos)
+                    ignore_eos=args.ignore_eos, session_id=args.session_id or "",
+                    append_to_session=args.append_to_session)
     with Client(args.router, timeout=3600.0) as client:
         try:
             if args.json:

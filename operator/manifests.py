@@ -25,6 +25,8 @@ PRE_STOP_SECONDS = 5
 # Seconds a stopping process gets, beyond its drain, to close connections and exit.
 EXIT_MARGIN_SECONDS = 5
 WORKER_DRAIN_SECONDS = 10
+CACHE_PORT = 6379
+CACHE_URL_ENV = "NEXTSERVE_CACHE_URL"
 
 # Labels the operator selects its children by; the app.kubernetes.io ones are for people.
 LABEL_DEPLOYMENT = f"{GROUP}/deployment"
@@ -81,6 +83,10 @@ def worker_addresses(name: str, namespace: str, spec: DeploymentSpec, plan: Expe
             host = f"{sts}-{replica}.{sts}.{namespace}.svc.cluster.local"
             out.append(f"{shard}={host}:{spec.experts.port}")
     return out
+
+
+def cache_name(name: str) -> str:
+    return short_name(name, "cache")
 
 
 def router_endpoint(name: str, namespace: str, spec: DeploymentSpec) -> str:
@@ -385,7 +391,20 @@ def router_args(name: str, namespace: str, spec: DeploymentSpec, plan: ExpertPla
     if spec.router.max_queue is not None:
         args += ["--max-queue", str(spec.router.max_queue)]
     args += ["--drain-grace", str(spec.router.drain_seconds)]
+    if spec.cache is not None:
+        # The kubelet expands $(VAR) from the container's env: a URL from a Secret never enters the pod spec.
+        args += ["--cache-url", f"$({CACHE_URL_ENV})"]
     return args
+
+
+def cache_env(name: str, namespace: str, spec: DeploymentSpec) -> list[dict[str, Any]]:
+    """The router's NEXTSERVE_CACHE_URL: the managed Redis's Service, or the CR's Secret ([] without a cache)."""
+    if spec.cache is None:
+        return []
+    if spec.cache.managed is not None:
+        return [{"name": CACHE_URL_ENV, "value": f"redis://{cache_name(name)}.{namespace}.svc.cluster.local:{CACHE_PORT}/0"}]
+    return [{"name": CACHE_URL_ENV,
+             "valueFrom": {"secretKeyRef": {"name": spec.cache.url_secret_name, "key": spec.cache.url_secret_key}}}]
 
 
 def router_deployment(body: Mapping[str, Any], spec: DeploymentSpec, plan: ExpertPlan) -> dict[str, Any]:
@@ -394,7 +413,7 @@ def router_deployment(body: Mapping[str, Any], spec: DeploymentSpec, plan: Exper
     namespace = body["metadata"]["namespace"]
     fp = plan.fingerprint()
     lbls = labels(name, "router")
-    env = _base_env(spec) + telemetry_env(name, namespace, spec, "router")
+    env = _base_env(spec) + telemetry_env(name, namespace, spec, "router") + cache_env(name, namespace, spec)
     container = _serving_container(spec, "router", router_args(name, namespace, spec, plan), spec.router.port, env,
                                    spec.router.placement, spec.router.device, health.ROUTER_READINESS)
     # Kubernetes runs preStop before SIGTERM: the router keeps serving while the endpoints
@@ -473,6 +492,70 @@ def router_service(body: Mapping[str, Any], spec: DeploymentSpec) -> dict[str, A
     }
 
 
+# -- the managed Redis (spec.cache.managed): session records, and the prefix cache once the engine uses it ----------
+
+def cache_deployment(body: Mapping[str, Any], spec: DeploymentSpec) -> dict[str, Any]:
+    """One redis-server without persistence: what it holds can be recomputed (prefix cache) or is reported
+    lost to the client (a session's history), never served wrong, so a restart that empties it is safe."""
+    name = body["metadata"]["name"]
+    managed = spec.cache.managed
+    lbls = labels(name, "cache")
+    container = {
+        "name": "redis",
+        "image": managed.image,
+        "imagePullPolicy": spec.images.pull_policy,
+        "args": ["--port", str(CACHE_PORT), "--save", "", "--appendonly", "no", "--protected-mode", "no",
+                 "--maxmemory", managed.max_memory, "--maxmemory-policy", "allkeys-lru", "--dir", "/data"],
+        "ports": [{"name": "redis", "containerPort": CACHE_PORT, "protocol": "TCP"}],
+        "resources": _resources(managed.resources, "cpu", {"cpu": "250m", "memory": "256Mi"}),
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
+        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+        "readinessProbe": {"tcpSocket": {"port": "redis"}, "periodSeconds": 5},
+        "livenessProbe": {"tcpSocket": {"port": "redis"}, "periodSeconds": 10, "failureThreshold": 6},
+    }
+    pod = {
+        # The official image's redis user; runAsNonRoot needs a numeric id.
+        "securityContext": {**copy.deepcopy(POD_SECURITY), "runAsUser": 999, "runAsGroup": 999, "fsGroup": 999},
+        "containers": [container],
+        "volumes": [{"name": "data", "emptyDir": {}}],
+        "enableServiceLinks": False,
+    }
+    if spec.images.pull_secrets:
+        pod["imagePullSecrets"] = [{"name": s} for s in spec.images.pull_secrets]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(body, cache_name(name), lbls),
+        "spec": {
+            "replicas": 1,
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": selector_labels(name, "cache")},
+            "template": {"metadata": {"labels": lbls}, "spec": pod},
+        },
+    }
+
+
+def cache_service(body: Mapping[str, Any], spec: DeploymentSpec) -> dict[str, Any]:
+    name = body["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(body, cache_name(name), labels(name, "cache")),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(name, "cache"),
+            "ports": [{"name": "redis", "port": CACHE_PORT, "targetPort": "redis", "protocol": "TCP"}],
+        },
+    }
+
+
+def cache_children(body: Mapping[str, Any], spec: DeploymentSpec) -> list[dict[str, Any]]:
+    """The managed Redis's Service and Deployment; [] for an external Redis or none."""
+    if spec.cache is None or spec.cache.managed is None:
+        return []
+    return [cache_service(body, spec), cache_deployment(body, spec)]
+
+
 def disruption_budget(body: Mapping[str, Any], name: str, lbls: dict[str, str], selector: dict[str, str],
                        max_unavailable: int) -> dict[str, Any]:
     return {
@@ -519,6 +602,6 @@ def router_children(body: Mapping[str, Any], spec: DeploymentSpec, plan: ExpertP
 
 def all_children(body: Mapping[str, Any], spec: DeploymentSpec, plan: ExpertPlan) -> list[dict[str, Any]]:
     """Everything a settled deployment consists of (no rollout in flight)."""
-    return (worker_children(body, spec, plan) + router_children(body, spec, plan)
+    return (worker_children(body, spec, plan) + cache_children(body, spec) + router_children(body, spec, plan)
             + [router_disruption_budget(body, spec)]
             + ([router_autoscaler(body, spec)] if spec.router.autoscaling is not None else []))

@@ -58,6 +58,15 @@ async def reconcile(api: Kube, body: Mapping[str, Any], now: str | None = None,
     }
     target_ready = all(st.statefulset_ready(target_sets.get(i))[2] for i in target.shard_indices)
 
+    # The managed Redis before the router that points at it; gone when the CR no longer asks for it.
+    cache = m.cache_children(body, spec)
+    for child in cache:
+        await api.apply(child)
+    if not cache:
+        for kind in ("Deployment", "Service"):
+            for obj in await api.list(kind, namespace, {**selector, m.COMPONENT: "cache"}):
+                await api.delete(kind, namespace, obj["metadata"]["name"])
+
     router = await api.get("Deployment", namespace, m.router_name(name))
     router_plan = ((router or {}).get("metadata", {}).get("annotations") or {}).get(m.ANNOTATION_PLAN)
     step = st.decide_rollout(fp, router_plan, target_ready, st.deployment_ready(router)[2])

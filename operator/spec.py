@@ -20,6 +20,9 @@ PLURAL = "qwen3nextdeployments"
 KIND = "Qwen3NextDeployment"
 
 DEFAULT_DRAIN_SECONDS = 30
+DEFAULT_REDIS_IMAGE = "redis:7.4-alpine"
+DEFAULT_REDIS_MAX_MEMORY = "1gb"
+DEFAULT_URL_SECRET_KEY = "url"
 
 
 class InvalidSpec(Exception):
@@ -93,6 +96,22 @@ class TracingSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class ManagedRedisSpec:
+    image: str
+    max_memory: str             # redis-server --maxmemory (e.g. 2gb); least recently used keys go beyond it
+    resources: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+    """The Redis the routers keep their session records in (--cache-url): one the operator runs, or
+    an external one whose URL is in a Secret (never in the CR)."""
+    managed: ManagedRedisSpec | None
+    url_secret_name: str | None
+    url_secret_key: str
+
+
+@dataclasses.dataclass(frozen=True)
 class ImagesSpec:
     serving: str
     pull_policy: str
@@ -106,6 +125,7 @@ class DeploymentSpec:
     router: RouterSpec
     tracing: TracingSpec | None
     images: ImagesSpec
+    cache: CacheSpec | None = None
 
 
 def _placement(raw: Mapping[str, Any]) -> Placement:
@@ -151,6 +171,7 @@ def parse_spec(raw: Mapping[str, Any]) -> DeploymentSpec:
     service = router.get("service") or {}
     http = router.get("http") or {}
     tracing = raw.get("tracing")
+    cache = _cache(raw.get("cache"))
     images = raw.get("images") or {}
     if not images.get("serving"):
         raise InvalidSpec("InvalidSpec", "spec.images.serving must name the serving image you built and pushed "
@@ -198,6 +219,25 @@ def parse_spec(raw: Mapping[str, Any]) -> DeploymentSpec:
             pull_policy=images.get("pullPolicy", "IfNotPresent"),
             pull_secrets=list(images.get("pullSecrets") or []),
         ),
+        cache=cache,
+    )
+
+
+def _cache(raw: Mapping[str, Any] | None) -> CacheSpec | None:
+    if raw is None:
+        return None
+    managed, secret = raw.get("managed"), raw.get("urlSecret")
+    if (managed is None) == (secret is None):
+        raise InvalidSpec("InvalidSpec", "spec.cache must set exactly one of managed (a Redis the operator runs) "
+                                         "or urlSecret (the URL of an existing one, in a Secret)")
+    return CacheSpec(
+        managed=ManagedRedisSpec(
+            image=managed.get("image", DEFAULT_REDIS_IMAGE),
+            max_memory=managed.get("maxMemory", DEFAULT_REDIS_MAX_MEMORY),
+            resources=dict(managed.get("resources") or {}),
+        ) if managed is not None else None,
+        url_secret_name=secret["name"] if secret is not None else None,
+        url_secret_key=(secret or {}).get("key", DEFAULT_URL_SECRET_KEY),
     )
 
 

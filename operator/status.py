@@ -11,8 +11,8 @@ from typing import Any
 
 from nextserve.worker.plan import ExpertPlan
 
-# A condition exists only for a feature that works end to end: no cache or tracing condition
-# until the router uses a cache or exports traces.
+# A condition exists only for a feature that works end to end: no CacheReady until the routers
+# report their cache state (it must say what they see, not whether a Redis pod is ready).
 CONDITION_TYPES = ("Ready", "WorkersReady", "RouterReady", "Progressing", "Degraded")
 
 

@@ -69,9 +69,10 @@ async def start_http(app, host: str, port: int, startup_timeout: float = 30.0) -
 
 
 async def serve_openai(engine, config, tokenizer, checkpoint: str, host: str, port: int, model_name: str | None,
-                       session_ttl: float, max_sessions: int, drain=None) -> HttpServer:
+                       sessions, drain=None) -> HttpServer:
     """The OpenAI-compatible API of this router's engine on host:port; the model is named after the
-    checkpoint directory unless `model_name` is given."""
+    checkpoint directory unless `model_name` is given. `sessions`: where /v1/responses keeps its
+    responses (SessionStores.responses, router/session_stores.py)."""
     import time
     from pathlib import Path
 
@@ -79,14 +80,13 @@ async def serve_openai(engine, config, tokenizer, checkpoint: str, host: str, po
 
     from .openai_api import ServedModel
     from .openai_app import build_app
-    from .sessions import InMemorySessionStore
 
     eos = () if engine.eos_token_id is None else (engine.eos_token_id,)
     served = ServedModel(
         name=model_name or Path(checkpoint).resolve().name, engine=engine, config=config, tokenizer=tokenizer,
         chat_template=load_chat_template(checkpoint) if tokenizer is not None else None,
         chat_stop_ids=tuple(dict.fromkeys(generation_stop_ids(checkpoint) or eos)),
-        sessions=InMemorySessionStore(session_ttl, max_sessions), created=int(time.time()), drain=drain)
+        sessions=sessions, created=int(time.time()), drain=drain)
     server = await start_http(build_app(served), host, port)
     server.served = served
     return server

@@ -22,6 +22,7 @@ from nextserve.model.config import Qwen3NextConfig
 from nextserve.model.sampling import SamplingParams
 from nextserve.model.tokenizer import TextTokenizer
 
+from .cache.sessions import SessionStore
 from .engine import Engine, RequestStream
 from . import http_telemetry
 from .generation import Delta, decode_stream
@@ -30,7 +31,6 @@ from .openai_schemas import ChatCompletionRequest, CompletionRequest, SamplingFi
 from .drain import Drain
 from .requests import NoTokenizer, check_request
 from .scheduler import QueueFull, RequestTooLarge
-from .sessions import SessionStore
 from .shards import ShardUnavailable
 
 NO_LOGPROBS = "logprobs are not supported: the engine does not return token log-probabilities yet"

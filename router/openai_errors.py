@@ -42,6 +42,12 @@ def unavailable(message: str) -> APIError:
     return APIError(503, message, code="shards_unavailable")
 
 
+def store_unavailable(message: str) -> APIError:
+    """The session store (Redis) is unreachable: a stored response can be neither read nor written."""
+    return APIError(503, f"{message}; stored responses are unavailable until it is back (requests without "
+                         f"previous_response_id and with store=false are still served)", code="session_store_unavailable")
+
+
 async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
     """The JSON body validated against `model`; raises APIError naming the first problem."""
     content_type = request.headers.get("content-type", "")

@@ -3,6 +3,11 @@
 The next turn's prompt is the stored token history (prompt and output of every earlier turn, as the
 model saw them), the template's end-of-turn tokens the output did not already end with, and the
 new input rendered by the chat template: the same tokens as sending the whole history at once.
+
+Each stored response is a session record (router/session_stores.py: the responses keyspace), under
+the response id: `token_ids` is the conversation, `metadata["response"]` the response object.
+With --cache-url the store is Redis, so a response can be continued after a router restart and by
+any router replica; unreachable, it answers 503 naming the problem.
 """
 from __future__ import annotations
 
@@ -16,9 +21,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from nextserve.model.sampling import SamplingParams
 
 from .openai_api import OpenAIFrontend, text_of
-from .openai_errors import APIError, bad_param, parse_body
+from .openai_errors import APIError, bad_param, parse_body, store_unavailable
 from .openai_schemas import ResponsesRequest
-from .sessions import StoredResponse
+from .cache.sessions import SessionRecord, SessionStoreUnavailable
 
 _SENTINEL = "\u2063nextserve-end-of-turn\u2063"  # a content no real turn has, to find what follows one
 
@@ -45,7 +50,7 @@ class ResponsesEndpoint:
         f.check_model(body.model)
         history: tuple[int, ...] = ()
         if body.previous_response_id is not None:
-            previous = await served.sessions.get(body.previous_response_id)
+            previous = await self._stored(body.previous_response_id, "previous_response_id")
             if previous is None:
                 raise bad_param("previous_response_id", f"Previous response with id {body.previous_response_id!r} "
                                 "not found: it never existed, was stored with store=false, or has expired",
@@ -77,9 +82,21 @@ class ResponsesEndpoint:
         be continued at once."""
         response = draft.response(text, output_ids, finish_reason)
         if draft.body.store:
-            await self.served.sessions.put(StoredResponse(
-                response["id"], (*draft.prompt_ids, *output_ids), self.served.name, finish_reason, response))
+            record = SessionRecord(response["id"], (*draft.prompt_ids, *output_ids), metadata={"response": response})
+            try:
+                await self.served.sessions.put(record)
+            except SessionStoreUnavailable as e:
+                raise store_unavailable(f"the response was generated but could not be stored: {e}") from None
         return response
+
+    async def _stored(self, response_id: str, param: str) -> SessionRecord | None:
+        """The stored response's record, None when unknown or expired; a malformed id is a 400 naming `param`."""
+        try:
+            return await self.served.sessions.get(response_id)
+        except ValueError as e:
+            raise bad_param(param, f"{param}: {e}") from None
+        except SessionStoreUnavailable as e:
+            raise store_unavailable(str(e)) from None
 
     async def _events(self, draft: "_Draft", stream):
         """OpenAI's Responses stream: created, in_progress, the message item and its text part opening,
@@ -112,19 +129,29 @@ class ResponsesEndpoint:
         yield event("response.output_text.done", **at, text=text, logprobs=[])
         yield event("response.content_part.done", **at, part=_text_part(text))
         yield event("response.output_item.done", output_index=0, item=draft.message([_text_part(text)], "completed"))
-        response = await self._finish(draft, text, ids, reason)
+        try:
+            response = await self._finish(draft, text, ids, reason)
+        except APIError as e:  # the store failed: the stream has begun, so the error is an event
+            yield event("error", code=e.code, message=e.message, param=None)
+            return
         yield event("response.completed" if response["status"] == "completed" else "response.incomplete",
                     response=response)
 
     async def retrieve(self, response_id: str):
-        stored = await self.served.sessions.get(response_id)
+        stored = await self._stored(response_id, "response_id")
         if stored is None:
             raise APIError(404, f"No response with id {response_id!r} (never stored, or expired)",
                            param="response_id", code="response_not_found")
-        return stored.body
+        return stored.metadata["response"]
 
     async def delete(self, response_id: str):
-        if not await self.served.sessions.delete(response_id):
+        try:
+            deleted = await self.served.sessions.delete(response_id)
+        except ValueError as e:
+            raise bad_param("response_id", f"response_id: {e}") from None
+        except SessionStoreUnavailable as e:
+            raise store_unavailable(str(e)) from None
+        if not deleted:
             raise APIError(404, f"No response with id {response_id!r}", param="response_id",
                            code="response_not_found")
         return {"id": response_id, "object": "response", "deleted": True}

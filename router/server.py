@@ -28,6 +28,7 @@ from .http_server import HttpServer, serve_openai
 from .runner import ModelRunner, load_dense_model, plan_cache
 from .scheduler import Scheduler
 from .service import ServingService
+from .session_stores import SessionStores, open_session_stores
 from .shards import ShardPool
 from .telemetry import RouterTelemetry, moe_layers
 
@@ -57,11 +58,14 @@ class RouterOptions:
     otlp_endpoint: str | None = None
     trace_sample_ratio: float | None = None
     metrics_port: int | None = None
-    # The OpenAI-compatible HTTP API beside gRPC (None: off) and its Responses-API session store.
+    # The OpenAI-compatible HTTP API beside gRPC (None: off).
     http_port: int | None = None
     served_model_name: str | None = None  # the "model" HTTP clients name; default: the checkpoint folder's name
+    # The session store of gRPC sessions and the Responses API: in memory (at most max_sessions records)
+    # unless cache_url names a Redis (redis:// or rediss://); records expire session_ttl seconds after last use.
     session_ttl: float = 3600.0
     max_sessions: int = 10_000
+    cache_url: str | None = None
 
     def __post_init__(self):
         if self.micro_batches not in (1, 2):
@@ -72,6 +76,9 @@ class RouterOptions:
         parse_cache_memory(self.kv_cache_memory)  # a typo fails here, before any weight is loaded
         if not self.session_ttl > 0 or self.max_sessions < 1:
             raise ValueError(f"need --session-ttl > 0 and --max-sessions >= 1; got {self.session_ttl}, {self.max_sessions}")
+        if self.cache_url is not None:
+            from .cache.redis_tier import RedisTierOptions
+            RedisTierOptions(self.cache_url)  # a bad URL fails here, before any weight is loaded
 
 
 def parse_workers(specs: list[str]) -> dict[int, list[str]]:
@@ -89,9 +96,10 @@ class Router:
     """A running router (server, engine, pool); `await shutdown(grace)` drains and releases everything."""
 
     def __init__(self, server: grpc.aio.Server, port: int, engine: Engine, pool: ShardPool, health_service,
-                 drain: Drain, metrics: MetricsServer | None = None, http: HttpServer | None = None):
+                 drain: Drain, sessions: SessionStores, metrics: MetricsServer | None = None,
+                 http: HttpServer | None = None):
         self.server, self.port, self.engine, self.pool, self.health = server, port, engine, pool, health_service
-        self.drain, self.metrics = drain, metrics
+        self.drain, self.sessions, self.metrics = drain, sessions, metrics
         self.http = http  # the OpenAI-compatible API, when on
 
     @property
@@ -123,6 +131,7 @@ class Router:
             await self.http.stop(EXIT_GRACE_SECONDS)
         await self.server.stop(EXIT_GRACE_SECONDS)
         await self.pool.close()
+        await self.sessions.close()
         await self._close_telemetry()
         return cut
 
@@ -132,6 +141,7 @@ class Router:
         await self.server.stop(grace)
         await self.pool.close()  # first: a forward pass in flight then fails fast instead of waiting on workers
         await self.engine.stop()
+        await self.sessions.close()
         await self._close_telemetry()
 
     async def _close_telemetry(self) -> None:
@@ -175,13 +185,16 @@ async def start_router(options: RouterOptions) -> Router:
     engine = Engine(runner, scheduler, pool, eos, config.max_position_embeddings, telemetry)
 
     drain = Drain()
+    sessions = open_session_stores(options.cache_url, options.session_ttl, options.max_sessions)
     server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[RefuseWhileDraining(drain)])
-    serving_pb2_grpc.add_ServingServicer_to_server(ServingService(engine, config, tokenizer, fingerprint), server)
+    serving_pb2_grpc.add_ServingServicer_to_server(
+        ServingService(engine, config, tokenizer, fingerprint, sessions.sessions), server)
     health_service = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
     port = server.add_insecure_port(f"{options.host}:{options.port}")
     if port == 0:
         await pool.close()
+        await sessions.close()
         raise OSError(f"cannot listen on {options.host}:{options.port}")
     try:
         metrics = (MetricsServer(telemetry.registry, options.host, options.metrics_port)
@@ -189,9 +202,10 @@ async def start_router(options: RouterOptions) -> Router:
     except OSError:
         telemetry.shutdown()
         await pool.close()
+        await sessions.close()
         raise
 
-    router = Router(server, port, engine, pool, health_service, drain, metrics)
+    router = Router(server, port, engine, pool, health_service, drain, sessions, metrics)
     # Liveness: SERVING for as long as this process serves at all (a lost worker or a drain is no reason to restart it).
     await health_service.set(health_names.LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     pool.listeners.append(lambda healthy: asyncio.ensure_future(router.set_readiness()))
@@ -200,13 +214,12 @@ async def start_router(options: RouterOptions) -> Router:
     if options.http_port is not None:  # before gRPC: once gRPC health answers, HTTP answers too
         try:
             router.http = await serve_openai(engine, config, tokenizer, options.checkpoint, options.host,
-                                             options.http_port, options.served_model_name, options.session_ttl,
-                                             options.max_sessions, drain)
+                                             options.http_port, options.served_model_name, sessions.responses, drain)
         except BaseException:
             await router.stop(0)
             raise
     await server.start()
-    log.info("router serving %s on %s:%d (fingerprint %s, %d workers, %s)", Path(options.checkpoint).name,
-             options.host, port, fingerprint, len(pool.connections),
+    log.info("router serving %s on %s:%d (fingerprint %s, %d workers, sessions %s, %s)", Path(options.checkpoint).name,
+             options.host, port, fingerprint, len(pool.connections), sessions.where,
              "healthy" if pool.healthy else "waiting for: " + "; ".join(pool.down_shards()))
     return router

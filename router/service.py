@@ -1,4 +1,4 @@
-"""The client-facing gRPC service: Generate (streaming), Tokenize, ModelInfo."""
+"""The client-facing gRPC service: Generate (streaming, optionally on a session), Tokenize, ModelInfo."""
 from __future__ import annotations
 
 import asyncio
@@ -14,7 +14,9 @@ from nextserve.model.tokenizer import TextTokenizer
 from nextserve.proto.v1 import serving_pb2, serving_pb2_grpc
 
 from .engine import Engine, RequestStream
+from .cache.sessions import SessionStore
 from .generation import decode_stream
+from .grpc_sessions import GrpcSessions, SessionError, SessionTurn
 from .requests import NoTokenizer, check_request
 from .scheduler import QueueFull, RequestTooLarge
 from .shards import ShardUnavailable
@@ -33,8 +35,10 @@ def sampling_params(msg: serving_pb2.SamplingParams) -> SamplingParams:
 
 
 class ServingService(serving_pb2_grpc.ServingServicer):
-    def __init__(self, engine: Engine, config: Qwen3NextConfig, tokenizer: TextTokenizer | None, fingerprint: str):
+    def __init__(self, engine: Engine, config: Qwen3NextConfig, tokenizer: TextTokenizer | None, fingerprint: str,
+                 sessions: SessionStore):
         self.engine, self.config, self.tokenizer, self.fingerprint = engine, config, tokenizer, fingerprint
+        self.sessions = GrpcSessions(sessions)
 
     async def Generate(self, request: serving_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         telemetry = self.engine.telemetry
@@ -64,8 +68,25 @@ class ServingService(serving_pb2_grpc.ServingServicer):
 
     async def _generate(self, request, context, on_admitted):
         try:
-            prompt_ids = self._prompt_ids(request)
+            new_ids = self._prompt_ids(request)
             params = sampling_params(request.sampling)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        try:
+            session = await self.sessions.begin(request.session_id, request.append_to_session)
+        except SessionError as e:
+            await context.abort(e.code, str(e))
+        try:
+            prompt_ids = session.prompt(new_ids) if session is not None else new_ids
+            async for response in self._run(request, context, on_admitted, prompt_ids, params, session):
+                yield response
+        finally:
+            if session is not None:  # a turn that did not commit (failed, cancelled) leaves the session as it was
+                await session.release()
+
+    async def _run(self, request, context, on_admitted, prompt_ids: list[int], params: SamplingParams,
+                   session: SessionTurn | None):
+        try:
             check_request(prompt_ids, params.stop_token_ids, list(request.sampling.stop), self.config.vocab_size,
                           self.config.max_position_embeddings, has_tokenizer=self.tokenizer is not None)
         except ValueError as e:
@@ -82,7 +103,7 @@ class ServingService(serving_pb2_grpc.ServingServicer):
         if on_admitted is not None:
             on_admitted(stream, request_id, len(prompt_ids), params, list(request.sampling.stop))
         try:
-            async for response in self._responses(stream, request, request_id, len(prompt_ids)):
+            async for response in self._responses(stream, request, request_id, prompt_ids, context, session):
                 yield response
             failure = stream.failure
             if failure is not None:
@@ -92,7 +113,8 @@ class ServingService(serving_pb2_grpc.ServingServicer):
             # Normal end, client cancel, deadline, or an abort above: the sequence is freed either way.
             self.engine.abort(stream)
 
-    async def _responses(self, stream: RequestStream, request, request_id: str, num_prompt: int):
+    async def _responses(self, stream: RequestStream, request, request_id: str, prompt_ids: list[int], context,
+                         session: SessionTurn | None):
         output: list[int] = []
         first = True
         async for delta in decode_stream(self.engine, stream, self.tokenizer, list(request.sampling.stop)):
@@ -102,8 +124,13 @@ class ServingService(serving_pb2_grpc.ServingServicer):
                 response.session_id = request.session_id
                 first = False
             if delta.finish_reason is not None:
+                if session is not None:  # stored before the client sees the end, so it can continue at once
+                    try:
+                        await session.commit([*prompt_ids, *output])
+                    except SessionError as e:
+                        await context.abort(e.code, f"{e}; this turn's output was not stored in the session")
                 response.finish_reason = _FINISH[delta.finish_reason]
-                response.usage.prompt_tokens = num_prompt
+                response.usage.prompt_tokens = len(prompt_ids)
                 response.usage.completion_tokens = len(output)
                 t = response.timings
                 t.queue_seconds = (stream.first_scheduled or stream.arrival) - stream.arrival

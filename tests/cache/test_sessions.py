@@ -164,3 +164,9 @@ async def test_redis_down_is_a_clear_unavailable_error(redis_server, redis_url):
     finally:
         redis_server.start()
         await client.aclose()
+
+
+@pytest.mark.parametrize("ttl, bound", [(0, 10), (-1, 10), (10, 0)])
+async def test_bad_in_memory_limits_are_refused(ttl, bound):
+    with pytest.raises(ValueError, match="ttl_seconds > 0"):
+        InMemorySessionStore(ttl, bound)

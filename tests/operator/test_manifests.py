@@ -256,9 +256,11 @@ def test_crd_schema_rejects_what_it_can(cr_schema):
         broken = body({**TINY, key: value})
         assert list(validator.iter_errors(broken)), f"{key}={value} should be rejected"
     assert list(validator.iter_errors(body({"model": TINY["model"]})))  # experts required
-    # Fields of features not built (the prefix cache) are not in the schema at all; tracing is built.
-    assert "cache" not in cr_schema["properties"]["spec"]["properties"]
-    assert "tracing" in cr_schema["properties"]["spec"]["properties"]
+    # The cache block exists because the routers use it (session records in Redis); tracing is built.
+    assert {"cache", "tracing"} <= set(cr_schema["properties"]["spec"]["properties"])
+    for cache in ({}, {"managed": {}, "urlSecret": {"name": "r"}}, {"urlSecret": {}},
+                  {"managed": {"maxMemory": "lots"}}):
+        assert list(validator.iter_errors(body({**TINY, "cache": cache}))), f"cache={cache} should be rejected"
 
 
 def test_examples_validate_against_crd(cr_schema):
@@ -448,3 +450,48 @@ def test_bad_router_autoscaling_is_refused_by_schema_or_parser(cr_schema, autosc
     with pytest.raises(s.InvalidSpec) as error:
         s.parse_spec(spec)
     assert error.value.reason == "InvalidAutoscaling"
+
+
+@pytest.mark.parametrize("cache", [{"managed": {}}, {"managed": {"image": "mirror/redis:7", "maxMemory": "4gb"}},
+                                   {"urlSecret": {"name": "shared-redis"}}, None],
+                         ids=["managed", "managed-own", "secret", "none"])
+def test_the_cache_block_runs_a_redis_or_reads_a_secret_and_feeds_the_router_cache_url(cr_schema, cache):
+    spec = copy.deepcopy(TINY)
+    if cache is not None:
+        spec["cache"] = cache
+    assert not list(jsonschema.Draft4Validator(cr_schema).iter_errors(body(spec)))
+    defaulted = _schema_defaults(cr_schema["properties"]["spec"], copy.deepcopy(spec))
+    assert s.parse_spec(defaulted) == s.parse_spec(spec)
+    *_, children = build(spec)
+    container, _ = _router_container_and_service(children)
+    env = {e["name"]: e for e in container["env"]}
+    redis = [c for c in children if c["metadata"]["labels"][m.COMPONENT] == "cache"]
+    if cache is None:
+        assert "--cache-url" not in container["args"] and m.CACHE_URL_ENV not in env and redis == []
+        return
+    assert flag(container["args"], "--cache-url") == f"$({m.CACHE_URL_ENV})"
+    if "urlSecret" in cache:
+        assert env[m.CACHE_URL_ENV]["valueFrom"] == {"secretKeyRef": {"name": "shared-redis", "key": "url"}}
+        assert redis == []
+    else:
+        assert env[m.CACHE_URL_ENV]["value"] == "redis://qwen-cache.prod.svc.cluster.local:6379/0"
+        assert sorted(c["kind"] for c in redis) == ["Deployment", "Service"]
+        deployment = next(c for c in redis if c["kind"] == "Deployment")
+        redis_container = deployment["spec"]["template"]["spec"]["containers"][0]
+        assert redis_container["image"] == cache["managed"].get("image", s.DEFAULT_REDIS_IMAGE)
+        assert flag(redis_container["args"], "--maxmemory") == cache["managed"].get("maxMemory", "1gb")
+        assert flag(redis_container["args"], "--save") == ""  # no persistence: a restart comes back empty
+        service = next(c for c in redis if c["kind"] == "Service")
+        assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    # the router's command line is one `nextserve router` accepts
+    from nextserve.cli.main import build_parser as cli_parser
+    args = cli_parser().parse_args(container["args"])
+    assert args.cache_url == f"$({m.CACHE_URL_ENV})"
+    for child in children:
+        kubernetes_validate.validate(child, K8S_VERSION, strict=True)
+
+
+def test_a_cache_block_with_both_or_neither_source_is_refused():
+    for cache in ({"managed": {}, "urlSecret": {"name": "r"}}, {"image": "redis"}):
+        with pytest.raises(s.InvalidSpec, match="exactly one of managed"):
+            s.parse_spec({**TINY, "cache": cache})

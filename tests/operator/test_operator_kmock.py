@@ -151,6 +151,44 @@ async def test_invalid_specs_build_nothing(cluster, operator):
     await cluster.eventually(lambda: len(cluster.statefulsets()) == 3, what="3 shards from the explicit plan")
 
 
+def _router_container(cluster) -> dict:
+    return cluster.deployments()["demo-router"]["spec"]["template"]["spec"]["containers"][0]
+
+
+async def test_cache_block_runs_a_redis_for_the_routers_and_removing_it_retires_it(cluster, operator):
+    await operator.start()
+    spec = cluster.small_spec()
+    spec["cache"] = {"managed": {"maxMemory": "256mb"}}
+    await cluster.create_cr(cluster.make_body(spec=spec))
+    await cluster.eventually(lambda: "demo-router" in cluster.deployments() and "demo-cache" in cluster.deployments(),
+                             what="router and managed Redis")
+    assert "demo-cache" in cluster.services()
+    redis = cluster.deployments()["demo-cache"]["spec"]["template"]["spec"]["containers"][0]
+    assert redis["args"][redis["args"].index("--maxmemory") + 1] == "256mb"
+    router = _router_container(cluster)
+    assert router["args"][router["args"].index("--cache-url") + 1] == "$(NEXTSERVE_CACHE_URL)"
+    assert {"name": "NEXTSERVE_CACHE_URL", "value": f"redis://demo-cache.{NS}.svc.cluster.local:6379/0"} in router["env"]
+    cluster.ready_all()
+    await cluster.eventually(lambda: cluster.condition("Ready")["status"] == "True", what="Ready")
+    # No CacheReady: the router does not report its cache state yet, and a Redis pod's readiness is not it.
+    assert [c["type"] for c in cluster.cr()["status"]["conditions"]] == \
+        ["Ready", "WorkersReady", "RouterReady", "Progressing", "Degraded"]
+
+    # An external Redis instead: the managed one goes, the router reads the URL from the Secret.
+    spec["cache"] = {"managed": None, "urlSecret": {"name": "shared-redis", "key": "redis-url"}}  # a merge patch
+    await cluster.patch_spec(spec)
+    await cluster.eventually(lambda: "demo-cache" not in cluster.deployments() and "demo-cache" not in cluster.services(),
+                             what="managed Redis retired")
+    await cluster.eventually(lambda: {"name": "NEXTSERVE_CACHE_URL", "valueFrom": {"secretKeyRef": {
+        "name": "shared-redis", "key": "redis-url"}}} in _router_container(cluster)["env"], what="URL from the Secret")
+
+    # No cache block: sessions in each router's memory, no --cache-url.
+    spec["cache"] = None
+    await cluster.patch_spec(spec)
+    await cluster.eventually(lambda: "--cache-url" not in _router_container(cluster)["args"], what="--cache-url gone")
+    assert all(e["name"] != "NEXTSERVE_CACHE_URL" for e in _router_container(cluster)["env"])
+
+
 async def test_lost_shard_is_degraded(cluster, operator):
     await operator.start()
     await cluster.create_cr(cluster.make_body())

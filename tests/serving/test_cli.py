@@ -34,6 +34,13 @@ def test_up_serves_generate_matches_in_process_and_sigterm_stops_everything(help
         assert json.loads(remote) == json.loads(local)
         streamed = _run([*args, "--router", f"127.0.0.1:{port}"])
         assert streamed == json.loads(local)["text"] + "\n"
+        # a session: the second turn sends only its new tokens, and equals the whole history sent at once
+        router = ["--router", f"127.0.0.1:{port}", "--json", "--max-tokens", "4", "--temperature", "0"]
+        turn1 = json.loads(_run(["generate", "--prompt-ids", "1,2,3", "--session-id", "cli-chat", *router]))
+        turn2 = json.loads(_run(["generate", "--prompt-ids", "7,8", "--session-id", "cli-chat", "--append-to-session",
+                                 *router]))
+        history = ",".join(str(t) for t in [1, 2, 3, *turn1["token_ids"], 7, 8])
+        assert turn2["token_ids"] == json.loads(_run(["generate", "--prompt-ids", history, *router]))["token_ids"]
 
         # the printed curl line works as printed
         curl = _read_line_containing(up, "try: curl", timeout=10)
