@@ -72,10 +72,16 @@ def sse(obj) -> bytes:
 SSE_DONE = sse(b"[DONE]")
 
 
-def usage(num_prompt: int, num_output: int) -> dict:
+def usage(num_prompt: int, num_output: int, streams: list[RequestStream] = ()) -> dict:
     # cached_tokens is 0 because nothing is cached yet: the prefix cache has not landed.
-    return {"prompt_tokens": num_prompt, "completion_tokens": num_output, "total_tokens": num_prompt + num_output,
-            "prompt_tokens_details": {"cached_tokens": 0}}
+    out = {"prompt_tokens": num_prompt, "completion_tokens": num_output, "total_tokens": num_prompt + num_output,
+           "prompt_tokens_details": {"cached_tokens": 0}}
+    drafted = sum(s.seq.num_draft_tokens for s in streams)
+    if drafted:  # speculative decoding: the drafts the model accepted and rejected, in OpenAI's names
+        accepted = sum(s.seq.num_accepted_tokens for s in streams)
+        out["completion_tokens_details"] = {"accepted_prediction_tokens": accepted,
+                                            "rejected_prediction_tokens": drafted - accepted}
+    return out
 
 
 class OpenAIFrontend:
@@ -268,7 +274,7 @@ class OpenAIFrontend:
         results = await self.until_disconnect(request, self.generate_choices(streams, stops))
         return JSONResponse({**head, "choices": [choice(i, r.text, r.token_ids, r.finish_reason)
                                                  for i, r in enumerate(results)],
-                             "usage": usage(len(prompt_ids), sum(len(r.token_ids) for r in results))})
+                             "usage": usage(len(prompt_ids), sum(len(r.token_ids) for r in results), streams)})
 
     async def chat_completions(self, request: Request) -> Response:
         body: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
@@ -306,7 +312,7 @@ class OpenAIFrontend:
             "id": rid, "object": "chat.completion", "created": created, "model": self.served.name,
             "choices": [{"index": i, "message": {"role": "assistant", "content": r.text}, "token_ids": r.token_ids,
                          "logprobs": None, "finish_reason": r.finish_reason} for i, r in enumerate(results)],
-            "usage": usage(len(prompt_ids), sum(len(r.token_ids) for r in results))})
+            "usage": usage(len(prompt_ids), sum(len(r.token_ids) for r in results), streams)})
 
     # -- transport helpers --------------------------------------------------------------------------
 
@@ -335,7 +341,7 @@ class OpenAIFrontend:
             if error is not None:
                 yield sse(error.body())
             elif include_usage:
-                yield sse({**head, "choices": [], "usage": usage(num_prompt, num_output)})
+                yield sse({**head, "choices": [], "usage": usage(num_prompt, num_output, streams)})
             yield SSE_DONE
 
         return StreamingResponse(events(), media_type="text/event-stream",

@@ -42,10 +42,14 @@ class RemoteExperts(nn.Module):
         return self.pool.dispatch(self.layer, hidden, expert_ids, weights).result
 
 
-def load_dense_model(checkpoint: str | Path, pool: "ShardPool", dtype="float32", device="cpu") -> Qwen3NextForCausalLM:
-    """The model without a single routed-expert weight (expert_ids=[]), its experts served by `pool`."""
-    model = Qwen3NextForCausalLM.from_pretrained(checkpoint, dtype=dtype, device=device, expert_ids=[])
-    for i, layer in enumerate(model.model.layers):
+def load_dense_model(checkpoint: str | Path, pool: "ShardPool", dtype="float32", device="cpu",
+                     with_mtp: bool = False) -> Qwen3NextForCausalLM:
+    """The model without a single routed-expert weight (expert_ids=[]), its experts served by `pool`;
+    with_mtp: with the MTP head, its MoE layer's experts served as layer index num_hidden_layers."""
+    model = Qwen3NextForCausalLM.from_pretrained(checkpoint, dtype=dtype, device=device, expert_ids=[],
+                                                 with_mtp=with_mtp)
+    layers = list(model.model.layers) + (list(model.mtp.layers) if model.mtp is not None else [])
+    for i, layer in enumerate(layers):
         if isinstance(layer.mlp, SparseMoeBlock):
             layer.mlp.experts = RemoteExperts(pool, i)
     return model

@@ -105,6 +105,8 @@ class ServingService(serving_pb2_grpc.ServingServicer):
                 response.finish_reason = _FINISH[delta.finish_reason]
                 response.usage.prompt_tokens = num_prompt
                 response.usage.completion_tokens = len(output)
+                response.usage.draft_tokens = stream.seq.num_draft_tokens
+                response.usage.accepted_draft_tokens = stream.seq.num_accepted_tokens
                 t = response.timings
                 t.queue_seconds = (stream.first_scheduled or stream.arrival) - stream.arrival
                 t.first_token_seconds = (stream.first_token or stream.arrival) - stream.arrival
