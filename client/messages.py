@@ -59,6 +59,8 @@ class Completion:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
+    draft_tokens: int = 0           # speculative decoding: MTP drafts verified and accepted
+    accepted_draft_tokens: int = 0
     first_token_seconds: float = 0.0
     total_seconds: float = 0.0
     request_id: str = ""
@@ -75,6 +77,7 @@ class Completion:
             u, t = response.usage, response.timings
             self.prompt_tokens, self.cached_tokens, self.completion_tokens = (
                 u.prompt_tokens, u.cached_tokens, u.completion_tokens)
+            self.draft_tokens, self.accepted_draft_tokens = u.draft_tokens, u.accepted_draft_tokens
             self.first_token_seconds, self.total_seconds = t.first_token_seconds, t.total_seconds
         return Chunk(list(response.token_ids), response.text, reason)
 
