@@ -19,19 +19,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAX_SPECULATIVE_TOKENS = 4
+DEFAULT_DRAFT_COST = 0.25  # one MTP layer over ~4 decoder layers, and an extra verified position
 
 
 @dataclass(slots=True)
 class SpeculativeConfig:
     num_tokens: int            # K: drafts per step at most, 1..4
-    draft_cost: float = 0.25   # c above; 0 never turns speculation off
+    draft_cost: float = DEFAULT_DRAFT_COST  # c above; 0 never turns speculation off
     decay: float = 0.9         # per judged draft: older steps count less
 
     def __post_init__(self):
         if not 1 <= self.num_tokens <= MAX_SPECULATIVE_TOKENS:
             raise ValueError(f"speculative tokens must be in 1..{MAX_SPECULATIVE_TOKENS}, got {self.num_tokens}")
         if not 0 <= self.draft_cost < 1:
-            raise ValueError(f"draft_cost must be in [0, 1), got {self.draft_cost}")
+            raise ValueError(f"the speculative draft cost must be in [0, 1), got {self.draft_cost}")
         if not 0 < self.decay <= 1:
             raise ValueError(f"decay must be in (0, 1], got {self.decay}")
 

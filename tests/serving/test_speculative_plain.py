@@ -87,7 +87,7 @@ def test_zero_draft_cost_always_drafts_k():
 
 
 @pytest.mark.parametrize("kwargs,message", [({"num_tokens": 5}, "1..4"), ({"num_tokens": 0}, "1..4"),
-                                            ({"num_tokens": 2, "draft_cost": 1.0}, "draft_cost")])
+                                            ({"num_tokens": 2, "draft_cost": 1.0}, "draft cost")])
 def test_config_rejects_what_it_cannot_do(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SpeculativeConfig(**kwargs)

@@ -1,0 +1,50 @@
+"""Speculative decoding in the router: the MTP head's experts on the workers, greedy output equal to
+the in-process model's, acceptance in the gRPC usage and in the metrics."""
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from nextserve.client import Client
+from nextserve.model import Qwen3NextForCausalLM, SamplingParams, generate
+
+PROMPTS = [[5, 6, 7, 1, 2], [3, 1, 4, 1, 5, 2, 6] * 10, [4], [1, 2, 3, 4, 5, 6, 7] * 2]
+MAX_TOKENS = [20, 12, 24, 16]
+
+
+@pytest.fixture(scope="module")
+def small_vocab_workers(servers, helpers, small_vocab_checkpoint):
+    plan = helpers.contiguous_plan(small_vocab_checkpoint, 2)
+    workers = helpers.InProcessWorkers(servers, small_vocab_checkpoint, plan)
+    yield plan, workers
+    workers.stop()
+
+
+def test_workers_serve_the_mtp_heads_experts(small_vocab_workers, small_vocab_checkpoint):
+    plan, workers = small_vocab_workers
+    from nextserve.model.checkpoint import load_config
+    mtp_layer = load_config(small_vocab_checkpoint).num_hidden_layers
+    for service in workers.services.values():
+        assert mtp_layer in service.experts.layers
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_router_speculative_greedy_equals_the_in_process_model(k, small_vocab_workers, routers, small_vocab_checkpoint):
+    plan, workers = small_vocab_workers
+    router = routers(plan, workers.addresses, checkpoint=small_vocab_checkpoint, max_batch_tokens=24,
+                     speculative_tokens=k, speculative_draft_cost=0.0)
+    with Client(f"127.0.0.1:{router.port}", timeout=60) as client, ThreadPoolExecutor(len(PROMPTS)) as pool:
+        futures = [pool.submit(client.generate, p, max_tokens=n, temperature=0, ignore_eos=True)
+                   for p, n in zip(PROMPTS, MAX_TOKENS)]
+        results = [f.result(timeout=120) for f in futures]
+        metrics = router.engine.telemetry.metrics
+    model = Qwen3NextForCausalLM.from_pretrained(small_vocab_checkpoint, dtype=torch.float32)
+    for prompt, n, got in zip(PROMPTS, MAX_TOKENS, results):
+        expected = generate(model, [prompt], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))[0]
+        assert got.token_ids == expected.output_ids
+        assert got.completion_tokens == n and got.draft_tokens > 0
+        assert 0 <= got.accepted_draft_tokens <= got.draft_tokens
+    assert any(r.accepted_draft_tokens > 0 for r in results)
+    drafted = sum(r.draft_tokens for r in results)
+    assert metrics.draft_tokens._value.get() == drafted
+    assert metrics.accepted_draft_tokens._value.get() == sum(r.accepted_draft_tokens for r in results)
