@@ -48,3 +48,19 @@ def test_router_speculative_greedy_equals_the_in_process_model(k, small_vocab_wo
     drafted = sum(r.draft_tokens for r in results)
     assert metrics.draft_tokens._value.get() == drafted
     assert metrics.accepted_draft_tokens._value.get() == sum(r.accepted_draft_tokens for r in results)
+
+
+def test_http_usage_reports_accepted_and_rejected_drafts(small_vocab_workers, routers, small_vocab_checkpoint):
+    import openai
+
+    plan, workers = small_vocab_workers
+    router = routers(plan, workers.addresses, checkpoint=small_vocab_checkpoint, speculative_tokens=2,
+                     speculative_draft_cost=0.0, http_port=0, served_model_name="small")
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{router.http.port}/v1", api_key="unused", max_retries=0,
+                       timeout=120) as oai:
+        done = oai.completions.create(model="small", prompt=PROMPTS[1], max_tokens=12, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    details = done.usage.completion_tokens_details
+    assert done.usage.completion_tokens == 12
+    assert details.accepted_prediction_tokens + details.rejected_prediction_tokens > 0
+    assert details.accepted_prediction_tokens >= 0 and details.rejected_prediction_tokens >= 0
