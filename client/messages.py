@@ -86,14 +86,15 @@ def generate_request(prompt: str | list[int], *, max_tokens: int | None = None, 
                      top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
                      presence_penalty: float | None = None, frequency_penalty: float | None = None,
                      seed: int | None = None, stop: list[str] | None = None, stop_token_ids: list[int] | None = None,
-                     ignore_eos: bool = False, session_id: str = "", request_id: str = ""
+                     ignore_eos: bool = False, session_id: str = "", request_id: str = "",
+                     speculative_tokens: int | None = None
                      ) -> serving_pb2.GenerateRequest:
     """None leaves a sampling field unset, so the router applies its default."""
     sampling = serving_pb2.SamplingParams(stop=stop or [], stop_token_ids=stop_token_ids or [], ignore_eos=ignore_eos)
     for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_k", top_k),
                         ("top_p", top_p), ("repetition_penalty", repetition_penalty),
                         ("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty),
-                        ("seed", seed)):
+                        ("seed", seed), ("speculative_tokens", speculative_tokens)):
         if value is not None:
             setattr(sampling, name, value)
     request = serving_pb2.GenerateRequest(sampling=sampling, session_id=session_id, request_id=request_id)

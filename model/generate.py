@@ -57,6 +57,9 @@ def generate_stream(model: Qwen3NextForCausalLM, prompts: list[list[int]], param
         sizes = plan_cache(model, kv_cache_memory, len(prompts))
     scheduler = Scheduler(max_batch_tokens, max_running=len(prompts), max_queue=len(prompts),
                           blocks=BlockManager(sizes.num_blocks, sizes.num_slots))
+    from nextserve.router.acceptance import check_speculation
+    for sp in params:
+        check_speculation(sp.speculative_tokens, speculative_tokens > 0)
     speculative = None
     if speculative_tokens:
         speculative = SpeculativeConfig(speculative_tokens, **({} if draft_cost is None else {"draft_cost": draft_cost}))

@@ -37,6 +37,13 @@ class SpeculativeConfig:
             raise ValueError(f"decay must be in (0, 1], got {self.decay}")
 
 
+def check_speculation(requested: int | None, enabled: bool) -> None:
+    """A request that asks for drafts from a server that runs without the MTP head is refused (ValueError)."""
+    if requested and not enabled:
+        raise ValueError(f"speculative_tokens={requested}: this server runs without speculative decoding "
+                         "(start it with --speculative-tokens)")
+
+
 def expected_tokens(p: float, k: int) -> float:
     """Tokens a step with k drafts yields when each draft is accepted with probability p."""
     return sum(p ** i for i in range(k + 1))
@@ -46,8 +53,9 @@ class AcceptanceTracker:
     """One sequence's acceptance record and the number of drafts it gets next."""
 
     def __init__(self, config: SpeculativeConfig, max_tokens: int | None = None):
+        """max_tokens: the request's own K (0: off), None: the server's."""
         self.config = config
-        self.max_k = config.num_tokens if max_tokens is None else min(max_tokens, config.num_tokens)
+        self.max_k = config.num_tokens if max_tokens is None else max_tokens
         self.accepted = 0.0
         self.judged = 0.0
         self.off = self.max_k == 0

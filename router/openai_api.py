@@ -28,6 +28,7 @@ from .openai_errors import APIError, bad_param, parse_body, queue_full, unavaila
 from .openai_schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from .drain import Drain
 from .requests import NoTokenizer, check_request
+from .acceptance import check_speculation
 from .scheduler import QueueFull, RequestTooLarge
 from .sessions import SessionStore
 from .shards import ShardUnavailable
@@ -138,10 +139,14 @@ class OpenAIFrontend:
                 repetition_penalty=_or(body.repetition_penalty, defaults.repetition_penalty),
                 presence_penalty=_or(body.presence_penalty, defaults.presence_penalty),
                 frequency_penalty=_or(body.frequency_penalty, defaults.frequency_penalty),
-                seed=body.seed, ignore_eos=body.ignore_eos,
+                seed=body.seed, ignore_eos=body.ignore_eos, speculative_tokens=body.speculative_tokens,
                 stop_token_ids=tuple(dict.fromkeys([*(body.stop_token_ids or []), *extra_stop_ids])))
         except ValueError as e:
             raise bad_param(str(e).split(" ")[0], str(e)) from None
+        try:
+            check_speculation(params.speculative_tokens, self.served.engine.runner.speculative is not None)
+        except ValueError as e:
+            raise bad_param("speculative_tokens", str(e)) from None
         # Choice i draws from seed + i: one seed reproduces the whole request, and the choices differ.
         return [params if i == 0 or params.seed is None else replace(params, seed=(params.seed + i) % 2**64)
                 for i in range(body.n)], stops

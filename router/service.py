@@ -16,6 +16,7 @@ from nextserve.proto.v1 import serving_pb2, serving_pb2_grpc
 from .engine import Engine, RequestStream
 from .generation import decode_stream
 from .requests import NoTokenizer, check_request
+from .acceptance import check_speculation
 from .scheduler import QueueFull, RequestTooLarge
 from .shards import ShardUnavailable
 
@@ -28,7 +29,7 @@ def sampling_params(msg: serving_pb2.SamplingParams) -> SamplingParams:
     """Proto -> model SamplingParams; unset optional fields keep the model's defaults. Raises ValueError."""
     kwargs = {name: getattr(msg, name) for name in
               ("temperature", "top_k", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
-               "seed", "max_tokens") if msg.HasField(name)}
+               "seed", "max_tokens", "speculative_tokens") if msg.HasField(name)}
     return SamplingParams(**kwargs, stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos)
 
 
@@ -68,6 +69,7 @@ class ServingService(serving_pb2_grpc.ServingServicer):
             params = sampling_params(request.sampling)
             check_request(prompt_ids, params.stop_token_ids, list(request.sampling.stop), self.config.vocab_size,
                           self.config.max_position_embeddings, has_tokenizer=self.tokenizer is not None)
+            check_speculation(params.speculative_tokens, self.engine.runner.speculative is not None)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         try:

@@ -93,7 +93,7 @@ class SpeculativeDecoder:
         self.draft_probs: dict[int, torch.Tensor] = {}
 
     def add(self, seq_id: int, params: SamplingParams) -> None:
-        tracker = AcceptanceTracker(self.config)
+        tracker = AcceptanceTracker(self.config, params.speculative_tokens)
         tracker.off = tracker.off or not can_speculate(params)
         self.trackers[seq_id] = tracker
 
@@ -107,7 +107,8 @@ class SpeculativeDecoder:
         seqs = [batch.seqs[i] for i in order]
         drafts = [batch.drafts(i) for i in order]
         counts = [batch.num_new_tokens[i] for i in order]
-        samples = [batch.samples()[i] for i in order]
+        reaches_end = batch.samples()
+        samples = [reaches_end[i] for i in order]
         slots = [batch.state_slots[i] for i in order]
         tables = [batch.block_tables[i] for i in order]
         m = sum(1 for d in drafts if d)

@@ -197,3 +197,18 @@ def test_the_chi_square_check_catches_a_biased_acceptance_rule(target_and_draft)
     q, p = distribution(draft_logits, params), distribution(target_logits, params)[0]
     counts = first_token_counts(biased_accept, target_logits, q, params, 4000)
     assert chi_square(counts, p) > chi_square_bound(int((p > 0).sum()) - 1)
+
+
+def test_a_request_chooses_its_own_number_of_drafts_or_none(small_vocab_model):
+    prompts = prompts_for(small_vocab_model)[:3]
+    params = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, speculative_tokens=k) for k in (0, 1, None)]
+    plain = generate(small_vocab_model, prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    got = generate(small_vocab_model, prompts, params, speculative_tokens=3, draft_cost=0.0)
+    assert [c.output_ids for c in got] == [c.output_ids for c in plain]
+    off, one, default = got
+    assert off.num_draft_tokens == 0
+    assert 0 < one.num_draft_tokens <= 11 < default.num_draft_tokens  # at most one draft per step vs three
+    with pytest.raises(ValueError, match="without speculative decoding"):
+        generate(small_vocab_model, prompts[:1], params[1])
+    with pytest.raises(ValueError, match="speculative_tokens must be in 0..4"):
+        SamplingParams(speculative_tokens=5)

@@ -64,3 +64,24 @@ def test_http_usage_reports_accepted_and_rejected_drafts(small_vocab_workers, ro
     assert done.usage.completion_tokens == 12
     assert details.accepted_prediction_tokens + details.rejected_prediction_tokens > 0
     assert details.accepted_prediction_tokens >= 0 and details.rejected_prediction_tokens >= 0
+
+
+def test_a_request_turns_speculation_off_or_is_refused_where_it_is_off(small_vocab_workers, routers,
+                                                                       small_vocab_checkpoint):
+    import grpc
+
+    from nextserve.client import ServingError
+
+    plan, workers = small_vocab_workers
+    spec = routers(plan, workers.addresses, checkpoint=small_vocab_checkpoint, speculative_tokens=2,
+                   speculative_draft_cost=0.0)
+    plain = routers(plan, workers.addresses, checkpoint=small_vocab_checkpoint)
+    with Client(f"127.0.0.1:{spec.port}", timeout=60) as client:
+        off = client.generate(PROMPTS[0], max_tokens=8, temperature=0, ignore_eos=True, speculative_tokens=0)
+        on = client.generate(PROMPTS[0], max_tokens=8, temperature=0, ignore_eos=True)
+    assert off.token_ids == on.token_ids and off.draft_tokens == 0 < on.draft_tokens
+    with Client(f"127.0.0.1:{plain.port}", timeout=60) as client:
+        with pytest.raises(ServingError) as refused:
+            client.generate(PROMPTS[0], max_tokens=8, speculative_tokens=2)
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "without speculative decoding" in refused.value.details
