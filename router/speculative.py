@@ -20,6 +20,8 @@ position would depend on the drafts before it).
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from nextserve.kernels.paging import BLOCK_SIZE
@@ -179,7 +181,7 @@ class SpeculativeDecoder:
         out = mtp(embed(torch.tensor(follow, dtype=torch.long, device=self.device)), hidden[picked], batch)
 
         # Who drafts, and how many: a sampled row, by its tracker, within its blocks and token limits.
-        plans: list[tuple[int, int, int]] = []  # (row, k, position of its first chained draft)
+        plans: list[tuple[int, int, int]] = []  # (index in mtp_rows, k, its length after this step)
         for n, (r, length) in enumerate(zip(mtp_rows, lengths)):
             seq = seqs[r]
             if seq.seq_id not in new_tokens:
@@ -194,20 +196,20 @@ class SpeculativeDecoder:
                 plans.append((n, k, held))
         if not plans:
             return {}
-        ends = [sum(lengths[:n + 1]) - 1 for n, _, _ in plans]
+        last = list(itertools.accumulate(lengths))
+        ends = [last[n] - 1 for n, _, _ in plans]
         state = out[ends]  # [P, H]: each drafting row's MTP hidden at its last held position
         proposed: dict[int, list[int]] = {seqs[mtp_rows[n]].seq_id: [] for n, _, _ in plans}
         probs: dict[int, list[torch.Tensor]] = {sid: [] for sid in proposed}
         active = list(range(len(plans)))
         for j in range(1, max(k for _, k, _ in plans) + 1):
             logits = self.model.lm_head(state).float()
+            best = logits.argmax(-1).tolist()  # one transfer for every greedy row
             tokens = []
-            for i, row_logits in zip(active, logits):
+            for i, row_logits, t in zip(active, logits, best):
                 seq_id = seqs[mtp_rows[plans[i][0]]].seq_id
                 sampler = samplers[seq_id]
-                if sampler.params.greedy:
-                    t = int(row_logits.argmax())
-                else:
+                if not sampler.params.greedy:
                     q = distribution(row_logits, sampler.params)
                     t = draw(q, sampler.generator)
                     probs[seq_id].append(q)
