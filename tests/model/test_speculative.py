@@ -212,3 +212,20 @@ def test_a_request_chooses_its_own_number_of_drafts_or_none(small_vocab_model):
         generate(small_vocab_model, prompts[:1], params[1])
     with pytest.raises(ValueError, match="speculative_tokens must be in 0..4"):
         SamplingParams(speculative_tokens=5)
+
+
+def test_speculative_sampling_through_the_engine_keeps_the_models_distribution(small_vocab_model):
+    """End to end: the second token of 2,000 seeded requests is the first one drawn by verification
+    (its draft comes from the MTP head after the prefill); its counts must match the model's marginal
+    sum_x1 p(x1 | prompt) p(x2 | prompt, x1)."""
+    model, prompt, n = small_vocab_model, [3, 1, 4, 1, 5], 2000
+    # max_tokens 3: a draft is made only where its verification can yield a token the request keeps
+    params = [SamplingParams(max_tokens=3, temperature=1.0, seed=i, ignore_eos=True) for i in range(n)]
+    done = generate(model, [prompt] * n, params, speculative_tokens=1, draft_cost=0.0, max_batch_tokens=16384)
+    assert all(c.num_draft_tokens == 1 for c in done)  # every second token went through rejection sampling
+    V = model.config.vocab_size
+    first = model(torch.tensor([prompt]))[0, -1].softmax(-1)
+    following = model(torch.tensor([prompt + [x] for x in range(V)]))[:, -1].softmax(-1)  # [x1, x2]
+    marginal = (first[:, None] * following).sum(0)
+    counts = torch.bincount(torch.tensor([c.output_ids[1] for c in done]), minlength=V).float()
+    assert chi_square(counts, marginal) < chi_square_bound(int((marginal > 0).sum()) - 1)
