@@ -41,6 +41,9 @@ def add_parser(sub) -> None:
     add_dtype_flag(p, "in-process model weight, activation and KV cache")
     p.add_argument("--device", default="cpu", help="torch device for the in-process model (default cpu)")
     p.add_argument("--kv-cache-memory", default="4GiB", metavar="SIZE", help="in-process: " + CACHE_MEMORY_HELP)
+    p.add_argument("--speculative-tokens", type=int, default=0, choices=range(0, 5), metavar="K",
+                   help="in-process: draft up to K (1-4) tokens per step with the MTP head and verify them in one "
+                        "pass (0, default: off; a router takes its own --speculative-tokens)")
     session = p.add_argument_group("sessions (with --router)")
     session.add_argument("--session-id", metavar="ID",
                          help="a conversation the router keeps: it stores this turn's prompt and output")
@@ -56,6 +59,9 @@ def run(args) -> int:
         return 2
     if (args.session_id or args.append_to_session) and not args.router:
         print("error: --session-id and --append-to-session need --router (a router keeps the sessions)", file=sys.stderr)
+        return 2
+    if args.router and args.speculative_tokens:
+        print("error: --speculative-tokens runs the in-process model; start the router with it instead", file=sys.stderr)
         return 2
     if args.router:
         from nextserve.client.cli import generate_cli_remote
@@ -84,14 +90,15 @@ def _run_local(args) -> int:
             raise ValueError(f"no tokenizer.json in {args.checkpoint}: without one, give the prompt as --prompt-ids "
                              "and read the answer as token ids with --json")
         model = Qwen3NextForCausalLM.from_pretrained(args.checkpoint, dtype=resolve_dtype(args.dtype, args.device),
-                                                     device=args.device)
+                                                     device=args.device, with_mtp=args.speculative_tokens > 0)
         print(plan_cache(model, args.kv_cache_memory, 1).describe(), file=sys.stderr)
         eos = tokenizer.eos_token_id if tokenizer is not None else model.config.eos_token_id
         prompt_ids = args.prompt_ids if args.prompt_ids is not None else tokenizer.encode(args.prompt)
         detok = tokenizer.incremental_detokenizer() if tokenizer is not None else None
         completion = None
         for _, _, completion in generate_stream(model, [prompt_ids], [params], eos,
-                                                kv_cache_memory=args.kv_cache_memory):
+                                                kv_cache_memory=args.kv_cache_memory,
+                                                speculative_tokens=args.speculative_tokens):
             if not args.json:
                 sys.stdout.write(detok.step(completion.output_ids))
                 sys.stdout.flush()

@@ -52,6 +52,14 @@ def add_parser(sub) -> None:
     p.add_argument("--micro-batches", type=int, default=1, choices=[1, 2],
                    help="2: cut each step's sequences in two micro-batches that take turns, so the router runs "
                         "one's dense layers while the other's tokens are at the workers (default 1)")
+    p.add_argument("--speculative-tokens", type=int, default=0, choices=range(0, 5), metavar="K",
+                   help="draft up to K (1-4) tokens per step with the checkpoint's MTP head and verify them in one "
+                        "pass; each request drafts only while its acceptance pays (docs/speculative.md). "
+                        "0 (default): off. Needs --micro-batches 1")
+    p.add_argument("--speculative-draft-cost", type=float, default=None, metavar="C",
+                   help="what one draft costs, in decode steps (default 0.25): a request keeps drafting only while "
+                        "its acceptance rate is above it, and drafts the k that yields the most tokens per cost; "
+                        "0: always draft K")
     p.add_argument("--drain-grace", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT: readiness turns NOT_SERVING, new generations get UNAVAILABLE, running "
                         "ones may finish for this long, then what remains ends with UNAVAILABLE (default 30)")
@@ -70,6 +78,8 @@ def run(args) -> int:
     from nextserve.worker.server import load_plan
 
     try:
+        if args.speculative_draft_cost is not None and not args.speculative_tokens:
+            raise ValueError("--speculative-draft-cost tunes --speculative-tokens, which is off")
         if args.drain_grace < 0:
             raise ValueError(f"--drain-grace must be >= 0, got {args.drain_grace}")
         if args.trace_sample_ratio is not None and not 0.0 <= args.trace_sample_ratio <= 1.0:
@@ -80,6 +90,8 @@ def run(args) -> int:
             device=args.device or default_device(), kv_cache_memory=args.kv_cache_memory,
             max_batch_tokens=args.max_batch_tokens, max_running_requests=args.max_running_requests,
             max_queue=args.max_queue, micro_batches=args.micro_batches,
+            speculative_tokens=args.speculative_tokens,
+            **({} if args.speculative_draft_cost is None else {"speculative_draft_cost": args.speculative_draft_cost}),
             otlp_endpoint=args.otlp_endpoint, trace_sample_ratio=args.trace_sample_ratio,
             metrics_port=args.metrics_port,
             http_port=None if args.no_http else args.http_port, served_model_name=args.served_model_name,

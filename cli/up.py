@@ -29,6 +29,8 @@ def add_parser(sub) -> None:
     p.add_argument("--no-http", action="store_true", help="serve gRPC only")
     add_dtype_flag(p, "model (workers and router)")
     p.add_argument("--kv-cache-memory", default="4GiB", metavar="SIZE", help="the router's " + CACHE_MEMORY_HELP)
+    p.add_argument("--speculative-tokens", type=int, default=0, choices=range(0, 5), metavar="K",
+                   help="the router drafts up to K (1-4) tokens per step with the MTP head (0, default: off)")
     p.add_argument("--startup-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="how long to wait for every process to become healthy (default 300)")
     p.set_defaults(func=run)
@@ -148,6 +150,7 @@ def run(args) -> int:
         http = ["--no-http"] if args.no_http else ["--http-port", str(args.http_port)]
         router = Process("router", base + ["router", *common, "--port", str(args.port), *http,
                                            "--kv-cache-memory", args.kv_cache_memory,
+                                           "--speculative-tokens", str(args.speculative_tokens),
                                            *[f"--worker={s}={a}" for _, a, s in workers]], workdir / "router.log", env)
         processes.append(router)
         wait_healthy([(router, f"127.0.0.1:{args.port}")], deadline)

@@ -59,6 +59,8 @@ class Completion:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
+    draft_tokens: int = 0           # speculative decoding: MTP drafts verified and accepted
+    accepted_draft_tokens: int = 0
     first_token_seconds: float = 0.0
     total_seconds: float = 0.0
     request_id: str = ""
@@ -75,6 +77,7 @@ class Completion:
             u, t = response.usage, response.timings
             self.prompt_tokens, self.cached_tokens, self.completion_tokens = (
                 u.prompt_tokens, u.cached_tokens, u.completion_tokens)
+            self.draft_tokens, self.accepted_draft_tokens = u.draft_tokens, u.accepted_draft_tokens
             self.first_token_seconds, self.total_seconds = t.first_token_seconds, t.total_seconds
         return Chunk(list(response.token_ids), response.text, reason)
 
@@ -84,7 +87,7 @@ def generate_request(prompt: str | list[int], *, max_tokens: int | None = None, 
                      presence_penalty: float | None = None, frequency_penalty: float | None = None,
                      seed: int | None = None, stop: list[str] | None = None, stop_token_ids: list[int] | None = None,
                      ignore_eos: bool = False, session_id: str = "", append_to_session: bool = False,
-                     request_id: str = "") -> serving_pb2.GenerateRequest:
+                     request_id: str = "", speculative_tokens: int | None = None) -> serving_pb2.GenerateRequest:
     """None leaves a sampling field unset, so the router applies its default. `session_id` names a
     conversation the router keeps; with `append_to_session` the prompt is only the new turn (the router
     prepends the stored history), without it the prompt is the whole conversation."""
@@ -92,7 +95,7 @@ def generate_request(prompt: str | list[int], *, max_tokens: int | None = None, 
     for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_k", top_k),
                         ("top_p", top_p), ("repetition_penalty", repetition_penalty),
                         ("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty),
-                        ("seed", seed)):
+                        ("seed", seed), ("speculative_tokens", speculative_tokens)):
         if value is not None:
             setattr(sampling, name, value)
     request = serving_pb2.GenerateRequest(sampling=sampling, session_id=session_id,

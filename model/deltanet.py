@@ -48,40 +48,79 @@ class GatedDeltaNet(nn.Module):
         T = x.shape[0]
         q, k, v, z, b, a = self.split_projections(x)
         conv_inputs = torch.cat([q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1)], dim=-1)  # [T, conv_dim]
-        conv_weight = self.conv1d.weight.squeeze(1)  # [conv_dim, kernel]
-        conv_pool = batch.pools.conv[self.layer_idx]            # [S, conv_dim, kernel - 1]
-        recurrent_pool = batch.pools.recurrent[self.layer_idx]  # [S, Hv, K, V] fp32
-
-        if batch.is_decode:
-            mixed = ops.causal_conv1d_update(conv_inputs, conv_pool, conv_weight, state_slots=batch.state_slots)
-        else:
-            mixed, _ = ops.causal_conv1d(conv_inputs, conv_weight, initial_state=conv_pool,
-                                         state_slots=batch.state_slots, cu_seqlens=batch.cu_seqlens)
-        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = q.reshape(1, T, self.num_k_heads, self.head_k_dim)
-        k = k.reshape(1, T, self.num_k_heads, self.head_k_dim)
-        v = v.reshape(1, T, self.num_v_heads, self.head_v_dim)
-
-        if batch.is_decode:
-            o, _, _ = ops.fused_recurrent_gated_delta_rule(
-                q, k, v, a[None], b[None], self.A_log, self.dt_bias,
-                initial_state=recurrent_pool, cu_seqlens=batch.cu_seqlens, state_slots=batch.state_slots)
-        else:
-            g, beta = ops.gdn_gating(a, b, self.A_log, self.dt_bias)
-            o, _, chunk_states = ops.chunk_gated_delta_rule(
-                q, k, v, g[None], beta[None], initial_state=recurrent_pool, cu_seqlens=batch.cu_seqlens,
-                output_chunk_states=batch.record_checkpoints, state_slots=batch.state_slots)
-            if chunk_states is not None:
-                self._record_checkpoints(batch, conv_inputs, chunk_states)
+        m = batch.keep_states_rows
+        if m == 0:
+            o = self._mix(conv_inputs, a, b, batch, batch.cu_seqlens, batch.state_slots, batch.is_decode, 0)
+        else:  # speculative verification: rows [0, m) keep every token's state; the others run as usual
+            cut = batch.spans[m - 1][1]
+            o = self._verify(conv_inputs[:cut], a[:cut], b[:cut], batch, m)
+            if cut < T:
+                rest = self._mix(conv_inputs[cut:], a[cut:], b[cut:], batch, batch.cu_seqlens[m:] - cut,
+                                 batch.state_slots[m:], max(batch.seq_lens[m:]) == 1, m)
+                o = torch.cat([o, rest], dim=1)
         o = self.norm(o.reshape(T, self.num_v_heads, self.head_v_dim), z)
         return self.out_proj(o.reshape(T, self.value_dim))
 
-    def _record_checkpoints(self, batch: ForwardBatch, conv_inputs: torch.Tensor, chunk_states: torch.Tensor):
+    def _qkv(self, mixed: torch.Tensor):
+        T = mixed.shape[0]
+        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        return (q.reshape(1, T, self.num_k_heads, self.head_k_dim), k.reshape(1, T, self.num_k_heads, self.head_k_dim),
+                v.reshape(1, T, self.num_v_heads, self.head_v_dim))
+
+    def _mix(self, conv_inputs, a, b, batch: ForwardBatch, cu_seqlens, state_slots, decode: bool, first_row: int):
+        """Conv + delta rule for rows [first_row, N) of the batch, states read and written by slot."""
+        conv_weight = self.conv1d.weight.squeeze(1)  # [conv_dim, kernel]
+        conv_pool = batch.pools.conv[self.layer_idx]            # [S, conv_dim, kernel - 1]
+        recurrent_pool = batch.pools.recurrent[self.layer_idx]  # [S, Hv, K, V] fp32
+        if decode:
+            mixed = ops.causal_conv1d_update(conv_inputs, conv_pool, conv_weight, state_slots=state_slots)
+        else:
+            mixed, _ = ops.causal_conv1d(conv_inputs, conv_weight, initial_state=conv_pool,
+                                         state_slots=state_slots, cu_seqlens=cu_seqlens)
+        q, k, v = self._qkv(mixed)
+        if decode:
+            o, _, _ = ops.fused_recurrent_gated_delta_rule(
+                q, k, v, a[None], b[None], self.A_log, self.dt_bias,
+                initial_state=recurrent_pool, cu_seqlens=cu_seqlens, state_slots=state_slots)
+        else:
+            g, beta = ops.gdn_gating(a, b, self.A_log, self.dt_bias)
+            o, _, chunk_states = ops.chunk_gated_delta_rule(
+                q, k, v, g[None], beta[None], initial_state=recurrent_pool, cu_seqlens=cu_seqlens,
+                output_chunk_states=batch.record_checkpoints, state_slots=state_slots)
+            if chunk_states is not None:
+                self._record_checkpoints(batch, conv_inputs, chunk_states, first_row)
+        return o
+
+    def _verify(self, conv_inputs, a, b, batch: ForwardBatch, m: int):
+        """Rows [0, m): a few tokens each (the pending token and its drafts), token by token, keeping the
+        recurrent state after every token and the conv window they started from (the window after
+        token j is that window followed by the inputs up to j: nothing to store per token)."""
+        from .spec_states import TokenStates  # the speculative decoder's view of this layer
+
+        conv_weight = self.conv1d.weight.squeeze(1)
+        conv_pool, recurrent_pool = batch.pools.conv[self.layer_idx], batch.pools.recurrent[self.layer_idx]
+        slots, cu = batch.state_slots[:m], batch.cu_seqlens[:m + 1]
+        start_windows = conv_pool[slots]  # a gathered copy, taken before the conv rolls the pool
+        mixed, _ = ops.causal_conv1d(conv_inputs, conv_weight, initial_state=conv_pool, state_slots=slots,
+                                     cu_seqlens=cu)
+        q, k, v = self._qkv(mixed)
+        o, _, all_states = ops.fused_recurrent_gated_delta_rule(
+            q, k, v, a[None], b[None], self.A_log, self.dt_bias, initial_state=recurrent_pool, cu_seqlens=cu,
+            state_slots=slots, output_all_states=True)
+        batch.token_states[self.layer_idx] = TokenStates(start_windows, conv_inputs, all_states[0])
+        return o
+
+    def _record_checkpoints(self, batch: ForwardBatch, conv_inputs: torch.Tensor, chunk_states: torch.Tensor,
+                            first_row: int = 0):
         """Keep the state after every full 64-token chunk: the recurrent state comes free from the
-        chunked pass; the conv window is the kernel-1 inputs just before the boundary."""
+        chunked pass; the conv window is the kernel-1 inputs just before the boundary. `conv_inputs`
+        holds rows [first_row, N)."""
         width, used = self.kernel_size - 1, 0
         num_layers = batch.pools.num_layers
-        for saved, start, (offset, stop) in zip(batch.checkpoints, batch.context_lens, batch.spans):
+        base = batch.spans[first_row][0]
+        rows = slice(first_row, None)
+        for saved, start, (offset, stop) in zip(batch.checkpoints[rows], batch.context_lens[rows],
+                                                 [(o - base, e - base) for o, e in batch.spans[rows]]):
             for end in range(CHUNK, stop - offset + 1, CHUNK):
                 window = conv_inputs[offset + end - width: offset + end].t().contiguous()
                 layers = saved.setdefault(start + end, [None] * num_layers)

@@ -23,6 +23,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     seed: int | None = None          # same seed, same prompt, same tokens
+    speculative_tokens: int | None = None  # MTP drafts per step for this request: 0 off, 1..4; None: the server's
 
     def __post_init__(self):
         problems = []
@@ -39,6 +40,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 problems.append(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.speculative_tokens is not None and not 0 <= self.speculative_tokens <= 4:
+            problems.append(f"speculative_tokens must be in 0..4 (0 turns it off), got {self.speculative_tokens}")
         if problems:
             raise ValueError("; ".join(problems))
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)

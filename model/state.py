@@ -95,10 +95,16 @@ class ForwardBatch:
     state_slots: torch.Tensor    # [N] int64 each sequence's DeltaNet state slot
     record_checkpoints: bool = False
     checkpoints: list[dict[int, list[LinearAttentionState | None]]] = field(default_factory=list)
+    # Speculative verification: the first `keep_states_rows` sequences keep their DeltaNet state after
+    # every new token (layer index -> model.spec_states.TokenStates), so that the pass can be rolled
+    # back to its last accepted token (`model.spec_states.keep_state_at`).
+    keep_states_rows: int = 0
+    token_states: dict = field(default_factory=dict)
 
     @classmethod
     def build(cls, pools: CachePools, context_lens: list[int], seq_lens: list[int], block_tables: list[list[int]],
-              state_slots: list[int], device, record_checkpoints: bool = False) -> "ForwardBatch":
+              state_slots: list[int], device, record_checkpoints: bool = False,
+              keep_states_rows: int = 0) -> "ForwardBatch":
         N = len(seq_lens)
         if not N or not len(context_lens) == len(block_tables) == len(state_slots) == N:
             raise ValueError(f"need one context length, block table and state slot per sequence; got {N} lengths, "
@@ -121,7 +127,7 @@ class ForwardBatch:
         return cls(pools, list(seq_lens), list(context_lens), positions.to(device), cu.to(torch.int32).to(device),
                    slot_mapping.to(device), tables.to(device), (ctx + lens).to(torch.int32).to(device),
                    torch.tensor(state_slots, dtype=torch.int64).to(device), record_checkpoints,
-                   [{} for _ in range(N)] if record_checkpoints else [])
+                   [{} for _ in range(N)] if record_checkpoints else [], keep_states_rows)
 
     @property
     def is_decode(self) -> bool:

@@ -188,17 +188,23 @@ class Engine:
                     self.runner.free(seq_id)
                 self._free_after_step.clear()
 
-    def _observe_step(self, observed, sampled: dict[int, int] | None, error: str | None = None) -> None:
+    def _observe_step(self, observed, sampled: dict[int, list[int]] | None, error: str | None = None) -> None:
         if observed is not None:
             self.telemetry.step_finished(observed, sampled, error)
 
-    def _deliver(self, batch, sampled: dict[int, int]) -> None:
-        finished = {seq.seq_id for seq in self.scheduler.postprocess(batch, sampled)}
+    def _deliver(self, batch, sampled: dict[int, list[int]]) -> None:
+        before = {seq.seq_id: len(seq.output_ids) for seq in batch.seqs}
+        accepted = sum(seq.num_accepted_tokens for seq in batch.seqs)
+        finished = {seq.seq_id for seq in self.scheduler.postprocess(batch, sampled, self.runner.drafts)}
+        if self.telemetry is not None:
+            self.telemetry.speculation(sum(len(d) for d in batch.draft_ids),
+                                       sum(seq.num_accepted_tokens for seq in batch.seqs) - accepted)
         for seq in batch.seqs:
             stream = self._streams.get(seq.seq_id)
             if stream is None or seq.seq_id not in sampled:
                 continue
-            stream._push(Tokens([sampled[seq.seq_id]]))
+            # with speculation several tokens at once; a stop among them drops the ones after it
+            stream._push(Tokens(seq.output_ids[before[seq.seq_id]:]))
             if seq.seq_id in finished:
                 stream._push(Finished(seq.finish_reason))
                 del self._streams[seq.seq_id]

@@ -94,6 +94,11 @@ class RouterMetrics:
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of admitted requests",
                                      registry=registry)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated", registry=registry)
+        # Speculative decoding: accepted / draft is the acceptance rate (rate() of both over a window).
+        self.draft_tokens = Counter(PREFIX + "spec_decode_draft_tokens", "MTP draft tokens the model verified",
+                                    registry=registry)
+        self.accepted_draft_tokens = Counter(PREFIX + "spec_decode_accepted_tokens",
+                                             "MTP draft tokens the model accepted", registry=registry)
         self.running = Gauge(PREFIX + "running_sequences", "Sequences in the running batch", registry=registry)
         self.waiting = Gauge(PREFIX + "waiting_sequences", "Sequences queued, not yet admitted", registry=registry)
         self.kv_blocks_used = Gauge(PREFIX + "kv_blocks_used", "Attention K/V blocks held by sequences",

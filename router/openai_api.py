@@ -30,6 +30,7 @@ from .openai_errors import APIError, bad_param, parse_body, queue_full, unavaila
 from .openai_schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from .drain import Drain
 from .requests import NoTokenizer, check_request
+from .acceptance import check_speculation
 from .scheduler import QueueFull, RequestTooLarge
 from .shards import ShardUnavailable
 
@@ -73,10 +74,16 @@ def sse(obj) -> bytes:
 SSE_DONE = sse(b"[DONE]")
 
 
-def usage(num_prompt: int, num_output: int) -> dict:
+def usage(num_prompt: int, num_output: int, streams: list[RequestStream] = ()) -> dict:
     # cached_tokens is 0 because nothing is cached yet: the prefix cache has not landed.
-    return {"prompt_tokens": num_prompt, "completion_tokens": num_output, "total_tokens": num_prompt + num_output,
-            "prompt_tokens_details": {"cached_tokens": 0}}
+    out = {"prompt_tokens": num_prompt, "completion_tokens": num_output, "total_tokens": num_prompt + num_output,
+           "prompt_tokens_details": {"cached_tokens": 0}}
+    drafted = sum(s.seq.num_draft_tokens for s in streams)
+    if drafted:  # speculative decoding: the drafts the model accepted and rejected, in OpenAI's names
+        accepted = sum(s.seq.num_accepted_tokens for s in streams)
+        out["completion_tokens_details"] = {"accepted_prediction_tokens": accepted,
+                                            "rejected_prediction_tokens": drafted - accepted}
+    return out
 
 
 class OpenAIFrontend:
@@ -133,10 +140,14 @@ class OpenAIFrontend:
                 repetition_penalty=_or(body.repetition_penalty, defaults.repetition_penalty),
                 presence_penalty=_or(body.presence_penalty, defaults.presence_penalty),
                 frequency_penalty=_or(body.frequency_penalty, defaults.frequency_penalty),
-                seed=body.seed, ignore_eos=body.ignore_eos,
+                seed=body.seed, ignore_eos=body.ignore_eos, speculative_tokens=body.speculative_tokens,
                 stop_token_ids=tuple(dict.fromkeys([*(body.stop_token_ids or []), *extra_stop_ids])))
         except ValueError as e:
             raise bad_param(str(e).split(" ")[0], str(e)) from None
+        try:
+            check_speculation(params.speculative_tokens, self.served.engine.runner.speculative is not None)
+        except ValueError as e:
+            raise bad_param("speculative_tokens", str(e)) from None
         # Choice i draws from seed + i: one seed reproduces the whole request, and the choices differ.
         return [params if i == 0 or params.seed is None else replace(params, seed=(params.seed + i) % 2**64)
                 for i in range(body.n)], stops
@@ -271,7 +282,7 @@ class OpenAIFrontend:
         results = await self.until_disconnect(request, self.generate_choices(streams, stops))
         return JSONResponse({**head, "choices": [choice(i, r.text, r.token_ids, r.finish_reason)
                                                  for i, r in enumerate(results)],
-                             "usage": usage(len(prompt_ids), sum(len(r.token_ids) for r in results))})
+                             "usage": usage(len(prompt_ids), sum(len(r.token_ids) for r in results), streams)})
 
     async def chat_completions(self, request: Request) -> Response:
         body: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
@@ -309,7 +320,7 @@ class OpenAIFrontend:
             "id": rid, "object": "chat.completion", "created": created, "model": self.served.name,
             "choices": [{"index": i, "message": {"role": "assistant", "content": r.text}, "token_ids": r.token_ids,
                          "logprobs": None, "finish_reason": r.finish_reason} for i, r in enumerate(results)],
-            "usage": usage(len(prompt_ids), sum(len(r.token_ids) for r in results))})
+            "usage": usage(len(prompt_ids), sum(len(r.token_ids) for r in results), streams)})
 
     # -- transport helpers --------------------------------------------------------------------------
 
@@ -338,7 +349,7 @@ class OpenAIFrontend:
             if error is not None:
                 yield sse(error.body())
             elif include_usage:
-                yield sse({**head, "choices": [], "usage": usage(num_prompt, num_output)})
+                yield sse({**head, "choices": [], "usage": usage(num_prompt, num_output, streams)})
             yield SSE_DONE
 
         return StreamingResponse(events(), media_type="text/event-stream",

@@ -37,6 +37,7 @@ class SamplingFields(_Body):
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=16)] | None = None
     stop_token_ids: list[NonNegInt] | None = None         # extension (as vLLM)
     ignore_eos: StrictBool = False                        # extension (as vLLM)
+    speculative_tokens: Annotated[StrictInt, Field(ge=0, le=4)] | None = None  # extension: MTP drafts, 0 = off
     n: Annotated[StrictInt, Field(ge=1, le=128)] = 1  # choices, each its own sequence (OpenAI allows up to 128)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None

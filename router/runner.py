@@ -22,8 +22,10 @@ from nextserve.model.sampling import Sampler, SamplingParams, sample_batch
 from nextserve.model.state import ForwardBatch
 
 from .cache_budget import PoolSizes, available_host_memory, block_bytes, parse_cache_memory, size_pools, slot_bytes
+from .acceptance import SpeculativeConfig
 from .overlap import ComputeBaton, cut_in_two, ping_pong
 from .scheduler import ScheduledBatch
+from .speculative import SpeculativeDecoder
 
 if TYPE_CHECKING:  # the in-process engine runs without gRPC
     from .shards import ShardPool
@@ -40,10 +42,14 @@ class RemoteExperts(nn.Module):
         return self.pool.dispatch(self.layer, hidden, expert_ids, weights).result
 
 
-def load_dense_model(checkpoint: str | Path, pool: "ShardPool", dtype="float32", device="cpu") -> Qwen3NextForCausalLM:
-    """The model without a single routed-expert weight (expert_ids=[]), its experts served by `pool`."""
-    model = Qwen3NextForCausalLM.from_pretrained(checkpoint, dtype=dtype, device=device, expert_ids=[])
-    for i, layer in enumerate(model.model.layers):
+def load_dense_model(checkpoint: str | Path, pool: "ShardPool", dtype="float32", device="cpu",
+                     with_mtp: bool = False) -> Qwen3NextForCausalLM:
+    """The model without a single routed-expert weight (expert_ids=[]), its experts served by `pool`;
+    with_mtp: with the MTP head, its MoE layer's experts served as layer index num_hidden_layers."""
+    model = Qwen3NextForCausalLM.from_pretrained(checkpoint, dtype=dtype, device=device, expert_ids=[],
+                                                 with_mtp=with_mtp)
+    layers = list(model.model.layers) + (list(model.mtp.layers) if model.mtp is not None else [])
+    for i, layer in enumerate(layers):
         if isinstance(layer.mlp, SparseMoeBlock):
             layer.mlp.experts = RemoteExperts(pool, i)
     return model
@@ -63,30 +69,46 @@ def plan_cache(model: Qwen3NextForCausalLM, kv_cache_memory: str, max_seqs: int)
 
 
 class ModelRunner:
-    def __init__(self, model: Qwen3NextForCausalLM, sizes: PoolSizes, ping_pong: ComputeBaton | None = None):
+    def __init__(self, model: Qwen3NextForCausalLM, sizes: PoolSizes, ping_pong: ComputeBaton | None = None,
+                 speculative: SpeculativeConfig | None = None):
         """ping_pong: the shard pool's baton, to run each step as two micro-batches that take turns
-        (one computes while the other's tokens are at the workers); None: one forward pass per step."""
+        (one computes while the other's tokens are at the workers); None: one forward pass per step.
+        speculative: draft with the model's MTP head and verify (router/speculative.py); None: off."""
+        if ping_pong is not None and speculative is not None:
+            raise ValueError("speculative decoding runs each step as one pass: it does not combine with "
+                             "ping-pong micro-batches")
         self.model = model
         self.device = model.lm_head.weight.device
         self.pools = model.allocate_pools(sizes.num_blocks, sizes.num_slots)
         self.samplers: dict[int, Sampler] = {}
         self.baton = ping_pong
         self._micro_batch_threads = ThreadPoolExecutor(2, thread_name_prefix="micro-batch") if ping_pong else None
+        self.speculative = (SpeculativeDecoder(model, self.pools, speculative, self.device)
+                            if speculative is not None else None)
+        self.drafts: dict[int, list[int]] = {}  # what the last step proposed, for Scheduler.postprocess
 
     def add(self, seq_id: int, params: SamplingParams) -> None:
         self.samplers[seq_id] = Sampler(params, device=self.device)
+        if self.speculative is not None:
+            self.speculative.add(seq_id, params)
 
     def free(self, seq_id: int) -> None:
         self.samplers.pop(seq_id, None)
+        if self.speculative is not None:
+            self.speculative.free(seq_id)
 
     @torch.inference_mode()
-    def step(self, batch: ScheduledBatch) -> dict[int, int]:
+    def step(self, batch: ScheduledBatch) -> dict[int, list[int]]:
         """Run the step's forward pass (as two micro-batches taking turns, with ping_pong); returns
-        seq_id -> sampled token for the sequences that reached their end."""
+        seq_id -> new tokens for the sequences that reached their end (one each, or with speculation
+        the accepted drafts and one more; the next drafts are then in `self.drafts`)."""
         seqs = batch.seqs
         fresh = [slot for s, slot in zip(seqs, batch.state_slots) if s.num_computed == 0]
         if fresh:  # admitted, or readmitted after a preemption: its DeltaNet state starts from zeros
             self.pools.zero_slots(torch.tensor(fresh, device=self.device))
+        if self.speculative is not None:
+            sampled, self.drafts = self.speculative.step(batch, self.samplers)
+            return sampled
         cut = cut_in_two(batch.num_new_tokens) if self.baton is not None else 0
         if cut:
             halves = [slice(0, cut), slice(cut, len(seqs))]
@@ -100,7 +122,7 @@ class ModelRunner:
         tokens = sample_batch(logits[rows] if len(rows) < len(seqs) else logits,
                               [self.samplers[seqs[i].seq_id] for i in rows],
                               [(seqs[i].prompt_ids, seqs[i].output_ids) for i in rows])
-        return {seqs[i].seq_id: t for i, t in zip(rows, tokens)}
+        return {seqs[i].seq_id: [t] for i, t in zip(rows, tokens)}
 
     def _forward(self, batch: ScheduledBatch, part: slice) -> torch.Tensor:
         """Logits [len(part), V] of the last new token of each sequence in `part` of the batch; advances

@@ -49,6 +49,11 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop", "length", "abort" or "error"
     num_preemptions: int = 0
+    # Speculative decoding: tokens the MTP head proposes after the pending one; the next decode feeds
+    # them with it and keeps the longest prefix the model agrees with (router/speculative.py).
+    draft_ids: list[int] = field(default_factory=list)
+    num_draft_tokens: int = 0     # drafts verified so far...
+    num_accepted_tokens: int = 0  # ...and accepted (the acceptance the response's usage reports)
 
     @property
     def num_tokens(self) -> int:
@@ -78,14 +83,19 @@ class ScheduledBatch:
     num_new_tokens: list[int]  # tokens each sequence feeds this step
     block_tables: list[list[int]] = field(default_factory=list)  # each sequence's KV blocks, in order
     state_slots: list[int] = field(default_factory=list)         # each sequence's DeltaNet state slot
+    draft_ids: list[list[int]] = field(default_factory=list)     # drafts fed after each one's pending token
 
     @property
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
 
+    def drafts(self, row: int) -> list[int]:
+        return self.draft_ids[row] if self.draft_ids else []
+
     def samples(self) -> list[bool]:
         """Per sequence: does this step reach its last known token (so the logits give its next token)?"""
-        return [s.num_computed + n == s.num_tokens for s, n in zip(self.seqs, self.num_new_tokens)]
+        return [s.num_computed + n - len(self.drafts(i)) == s.num_tokens
+                for i, (s, n) in enumerate(zip(self.seqs, self.num_new_tokens))]
 
 
 class Scheduler:
@@ -118,17 +128,20 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch | None:
         seqs: list[Sequence] = []
         counts: list[int] = []
+        drafts: list[list[int]] = []
         budget = self.max_batch_tokens
         for seq in list(self.running):  # decodes, oldest first
             if budget == 0:
                 break
             if seq.status is not Status.RUNNING or seq.is_prefilling:
                 continue  # preempted earlier in this loop, or still in its prompt
-            if not self._make_room(seq):
+            fed_drafts = seq.draft_ids[:budget - 1]
+            if not self._make_room(seq, 1 + len(fed_drafts)):
                 continue  # it preempted itself
             seqs.append(seq)
-            counts.append(1)
-            budget -= 1
+            counts.append(1 + len(fed_drafts))
+            drafts.append(fed_drafts)
+            budget -= 1 + len(fed_drafts)
         for seq in self.running:  # prompt chunks of admitted sequences; their blocks are already held
             if budget == 0:
                 break
@@ -136,6 +149,7 @@ class Scheduler:
                 n = self._chunk(seq, budget)
                 seqs.append(seq)
                 counts.append(n)
+                drafts.append([])
                 budget -= n
         while budget > 0 and self.waiting and len(self.running) < self.max_running:
             seq = self.waiting[0]
@@ -148,11 +162,12 @@ class Scheduler:
             n = self._chunk(seq, budget)
             seqs.append(seq)
             counts.append(n)
+            drafts.append([])
             budget -= n
         if not seqs:
             return None
         return ScheduledBatch(seqs, counts, [self.blocks.table(s.seq_id) for s in seqs],
-                              [self.blocks.slot(s.seq_id) for s in seqs])
+                              [self.blocks.slot(s.seq_id) for s in seqs], drafts)
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
         """Prompt tokens to feed under `budget`. A cut chunk ends on a block boundary when it can, so the
@@ -165,15 +180,15 @@ class Scheduler:
                 n = end - seq.num_computed
         return n
 
-    def _make_room(self, seq: Sequence) -> bool:
-        """Blocks for one more token of `seq`, preempting newer sequences as needed; False if `seq` itself
+    def _make_room(self, seq: Sequence, n: int = 1) -> bool:
+        """Blocks for `n` more tokens of `seq`, preempting newer sequences as needed; False if `seq` itself
         had to go (it was the newest)."""
-        while not self.blocks.can_grow(seq.seq_id, seq.num_computed + 1):
+        while not self.blocks.can_grow(seq.seq_id, seq.num_computed + n):
             victim = self.running[-1]
             self._preempt(victim)
             if victim is seq:
                 return False
-        self.blocks.grow(seq.seq_id, seq.num_computed + 1)
+        self.blocks.grow(seq.seq_id, seq.num_computed + n)
         return True
 
     def _preempt(self, seq: Sequence) -> None:
@@ -181,27 +196,40 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.release(seq.seq_id)
         seq.num_computed = 0
+        seq.draft_ids = []  # they lean on the MTP head's memory of this sequence, dropped with its blocks
         seq.num_preemptions += 1
         self.num_preemptions += 1
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
 
-    def postprocess(self, batch: ScheduledBatch, sampled: dict[int, int]) -> list[Sequence]:
-        """Advance the batch after its forward pass; `sampled` maps seq_id -> new token for the sequences
-        whose `samples()` was True. Returns the sequences that finished (already removed)."""
+    def postprocess(self, batch: ScheduledBatch, sampled: dict[int, list[int] | int],
+                    drafts: dict[int, list[int]] | None = None) -> list[Sequence]:
+        """Advance the batch after its forward pass; `sampled` maps seq_id -> new tokens for the sequences
+        whose `samples()` was True: one token (a list of one, or an int), or with speculation the accepted drafts and one more.
+        `drafts`: seq_id -> drafts to feed next step. Returns the sequences that finished (already
+        removed); a stop among several new tokens drops the ones after it."""
         finished = []
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             if seq.status is not Status.RUNNING:
                 continue  # aborted while the step ran
-            seq.num_computed += n
-            if seq.seq_id not in sampled:
+            tokens = sampled.get(seq.seq_id)
+            if isinstance(tokens, int):
+                tokens = [tokens]
+            if tokens is None:
+                seq.num_computed += n
                 continue
-            token = sampled[seq.seq_id]
-            seq.output_ids.append(token)
-            reason = seq.stop.finish_reason(token, len(seq.output_ids), seq.num_tokens)
-            if reason is not None:
-                self.finish(seq, reason)
-                finished.append(seq)
+            # The model keeps the pending token and the accepted drafts; the rejected ones are forgotten.
+            seq.num_computed += n - (len(batch.drafts(i)) - (len(tokens) - 1))
+            seq.num_draft_tokens += len(batch.drafts(i))
+            seq.num_accepted_tokens += len(tokens) - 1 if batch.drafts(i) else 0
+            seq.draft_ids = list((drafts or {}).get(seq.seq_id, ()))
+            for token in tokens:
+                seq.output_ids.append(token)
+                reason = seq.stop.finish_reason(token, len(seq.output_ids), seq.num_tokens)
+                if reason is not None:
+                    self.finish(seq, reason)
+                    finished.append(seq)
+                    break
         return finished
 
     def finish(self, seq: Sequence, reason: str) -> None:

@@ -25,6 +25,7 @@ from .engine import Engine
 from .block_manager import BlockManager
 from .cache_budget import parse_cache_memory
 from .http_server import HttpServer, serve_openai
+from .acceptance import DEFAULT_DRAFT_COST, MAX_SPECULATIVE_TOKENS, SpeculativeConfig
 from .runner import ModelRunner, load_dense_model, plan_cache
 from .scheduler import Scheduler
 from .service import ServingService
@@ -53,6 +54,8 @@ class RouterOptions:
     kv_cache_memory: str = "4GiB"  # KV blocks + DeltaNet state slots: an amount or a fraction of free memory
     expert_timeout: float = 60.0  # seconds a worker may take for one layer before it counts as failed
     micro_batches: int = 1  # 2: two micro-batches ping-pong, one computing while the other's tokens are away
+    speculative_tokens: int = 0  # 1..4: draft with the MTP head and verify in one pass (router/speculative.py)
+    speculative_draft_cost: float = DEFAULT_DRAFT_COST  # a draft's cost in decode steps: below it, drafting stops
     # Tracing: off unless an endpoint is given here or in OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT; the ratio
     # overrides OTEL_TRACES_SAMPLER(_ARG). Metrics: /metrics on this port (None: not served; 0: any free port).
     otlp_endpoint: str | None = None
@@ -70,6 +73,12 @@ class RouterOptions:
     def __post_init__(self):
         if self.micro_batches not in (1, 2):
             raise ValueError(f"--micro-batches must be 1 or 2, got {self.micro_batches}")
+        if not 0 <= self.speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"--speculative-tokens must be in 0..{MAX_SPECULATIVE_TOKENS}, got {self.speculative_tokens}")
+        if self.speculative_tokens:
+            SpeculativeConfig(self.speculative_tokens, self.speculative_draft_cost)  # ValueError naming the bad one
+        if self.speculative_tokens and self.micro_batches == 2:
+            raise ValueError("--speculative-tokens runs each step as one pass: use it with --micro-batches 1")
         if self.max_batch_tokens < 1 or self.max_running_requests < 1 or self.max_queue < 0:
             raise ValueError(f"need --max-batch-tokens >= 1, --max-running-requests >= 1 and --max-queue >= 0; got "
                              f"{self.max_batch_tokens}, {self.max_running_requests}, {self.max_queue}")
@@ -164,7 +173,8 @@ async def start_router(options: RouterOptions) -> Router:
     await pool.start()
     try:
         model = await loop.run_in_executor(None, lambda: load_dense_model(
-            options.checkpoint, pool, dtype=options.dtype, device=options.device))
+            options.checkpoint, pool, dtype=options.dtype, device=options.device,
+            with_mtp=options.speculative_tokens > 0))
         tokenizer = load_tokenizer_if_present(options.checkpoint)  # token-id prompts need none
         sizes = plan_cache(model, options.kv_cache_memory, options.max_running_requests)
     except BaseException:
@@ -180,7 +190,9 @@ async def start_router(options: RouterOptions) -> Router:
         raise
     telemetry = RouterTelemetry(CollectorRegistry(), tracing, Path(options.checkpoint).name, moe_layers(config),
                                 config.num_experts)
-    runner = ModelRunner(model, sizes, ping_pong=pool.baton if options.micro_batches == 2 else None)
+    runner = ModelRunner(model, sizes, ping_pong=pool.baton if options.micro_batches == 2 else None,
+                         speculative=SpeculativeConfig(options.speculative_tokens, options.speculative_draft_cost)
+                         if options.speculative_tokens else None)
     eos = tokenizer.eos_token_id if tokenizer is not None else config.eos_token_id
     engine = Engine(runner, scheduler, pool, eos, config.max_position_embeddings, telemetry)
 

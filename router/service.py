@@ -18,6 +18,7 @@ from .cache.sessions import SessionStore
 from .generation import decode_stream
 from .grpc_sessions import GrpcSessions, SessionError, SessionTurn
 from .requests import NoTokenizer, check_request
+from .acceptance import check_speculation
 from .scheduler import QueueFull, RequestTooLarge
 from .shards import ShardUnavailable
 
@@ -30,7 +31,7 @@ def sampling_params(msg: serving_pb2.SamplingParams) -> SamplingParams:
     """Proto -> model SamplingParams; unset optional fields keep the model's defaults. Raises ValueError."""
     kwargs = {name: getattr(msg, name) for name in
               ("temperature", "top_k", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
-               "seed", "max_tokens") if msg.HasField(name)}
+               "seed", "max_tokens", "speculative_tokens") if msg.HasField(name)}
     return SamplingParams(**kwargs, stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos)
 
 
@@ -89,6 +90,7 @@ class ServingService(serving_pb2_grpc.ServingServicer):
         try:
             check_request(prompt_ids, params.stop_token_ids, list(request.sampling.stop), self.config.vocab_size,
                           self.config.max_position_embeddings, has_tokenizer=self.tokenizer is not None)
+            check_speculation(params.speculative_tokens, self.engine.runner.speculative is not None)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         try:
@@ -132,6 +134,8 @@ class ServingService(serving_pb2_grpc.ServingServicer):
                 response.finish_reason = _FINISH[delta.finish_reason]
                 response.usage.prompt_tokens = len(prompt_ids)
                 response.usage.completion_tokens = len(output)
+                response.usage.draft_tokens = stream.seq.num_draft_tokens
+                response.usage.accepted_draft_tokens = stream.seq.num_accepted_tokens
                 t = response.timings
                 t.queue_seconds = (stream.first_scheduled or stream.arrival) - stream.arrival
                 t.first_token_seconds = (stream.first_token or stream.arrival) - stream.arrival

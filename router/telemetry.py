@@ -204,8 +204,8 @@ class RouterTelemetry:
         self._step = step
         return step
 
-    def step_finished(self, step: StepRecord, sampled: Mapping[int, int] | None, error: str | None = None) -> None:
-        """`sampled`: seq_id -> token of the pass (None when it failed)."""
+    def step_finished(self, step: StepRecord, sampled: Mapping[int, list[int]] | None, error: str | None = None) -> None:
+        """`sampled`: seq_id -> tokens of the pass (None when it failed)."""
         now = time.monotonic()
         self._step = None
         self.metrics.step_duration.observe(now - step.start)
@@ -220,10 +220,16 @@ class RouterTelemetry:
                 self.metrics.inter_token_latency.observe(now - record.last_token)
             record.last_token = now
         if sampled:
-            self.metrics.generation_tokens.inc(len(sampled))
+            self.metrics.generation_tokens.inc(sum(len(tokens) for tokens in sampled.values()))
         if step.span is not None:
             self._pool.trace_context = {}
             self._end_step_span(step, error)
+
+    def speculation(self, drafted: int, accepted: int) -> None:
+        """A step verified `drafted` drafts and accepted `accepted` of them."""
+        if drafted:
+            self.metrics.draft_tokens.inc(drafted)
+            self.metrics.accepted_draft_tokens.inc(accepted)
 
     def _end_step_span(self, step: StepRecord, error: str | None) -> None:
         span = step.span

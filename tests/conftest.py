@@ -32,6 +32,33 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return out
 
 
+SMALL_VOCAB = 8
+
+
+@pytest.fixture(scope="session")
+def small_vocab_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny checkpoint cut to an 8-token vocabulary (the first rows of its embedding and LM head),
+    without a tokenizer: random drafts over 8 tokens are right often enough that speculative decoding
+    accepts some and rejects others, and a distribution over 8 tokens is cheap to estimate."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("checkpoints") / "small-vocab"
+    out.mkdir()
+    for name in ("config.json", "generation_config.json"):
+        shutil.copy(tiny_checkpoint / name, out / name)
+    config = json.loads((out / "config.json").read_text())
+    config["vocab_size"] = SMALL_VOCAB
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    tensors = load_file(tiny_checkpoint / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        tensors[name] = tensors[name][:SMALL_VOCAB].contiguous()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
 # --- numeric tolerances ----------------------------------------------------------------------
 # Two correct computations of the same value differ by rounding alone: by the storage dtype's
 # epsilon each time a result is rounded to it, and by the accumulator's epsilon times the number of

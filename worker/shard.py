@@ -36,18 +36,21 @@ class ShardExperts:
             raise ValueError("a worker must hold at least one expert")
         reader = CheckpointReader(path)
         mine = expert_tensor_predicate(held)
-        # MTP experts are not served (the router does not run the draft head), so not checked either.
+        # The MTP head's experts are optional (a checkpoint may ship without the head), so not checked.
         validate(reader, config, predicate=lambda name: mine(name) and not name.startswith("mtp."))
+        # Decoder layers by index, and the MTP head's MoE layer after them (its index in the router's
+        # dispatch, as in CachePools), when the checkpoint has it: the router's speculative decoding runs it.
+        prefixes = {i: f"model.layers.{i}." for i in range(config.num_hidden_layers) if config.is_moe_layer(i)}
+        if config.num_experts and f"mtp.layers.0.mlp.experts.{held[0]}.gate_proj.weight" in reader:
+            prefixes[config.num_hidden_layers] = "mtp.layers.0."
         layers: dict[int, Experts] = {}
-        for i in range(config.num_hidden_layers):
-            if not config.is_moe_layer(i):
-                continue
+        for i, prefix in prefixes.items():
             with torch.device("meta"):
                 experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size, held)
             experts = experts.to(dtype).to_empty(device=device)
             for e in experts.expert_ids:
                 for proj in ("gate_proj", "up_proj", "down_proj"):
-                    name = f"model.layers.{i}.mlp.experts.{e}.{proj}.weight"
+                    name = f"{prefix}mlp.experts.{e}.{proj}.weight"
                     copy_expert_tensor(experts, e, proj, reader.get(name, dtype, device), name)
             layers[i] = experts.eval()
         reader.close()

@@ -24,37 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1anextserve/v1/serving.proto\x12\x0cnextserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x96\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x06\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x08 \x01(\x05H\x07\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\x05\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokens\"\xcb\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x16.nextserve.v1.TokenIdsH\x00\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.nextserve.v1.SamplingParams\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x19\n\x11\x61ppend_to_session\x18\x06 \x01(\x08\x42\x08\n\x06prompt\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"T\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x1b\n\x13\x66irst_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xda\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.nextserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.nextserve.v1.Usage\x12&\n\x07timings\x18\x06 \x01(\x0b\x32\x15.nextserve.v1.Timings\x12\x12\n\nsession_id\x18\x07 \x01(\t\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x12\n\x10ModelInfoRequest\">\n\x0bShardStatus\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\"\xee\x01\n\x11ModelInfoResponse\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rcontext_limit\x18\x04 \x01(\r\x12\x14\n\x0c\x65os_token_id\x18\x05 \x01(\x05\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12\x13\n\x0bnum_experts\x18\x07 \x01(\r\x12\x19\n\x11\x65xperts_per_token\x18\x08 \x01(\r\x12)\n\x06shards\x18\t \x03(\x0b\x32\x19.nextserve.v1.ShardStatus*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xef\x01\n\x07Serving\x12K\n\x08Generate\x12\x1d.nextserve.v1.GenerateRequest\x1a\x1e.nextserve.v1.GenerateResponse0\x01\x12I\n\x08Tokenize\x12\x1d.nextserve.v1.TokenizeRequest\x1a\x1e.nextserve.v1.TokenizeResponse\x12L\n\tModelInfo\x12\x1e.nextserve.v1.ModelInfoRequest\x1a\x1f.nextserve.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1anextserve/v1/serving.proto\x12\x0cnextserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xce\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x06\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x08 \x01(\x05H\x07\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\x05\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x1f\n\x12speculative_tokens\x18\x0c \x01(\rH\x08\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x15\n\x13_speculative_tokens\"\xcb\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x16.nextserve.v1.TokenIdsH\x00\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.nextserve.v1.SamplingParams\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x19\n\x11\x61ppend_to_session\x18\x06 \x01(\x08\x42\x08\n\x06prompt\"\x85\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x04 \x01(\r\x12\x1d\n\x15\x61\x63\x63\x65pted_draft_tokens\x18\x05 \x01(\r\"T\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x1b\n\x13\x66irst_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xda\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.nextserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.nextserve.v1.Usage\x12&\n\x07timings\x18\x06 \x01(\x0b\x32\x15.nextserve.v1.Timings\x12\x12\n\nsession_id\x18\x07 \x01(\t\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x12\n\x10ModelInfoRequest\">\n\x0bShardStatus\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\"\xee\x01\n\x11ModelInfoResponse\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rcontext_limit\x18\x04 \x01(\r\x12\x14\n\x0c\x65os_token_id\x18\x05 \x01(\x05\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12\x13\n\x0bnum_experts\x18\x07 \x01(\r\x12\x19\n\x11\x65xperts_per_token\x18\x08 \x01(\r\x12)\n\x06shards\x18\t \x03(\x0b\x32\x19.nextserve.v1.ShardStatus*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xef\x01\n\x07Serving\x12K\n\x08Generate\x12\x1d.nextserve.v1.GenerateRequest\x1a\x1e.nextserve.v1.GenerateResponse0\x01\x12I\n\x08Tokenize\x12\x1d.nextserve.v1.TokenizeRequest\x1a\x1e.nextserve.v1.TokenizeResponse\x12L\n\tModelInfo\x12\x1e.nextserve.v1.ModelInfoRequest\x1a\x1f.nextserve.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nextserve.v1.serving_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1470
-  _globals['_FINISHREASON']._serialized_end=1565
+  _globals['_FINISHREASON']._serialized_start=1580
+  _globals['_FINISHREASON']._serialized_end=1675
   _globals['_TOKENIDS']._serialized_start=44
   _globals['_TOKENIDS']._serialized_end=67
   _globals['_SAMPLINGPARAMS']._serialized_start=70
-  _globals['_SAMPLINGPARAMS']._serialized_end=476
-  _globals['_GENERATEREQUEST']._serialized_start=479
-  _globals['_GENERATEREQUEST']._serialized_end=682
-  _globals['_USAGE']._serialized_start=684
-  _globals['_USAGE']._serialized_end=764
-  _globals['_TIMINGS']._serialized_start=766
-  _globals['_TIMINGS']._serialized_end=850
-  _globals['_GENERATERESPONSE']._serialized_start=853
-  _globals['_GENERATERESPONSE']._serialized_end=1071
-  _globals['_TOKENIZEREQUEST']._serialized_start=1073
-  _globals['_TOKENIZEREQUEST']._serialized_end=1104
-  _globals['_TOKENIZERESPONSE']._serialized_start=1106
-  _globals['_TOKENIZERESPONSE']._serialized_end=1143
-  _globals['_MODELINFOREQUEST']._serialized_start=1145
-  _globals['_MODELINFOREQUEST']._serialized_end=1163
-  _globals['_SHARDSTATUS']._serialized_start=1165
-  _globals['_SHARDSTATUS']._serialized_end=1227
-  _globals['_MODELINFORESPONSE']._serialized_start=1230
-  _globals['_MODELINFORESPONSE']._serialized_end=1468
-  _globals['_SERVING']._serialized_start=1568
-  _globals['_SERVING']._serialized_end=1807
+  _globals['_SAMPLINGPARAMS']._serialized_end=532
+  _globals['_GENERATEREQUEST']._serialized_start=535
+  _globals['_GENERATEREQUEST']._serialized_end=738
+  _globals['_USAGE']._serialized_start=741
+  _globals['_USAGE']._serialized_end=874
+  _globals['_TIMINGS']._serialized_start=876
+  _globals['_TIMINGS']._serialized_end=960
+  _globals['_GENERATERESPONSE']._serialized_start=963
+  _globals['_GENERATERESPONSE']._serialized_end=1181
+  _globals['_TOKENIZEREQUEST']._serialized_start=1183
+  _globals['_TOKENIZEREQUEST']._serialized_end=1214
+  _globals['_TOKENIZERESPONSE']._serialized_start=1216
+  _globals['_TOKENIZERESPONSE']._serialized_end=1253
+  _globals['_MODELINFOREQUEST']._serialized_start=1255
+  _globals['_MODELINFOREQUEST']._serialized_end=1273
+  _globals['_SHARDSTATUS']._serialized_start=1275
+  _globals['_SHARDSTATUS']._serialized_end=1337
+  _globals['_MODELINFORESPONSE']._serialized_start=1340
+  _globals['_MODELINFORESPONSE']._serialized_end=1578
+  _globals['_SERVING']._serialized_start=1678
+  _globals['_SERVING']._serialized_end=1917
 # @@protoc_insertion_point(module_scope)

@@ -17,7 +17,7 @@ from nextserve.worker.shard import ShardExperts
 
 def test_worker_memory_is_its_share_of_the_experts(tiny_checkpoint):
     config = load_config(tiny_checkpoint)
-    shapes = expected_tensors(config, include_mtp=False)
+    shapes = expected_tensors(config)  # the MTP head's experts too: the router's speculative decoding needs them
     all_expert_bytes = 4 * sum(math.prod(s) for n, s in shapes.items() if is_expert_tensor(n))
     all_bytes = 4 * sum(math.prod(s) for s in shapes.values())
     plan = ExpertPlan.contiguous(config.num_experts, 4)

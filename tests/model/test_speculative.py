@@ -1,0 +1,231 @@
+"""Speculative decoding in-process: greedy output equals plain greedy, rejection sampling keeps the
+target distribution, and a rolled-back DeltaNet state equals one that never saw the rejected drafts."""
+import math
+
+import pytest
+import torch
+
+from nextserve.model import Qwen3NextForCausalLM, SamplingParams, StaticCache, generate
+from nextserve.model.spec_states import keep_state_at
+from nextserve.model.state import ForwardBatch
+from nextserve.router.speculative import accept_greedy, accept_sampled, distribution
+
+PROMPT_LENGTHS = (5, 17, 70, 3)  # 70: a prompt longer than one KV block
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_checkpoint):
+    return Qwen3NextForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32, with_mtp=True)
+
+
+@pytest.fixture(scope="module")
+def small_vocab_model(small_vocab_checkpoint):
+    return Qwen3NextForCausalLM.from_pretrained(small_vocab_checkpoint, dtype=torch.float32, with_mtp=True)
+
+
+def prompts_for(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, model.config.vocab_size, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("which", ["tiny", "small-vocab"])
+def test_speculative_greedy_equals_greedy(k, which, tiny_model, small_vocab_model):
+    model = tiny_model if which == "tiny" else small_vocab_model
+    prompts = prompts_for(model)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    plain = generate(model, prompts, params)
+    # draft_cost 0: every sequence drafts k tokens every step, however few it gets accepted
+    spec = generate(model, prompts, params, speculative_tokens=k, draft_cost=0.0, max_batch_tokens=48)
+    for p, s in zip(plain, spec):
+        assert s.output_ids == p.output_ids
+        assert s.finish_reason == p.finish_reason == "length"
+        assert s.num_draft_tokens > 0
+    if which == "small-vocab":  # the batch mixes acceptance: some drafts kept, some rejected, unequally
+        accepted = [s.num_accepted_tokens for s in spec]
+        assert sum(accepted) > 0 and any(s.num_accepted_tokens < s.num_draft_tokens for s in spec)
+        assert len(set(accepted)) > 1
+
+
+def test_speculation_stops_at_eos_among_accepted_tokens(small_vocab_model):
+    # eos = the token greedy decoding produces third: it ends the output even when accepted mid-step
+    prompts = prompts_for(small_vocab_model, seed=3)
+    plain = generate(small_vocab_model, prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    eos = plain[0].output_ids[2]
+    params = SamplingParams(max_tokens=24, temperature=0)
+    expected = generate(small_vocab_model, prompts, params, eos)
+    got = generate(small_vocab_model, prompts, params, eos, speculative_tokens=3, draft_cost=0.0)
+    assert [c.output_ids for c in got] == [c.output_ids for c in expected]
+    assert [c.finish_reason for c in got] == [c.finish_reason for c in expected]
+    assert got[0].output_ids[-1] == eos and len(got[0].output_ids) <= 3
+
+
+def test_speculation_under_memory_pressure_preempts_and_still_matches(small_vocab_model):
+    prompts = [p * 3 for p in prompts_for(small_vocab_model, seed=5)]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    plain = generate(small_vocab_model, prompts, params)
+    spec = generate(small_vocab_model, prompts, params, speculative_tokens=2, draft_cost=0.0,
+                    kv_cache_memory="300KiB")  # a few blocks: sequences are preempted and recomputed
+    assert [c.output_ids for c in spec] == [c.output_ids for c in plain]
+
+
+def test_seeded_speculative_sampling_is_reproducible(small_vocab_model):
+    prompts = prompts_for(small_vocab_model)
+    params = [SamplingParams(max_tokens=16, temperature=1.0, seed=i, ignore_eos=True) for i in range(len(prompts))]
+    first = generate(small_vocab_model, prompts, params, speculative_tokens=2, draft_cost=0.0)
+    again = generate(small_vocab_model, prompts[::-1], params[::-1], speculative_tokens=2, draft_cost=0.0)[::-1]
+    assert [c.output_ids for c in first] == [c.output_ids for c in again]
+    assert all(len(c.output_ids) == 16 for c in first)
+
+
+def verify_pass(model, cache, seq, tokens):
+    """Feed `tokens` to sequence `seq` of `cache` as one verification (keeping per-token states)."""
+    batch = ForwardBatch.build(cache.pools, [cache.lengths[seq]], [len(tokens)], [cache.tables[seq]], [seq],
+                               cache.device, keep_states_rows=1)
+    cache.lengths[seq] += len(tokens)
+    logits = model.lm_head(model.model(torch.tensor(tokens), batch)).float()
+    return batch, logits
+
+
+@pytest.mark.parametrize("kept", [0, 1, 3], ids=["all-rejected", "one-accepted", "all-but-last"])
+def test_rolled_back_state_equals_a_run_that_never_saw_the_rejected_drafts(tiny_model, kept, close, logits_close,
+                                                                          model_chain):
+    model, cfg = tiny_model, tiny_model.config
+    g = torch.Generator().manual_seed(kept)
+    prefix = torch.randint(1, cfg.vocab_size, (66,), generator=g).tolist()  # into a second KV block
+    fed = torch.randint(1, cfg.vocab_size, (5,), generator=g).tolist()      # pending token + 4 drafts
+    after = torch.randint(1, cfg.vocab_size, (3,), generator=g).tolist()    # what comes after the kept ones
+
+    spec = StaticCache(model, 1, 80)
+    model.forward_batch(torch.tensor(prefix), spec.batch([0], [len(prefix)]))
+    batch, verify_logits = verify_pass(model, spec, 0, fed)
+    keep_state_at(batch, [0], {0: kept})
+    spec.lengths[0] = len(prefix) + kept + 1  # the KV of the rejected positions stays, unread
+
+    plain = StaticCache(model, 1, 80)
+    model.forward_batch(torch.tensor(prefix), plain.batch([0], [len(prefix)]))
+    for t in fed[:kept + 1]:  # token by token, as plain decoding would have fed them
+        plain_logits, _ = model.forward_batch(torch.tensor([t]), plain.batch([0], [1]))
+    logits_close(verify_logits[kept], plain_logits[0], cfg, len(prefix) + kept + 1)
+
+    rolled, expected = spec.pools.read_state(0), plain.pools.read_state(0)
+    chain = model_chain(cfg, len(prefix) + kept + 1)
+    for layer, (r, e) in enumerate(zip(rolled, expected)):
+        if e is None:
+            continue
+        close(r.conv, e.conv, reduction=chain, what=f"layer {layer} conv window")
+        close(r.recurrent, e.recurrent, reduction=chain, what=f"layer {layer} recurrent state")
+    # and the sequence goes on as if the drafts were never fed: their keys are overwritten or unread
+    for t in after:
+        got, _ = model.forward_batch(torch.tensor([t]), spec.batch([0], [1]))
+        want, _ = model.forward_batch(torch.tensor([t]), plain.batch([0], [1]))
+        logits_close(got, want, cfg, spec.lengths[0])
+
+
+def test_greedy_acceptance_keeps_the_agreeing_prefix_and_one_more():
+    logits = torch.full((4, 6), -1.0)
+    for position, best in enumerate([2, 5, 1, 4]):
+        logits[position, best] = 1.0
+    assert accept_greedy(logits, [2, 5, 1]) == [2, 5, 1, 4]
+    assert accept_greedy(logits, [2, 3, 1]) == [2, 5]
+    assert accept_greedy(logits, [0, 5, 1]) == [2]
+
+
+# --- rejection sampling keeps the target distribution ------------------------------------------------
+
+def chi_square_bound(df: int, z: float = 4.265) -> float:
+    """Wilson-Hilferty upper quantile of chi-square(df); z = 4.265: a false alarm once in 100,000 runs."""
+    a = 2 / (9 * df)
+    return df * (1 - a + z * math.sqrt(a)) ** 3
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    keep = expected > 0
+    assert counts[~keep].sum() == 0, "a token the target gives no mass was drawn"
+    return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+
+
+def biased_accept(target_logits, drafts, draft_probs, params, generator):
+    """The classic bug: on a rejection, draw from the target itself instead of norm(max(p - q, 0))."""
+    p = distribution(target_logits, params)
+    u = float(torch.rand((), generator=generator))
+    if u * float(draft_probs[0, drafts[0]]) <= float(p[0, drafts[0]]):
+        return [drafts[0]]
+    noise = torch.empty_like(p[0]).exponential_(generator=generator)
+    return [int(torch.argmax(p[0] / noise))]
+
+
+def first_token_counts(accept, target_logits, q, params, n):
+    g = torch.Generator().manual_seed(1234)
+    counts = torch.zeros(q.shape[-1])
+    for _ in range(n):
+        noise = torch.empty_like(q[0]).exponential_(generator=g)
+        draft = int(torch.argmax(q[0] / noise))  # the drafter's own draw from q
+        counts[accept(target_logits, [draft], q, params, g)[0]] += 1
+    return counts
+
+
+@pytest.fixture(scope="module")
+def target_and_draft(small_vocab_model):
+    """Target logits at a real position of the model, and its MTP head's draft distribution there."""
+    model = small_vocab_model
+    cache = StaticCache(model, 1, 16)
+    ids = torch.tensor([3, 1, 4, 1, 5, 2, 6])
+    batch = cache.batch([0], [len(ids)])
+    logits, hidden = model.forward_batch(ids, batch, all_logits=True)
+    draft_logits = model.mtp_logits(torch.cat([ids[1:], torch.tensor([7])]), hidden, batch)
+    return logits[-2:], draft_logits[-1:]
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=5),
+                                    SamplingParams(temperature=1.3, top_p=0.8)], ids=["t1", "t0.7-topk5", "t1.3-topp0.8"])
+def test_rejection_sampling_draws_from_the_target_distribution(target_and_draft, params):
+    target_logits, draft_logits = target_and_draft
+    q = distribution(draft_logits, params)
+    p = distribution(target_logits, params)[0]
+    assert float((p - q[0]).abs().sum()) > 0.3  # the draft distribution is far from the target's
+    n = 4000
+    counts = first_token_counts(accept_sampled, target_logits, q, params, n)
+    df = int((p > 0).sum()) - 1
+    assert chi_square(counts, p) < chi_square_bound(df)
+
+
+def test_the_chi_square_check_catches_a_biased_acceptance_rule(target_and_draft):
+    target_logits, draft_logits = target_and_draft
+    params = SamplingParams(temperature=1.0)
+    q, p = distribution(draft_logits, params), distribution(target_logits, params)[0]
+    counts = first_token_counts(biased_accept, target_logits, q, params, 4000)
+    assert chi_square(counts, p) > chi_square_bound(int((p > 0).sum()) - 1)
+
+
+def test_a_request_chooses_its_own_number_of_drafts_or_none(small_vocab_model):
+    prompts = prompts_for(small_vocab_model)[:3]
+    params = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, speculative_tokens=k) for k in (0, 1, None)]
+    plain = generate(small_vocab_model, prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    got = generate(small_vocab_model, prompts, params, speculative_tokens=3, draft_cost=0.0)
+    assert [c.output_ids for c in got] == [c.output_ids for c in plain]
+    off, one, default = got
+    assert off.num_draft_tokens == 0
+    assert 0 < one.num_draft_tokens <= 11 < default.num_draft_tokens  # at most one draft per step vs three
+    with pytest.raises(ValueError, match="without speculative decoding"):
+        generate(small_vocab_model, prompts[:1], params[1])
+    with pytest.raises(ValueError, match="speculative_tokens must be in 0..4"):
+        SamplingParams(speculative_tokens=5)
+
+
+def test_speculative_sampling_through_the_engine_keeps_the_models_distribution(small_vocab_model):
+    """End to end: the second token of 2,000 seeded requests is the first one drawn by verification
+    (its draft comes from the MTP head after the prefill); its counts must match the model's marginal
+    sum_x1 p(x1 | prompt) p(x2 | prompt, x1)."""
+    model, prompt, n = small_vocab_model, [3, 1, 4, 1, 5], 2000
+    # max_tokens 3: a draft is made only where its verification can yield a token the request keeps
+    params = [SamplingParams(max_tokens=3, temperature=1.0, seed=i, ignore_eos=True) for i in range(n)]
+    done = generate(model, [prompt] * n, params, speculative_tokens=1, draft_cost=0.0, max_batch_tokens=16384)
+    assert all(c.num_draft_tokens == 1 for c in done)  # every second token went through rejection sampling
+    V = model.config.vocab_size
+    first = model(torch.tensor([prompt]))[0, -1].softmax(-1)
+    following = model(torch.tensor([prompt + [x] for x in range(V)]))[:, -1].softmax(-1)  # [x1, x2]
+    marginal = (first[:, None] * following).sum(0)
+    counts = torch.bincount(torch.tensor([c.output_ids[1] for c in done]), minlength=V).float()
+    assert chi_square(counts, marginal) < chi_square_bound(int((marginal > 0).sum()) - 1)
