@@ -24,6 +24,7 @@ from nextserve.model.state import ForwardBatch
 from .cache_budget import PoolSizes, available_host_memory, block_bytes, parse_cache_memory, size_pools, slot_bytes
 from .overlap import ComputeBaton, cut_in_two, ping_pong
 from .scheduler import ScheduledBatch
+from .snapshots import SnapshotStore, apply_before_pass
 
 if TYPE_CHECKING:  # the in-process engine runs without gRPC
     from .shards import ShardPool
@@ -70,6 +71,7 @@ class ModelRunner:
         self.device = model.lm_head.weight.device
         self.pools = model.allocate_pools(sizes.num_blocks, sizes.num_slots)
         self.samplers: dict[int, Sampler] = {}
+        self.snapshots = SnapshotStore()  # the prefix cache's state snapshots (empty without one)
         self.baton = ping_pong
         self._micro_batch_threads = ThreadPoolExecutor(2, thread_name_prefix="micro-batch") if ping_pong else None
 
@@ -84,6 +86,7 @@ class ModelRunner:
         """Run the step's forward pass (as two micro-batches taking turns, with ping_pong); returns
         seq_id -> sampled token for the sequences that reached their end."""
         seqs = batch.seqs
+        apply_before_pass(self.pools, self.snapshots, batch)
         fresh = [slot for s, slot in zip(seqs, batch.state_slots) if s.num_computed == 0]
         if fresh:  # admitted, or readmitted after a preemption: its DeltaNet state starts from zeros
             self.pools.zero_slots(torch.tensor(fresh, device=self.device))
@@ -107,7 +110,15 @@ class ModelRunner:
         their states (each sequence owns its blocks and slot, so the two halves never touch the same memory)."""
         seqs, counts = batch.seqs[part], batch.num_new_tokens[part]
         ids = [t for s, n in zip(seqs, counts) for t in s.token_slice(n)]
+        first = part.start
+        due = [(i - first, p, key) for i, p, key in batch.snapshots if part.start <= i < part.stop]
+        inside = any(p < seqs[i].num_computed + counts[i] for i, p, _ in due)  # from the chunked pass
         forward = ForwardBatch.build(self.pools, [s.num_computed for s in seqs], counts,
-                                     batch.block_tables[part], batch.state_slots[part], self.device)
+                                     batch.block_tables[part], batch.state_slots[part], self.device,
+                                     record_checkpoints=inside)
         logits, _ = self.model.forward_batch(torch.tensor(ids, dtype=torch.long, device=self.device), forward)
+        for i, p, key in due:  # the state after p tokens: the slot itself when the chunk ends there
+            at_end = p == seqs[i].num_computed + counts[i]
+            state = self.pools.read_state(batch.state_slots[first + i]) if at_end else forward.checkpoints[i][p]
+            self.snapshots.put(key.hex, state)
         return logits

@@ -12,6 +12,11 @@ memory:
      (chunked prefill: a long prompt takes several steps and never stalls the decodes). Blocks for
      the whole prompt are taken at admission, so an admitted prefill never waits for memory.
 A request that could never fit, even alone in the whole cache, is rejected at submit.
+
+With a prefix cache (router/prefix_cache.py) admission first looks the sequence's tokens up: on a hit
+at p it shares the cached blocks, its state slot is loaded from the snapshot at p and prefill starts
+at p. Prefill chunks then also stop where a state snapshot is due (the prompt minus its last token,
+which is where an identical prompt will look), and the batch tells the runner which snapshots to take.
 """
 from __future__ import annotations
 
@@ -49,6 +54,9 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop", "length", "abort" or "error"
     num_preemptions: int = 0
+    num_cached: int = 0  # prompt tokens restored from the prefix cache at first admission
+    cache_keys: list = field(default_factory=list)  # chain keys of all known tokens but the last (with a cache)
+    snapshot_at: int = 0  # where the prefill stops for a state snapshot (the tokens of cache_keys)
 
     @property
     def num_tokens(self) -> int:
@@ -78,6 +86,12 @@ class ScheduledBatch:
     num_new_tokens: list[int]  # tokens each sequence feeds this step
     block_tables: list[list[int]] = field(default_factory=list)  # each sequence's KV blocks, in order
     state_slots: list[int] = field(default_factory=list)         # each sequence's DeltaNet state slot
+    # The prefix cache's work for the runner, in the order it does it (all empty without a cache):
+    end_snapshots: list[tuple[int, str]] = field(default_factory=list)  # (slot, key): state of a sequence that ended
+    dropped: list[str] = field(default_factory=list)       # snapshot keys evicted: free their tensors
+    copies: list = field(default_factory=list)             # BlockCopy: partial tail blocks to copy before the pass
+    restores: list[tuple[int, str]] = field(default_factory=list)  # (slot, key): load a snapshot into a slot
+    snapshots: list[tuple[int, int, str]] = field(default_factory=list)  # (batch index, position, key) to take
 
     @property
     def num_tokens(self) -> int:
@@ -98,6 +112,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: preemption takes from the end
         self.num_preemptions = 0
+        self._end_snapshots: list[tuple[int, str]] = []
 
     def add(self, seq: Sequence) -> None:
         """Queue a sequence. RequestTooLarge if it cannot fit even alone, QueueFull if the queue is full."""
@@ -137,12 +152,19 @@ class Scheduler:
                 seqs.append(seq)
                 counts.append(n)
                 budget -= n
+        restores = []
         while budget > 0 and self.waiting and len(self.running) < self.max_running:
             seq = self.waiting[0]
-            if not self.blocks.can_admit(seq.num_tokens):
+            hit = self._lookup(seq)
+            if not self.blocks.can_admit(seq.num_tokens, hit):
                 break  # arrival order: a large request is not overtaken forever by small ones
             self.waiting.popleft()
-            self.blocks.admit(seq.seq_id, seq.num_tokens)
+            self.blocks.admit(seq.seq_id, seq.num_tokens, hit)
+            if hit is not None:
+                seq.num_computed = hit.position
+                restores.append((self.blocks.slot(seq.seq_id), hit.snapshot))
+                if seq.num_preemptions == 0:
+                    seq.num_cached = hit.position
             seq.status = Status.RUNNING
             self.running.append(seq)
             n = self._chunk(seq, budget)
@@ -151,14 +173,53 @@ class Scheduler:
             budget -= n
         if not seqs:
             return None
-        return ScheduledBatch(seqs, counts, [self.blocks.table(s.seq_id) for s in seqs],
-                              [self.blocks.slot(s.seq_id) for s in seqs])
+        batch = ScheduledBatch(seqs, counts, [self.blocks.table(s.seq_id) for s in seqs],
+                               [self.blocks.slot(s.seq_id) for s in seqs])
+        if self.blocks.caching:
+            batch.end_snapshots, self._end_snapshots = self._end_snapshots, []
+            batch.dropped, batch.copies, batch.restores = self.blocks.take_dropped(), self.blocks.take_copies(), restores
+            batch.snapshots = [(i, p, key) for i, (s, n) in enumerate(zip(seqs, counts)) for p, key in self._due(s, n)]
+        return batch
+
+    def _lookup(self, seq: Sequence):
+        """The prefix cache's hit for a sequence about to be admitted (None: a miss, or no cache)."""
+        if not self.blocks.caching:
+            return None
+        tokens = seq.prompt_ids + seq.output_ids
+        if seq.snapshot_at != len(tokens) - 1 or not seq.cache_keys:
+            seq.snapshot_at = len(tokens) - 1  # at least one token must run, for the next token's logits
+            seq.cache_keys = self.blocks.keys(tokens[:-1])
+        return self.blocks.lookup(seq.cache_keys, tokens[:-1])
+
+    def _due(self, seq: Sequence, n: int) -> list[tuple[int, object]]:
+        """(position, key) of the state snapshots this prefill chunk reaches: every snapshot interval, the
+        last block boundary of the prompt and the prompt minus its last token. One inside the chunk comes
+        from the chunked pass's checkpoints, which sit at block boundaries only if the chunk starts on one."""
+        start, end = seq.num_computed, seq.num_computed + n
+        if not seq.is_prefilling or start >= seq.snapshot_at:
+            return []
+        bs = self.blocks.block_size
+        last_boundary = seq.snapshot_at // bs * bs
+        positions = [p for p in range((start // bs + 1) * bs, min(end, seq.snapshot_at) + 1, bs)
+                     if (p == end or start % bs == 0) and (p % self.blocks.snapshot_interval == 0 or p == last_boundary)]
+        if end == seq.snapshot_at and end not in positions:
+            positions.append(end)
+        due = []
+        for p in positions:
+            key = seq.cache_keys[(p - 1) // bs]
+            assert key.position == p
+            if not self.blocks.has_snapshot(key.hex):
+                due.append((p, key))
+        return due
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
         """Prompt tokens to feed under `budget`. A cut chunk ends on a block boundary when it can, so the
         DeltaNet states the chunked pass records (every 64 tokens of a pass) sit at absolute block
         boundaries, where a prefix cache can use them."""
         n = min(seq.num_pending, budget)
+        if self.blocks.caching and seq.num_computed < seq.snapshot_at < seq.num_computed + n and \
+                not self.blocks.has_snapshot(seq.cache_keys[-1].hex):
+            n = seq.snapshot_at - seq.num_computed  # stop where an identical prompt will look (the runner snapshots)
         if n < seq.num_pending:
             end = (seq.num_computed + n) // self.blocks.block_size * self.blocks.block_size
             if end > seq.num_computed:
@@ -190,19 +251,37 @@ class Scheduler:
         """Advance the batch after its forward pass; `sampled` maps seq_id -> new token for the sequences
         whose `samples()` was True. Returns the sequences that finished (already removed)."""
         finished = []
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        due: dict[int, list] = {}
+        for i, position, key in batch.snapshots:
+            due.setdefault(i, []).append(key)
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             if seq.status is not Status.RUNNING:
-                continue  # aborted while the step ran
+                for key in due.get(i, ()):
+                    self.blocks.discard_snapshot(key.hex)  # aborted while the step ran: nothing to keep
+                continue
             seq.num_computed += n
+            for key in due.get(i, ()):  # the runner took these snapshots during the step
+                self.blocks.register(seq.seq_id, seq.cache_keys[:(key.position - 1) // self.blocks.block_size + 1])
             if seq.seq_id not in sampled:
                 continue
             token = sampled[seq.seq_id]
             seq.output_ids.append(token)
             reason = seq.stop.finish_reason(token, len(seq.output_ids), seq.num_tokens)
             if reason is not None:
+                if self.blocks.caching:
+                    self._snapshot_at_end(seq)
                 self.finish(seq, reason)
                 finished.append(seq)
         return finished
+
+    def _snapshot_at_end(self, seq: Sequence) -> None:
+        """Keep the state of a finished sequence (all it computed: the next turn of a conversation starts
+        with these tokens); the runner copies it out of the slot before the slot is used again."""
+        computed = (seq.prompt_ids + seq.output_ids)[:seq.num_computed]
+        keys = self.blocks.keys(computed)
+        if keys and not self.blocks.has_snapshot(keys[-1].hex):
+            key = self.blocks.register(seq.seq_id, keys)
+            self._end_snapshots.append((self.blocks.slot(seq.seq_id), key))
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Remove a sequence wherever it is (finished, aborted by its client, or failed) and free its memory."""
