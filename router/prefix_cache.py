@@ -79,8 +79,8 @@ class CachingBlockManager(BlockManager):
         self._snapshots: OrderedDict[str, int] = OrderedDict()   # key hex -> position, least recent first
         # Partial tails, by the digest they chain onto: a longer prompt's own chain never contains the key of
         # a tail that ended mid-block (the next turn of a conversation), so lookups try these too.
-        self._partials: dict[bytes, dict[int, str]] = {}          # parent digest -> {tail tokens: key hex}
-        self._partial_parent: dict[str, tuple[bytes, int]] = {}
+        self._partials: dict[bytes, dict[str, int]] = {}          # parent digest -> {key hex: tail tokens}
+        self._partial_parent: dict[str, tuple[bytes, int]] = {}  # key hex -> (parent digest, tail tokens)
         self._dropped: list[str] = []
         self.pending_copies: list[BlockCopy] = []
         self.stats = CacheStats()
@@ -115,7 +115,7 @@ class CachingBlockManager(BlockManager):
         parent, bs = self.namespace.root, self.block_size
         for i in range(len(keys) + 1):
             start = i * bs
-            for q, tail in sorted(self._partials.get(parent, {}).items(), reverse=True):
+            for tail, q in sorted(self._partials.get(parent, {}).items(), key=lambda item: -item[1]):
                 if best[0] < start + q <= len(token_ids) and tail in self._snapshots and \
                         next_digest(parent, token_ids[start:start + q]).hex() == tail:
                     best = (start + q, i, tail)
@@ -217,7 +217,7 @@ class CachingBlockManager(BlockManager):
             self._keys_of.setdefault(block, []).append(key.hex)
             if not key.is_full_block:
                 parent = keys[i - 1].digest if i else self.namespace.root
-                self._partials.setdefault(parent, {})[key.num_tokens] = key.hex
+                self._partials.setdefault(parent, {})[key.hex] = key.num_tokens
                 self._partial_parent[key.hex] = (parent, key.num_tokens)
         end = keys[-1].hex
         self._snapshots[end] = keys[-1].position
@@ -269,9 +269,9 @@ class CachingBlockManager(BlockManager):
         for key in self._keys_of.pop(block):
             del self._block_of[key]
             if key in self._partial_parent:
-                parent, q = self._partial_parent.pop(key)
+                parent, _ = self._partial_parent.pop(key)
                 tails = self._partials[parent]
-                del tails[q]
+                del tails[key]
                 if not tails:
                     del self._partials[parent]
         self.stats.evicted_blocks += 1
