@@ -72,10 +72,14 @@ def sse(obj) -> bytes:
 SSE_DONE = sse(b"[DONE]")
 
 
-def usage(num_prompt: int, num_output: int) -> dict:
-    # cached_tokens is 0 because nothing is cached yet: the prefix cache has not landed.
+def cached_tokens(streams: list[RequestStream]) -> int:
+    """Prompt tokens the prefix cache served: the choices share one prompt, the fewest restored counts."""
+    return min((s.seq.num_cached for s in streams), default=0)
+
+
+def usage(num_prompt: int, num_output: int, num_cached: int = 0) -> dict:
     return {"prompt_tokens": num_prompt, "completion_tokens": num_output, "total_tokens": num_prompt + num_output,
-            "prompt_tokens_details": {"cached_tokens": 0}}
+            "prompt_tokens_details": {"cached_tokens": num_cached}}
 
 
 class OpenAIFrontend:
@@ -268,7 +272,7 @@ class OpenAIFrontend:
         results = await self.until_disconnect(request, self.generate_choices(streams, stops))
         return JSONResponse({**head, "choices": [choice(i, r.text, r.token_ids, r.finish_reason)
                                                  for i, r in enumerate(results)],
-                             "usage": usage(len(prompt_ids), sum(len(r.token_ids) for r in results))})
+                             "usage": usage(len(prompt_ids), sum(len(r.token_ids) for r in results), cached_tokens(streams))})
 
     async def chat_completions(self, request: Request) -> Response:
         body: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
@@ -306,7 +310,7 @@ class OpenAIFrontend:
             "id": rid, "object": "chat.completion", "created": created, "model": self.served.name,
             "choices": [{"index": i, "message": {"role": "assistant", "content": r.text}, "token_ids": r.token_ids,
                          "logprobs": None, "finish_reason": r.finish_reason} for i, r in enumerate(results)],
-            "usage": usage(len(prompt_ids), sum(len(r.token_ids) for r in results))})
+            "usage": usage(len(prompt_ids), sum(len(r.token_ids) for r in results), cached_tokens(streams))})
 
     # -- transport helpers --------------------------------------------------------------------------
 
@@ -335,7 +339,7 @@ class OpenAIFrontend:
             if error is not None:
                 yield sse(error.body())
             elif include_usage:
-                yield sse({**head, "choices": [], "usage": usage(num_prompt, num_output)})
+                yield sse({**head, "choices": [], "usage": usage(num_prompt, num_output, cached_tokens(streams))})
             yield SSE_DONE
 
         return StreamingResponse(events(), media_type="text/event-stream",

@@ -22,9 +22,10 @@ from nextserve.worker.server import GRPC_OPTIONS
 
 from .drain import Drain, RefuseWhileDraining
 from .engine import Engine
-from .block_manager import BlockManager
 from .cache_budget import parse_cache_memory
 from .http_server import HttpServer, serve_openai
+from .cache.keys import CacheNamespace
+from .prefix_cache import SNAPSHOTS_PER_SLOT, CachingBlockManager
 from .runner import ModelRunner, load_dense_model, plan_cache
 from .scheduler import Scheduler
 from .service import ServingService
@@ -51,6 +52,7 @@ class RouterOptions:
     max_queue: int = 256
     kv_cache_memory: str = "4GiB"  # KV blocks + DeltaNet state slots: an amount or a fraction of free memory
     expert_timeout: float = 60.0  # seconds a worker may take for one layer before it counts as failed
+    cache_snapshot_interval: int = 1024  # prefix cache: a DeltaNet state snapshot every N prompt tokens (64 | N)
     micro_batches: int = 1  # 2: two micro-batches ping-pong, one computing while the other's tokens are away
     # Tracing: off unless an endpoint is given here or in OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT; the ratio
     # overrides OTEL_TRACES_SAMPLER(_ARG). Metrics: /metrics on this port (None: not served; 0: any free port).
@@ -70,6 +72,9 @@ class RouterOptions:
             raise ValueError(f"need --max-batch-tokens >= 1, --max-running-requests >= 1 and --max-queue >= 0; got "
                              f"{self.max_batch_tokens}, {self.max_running_requests}, {self.max_queue}")
         parse_cache_memory(self.kv_cache_memory)  # a typo fails here, before any weight is loaded
+        if self.cache_snapshot_interval < 64 or self.cache_snapshot_interval % 64:
+            raise ValueError(f"--cache-snapshot-interval must be a positive multiple of 64, got "
+                             f"{self.cache_snapshot_interval}")
         if not self.session_ttl > 0 or self.max_sessions < 1:
             raise ValueError(f"need --session-ttl > 0 and --max-sessions >= 1; got {self.session_ttl}, {self.max_sessions}")
 
@@ -160,9 +165,12 @@ async def start_router(options: RouterOptions) -> Router:
     except BaseException:
         await pool.close()
         raise
-    log.info("%s", sizes.describe())
-    scheduler = Scheduler(options.max_batch_tokens, options.max_running_requests, options.max_queue,
-                          BlockManager(sizes.num_blocks, sizes.num_slots))
+    blocks = CachingBlockManager(sizes.num_blocks, sizes.num_slots, CacheNamespace(fingerprint, options.dtype),
+                                 max_snapshots=SNAPSHOTS_PER_SLOT * sizes.num_slots,
+                                 snapshot_interval=options.cache_snapshot_interval)
+    log.info("%s; prefix cache: up to %d DeltaNet state snapshots (%.1f MiB)", sizes.describe(), blocks.max_snapshots,
+             blocks.max_snapshots * sizes.slot_bytes / 2**20)
+    scheduler = Scheduler(options.max_batch_tokens, options.max_running_requests, options.max_queue, blocks)
     try:
         tracing = setup_tracing("nextserve-router", options.otlp_endpoint, options.trace_sample_ratio)
     except ValueError:

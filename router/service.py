@@ -104,6 +104,7 @@ class ServingService(serving_pb2_grpc.ServingServicer):
             if delta.finish_reason is not None:
                 response.finish_reason = _FINISH[delta.finish_reason]
                 response.usage.prompt_tokens = num_prompt
+                response.usage.cached_tokens = stream.seq.num_cached
                 response.usage.completion_tokens = len(output)
                 t = response.timings
                 t.queue_seconds = (stream.first_scheduled or stream.arrival) - stream.arrival
