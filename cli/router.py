@@ -5,7 +5,7 @@ import asyncio
 import logging
 import sys
 
-from nextserve.cli.process import CACHE_MEMORY_HELP, add_dtype_flag, add_telemetry_arguments
+from nextserve.cli.process import CACHE_MEMORY_HELP, add_cache_arguments, add_dtype_flag, add_telemetry_arguments
 
 
 def add_parser(sub) -> None:
@@ -40,6 +40,7 @@ def add_parser(sub) -> None:
     p.add_argument("--max-running-requests", type=int, default=64, metavar="N",
                    help="sequences decoding together (default 64)")
     p.add_argument("--kv-cache-memory", default="4GiB", metavar="SIZE", help=CACHE_MEMORY_HELP)
+    add_cache_arguments(p)
     p.add_argument("--cache-snapshot-interval", type=int, default=1024, metavar="N",
                    help="prefix cache: also keep the DeltaNet state every N prompt tokens of a long prefill, so a "
                         "prompt that shares only part of a long prefix resumes near it (a multiple of 64; "
@@ -77,7 +78,8 @@ def run(args) -> int:
             host=args.host, port=args.port, dtype=resolve_dtype(args.dtype, args.device or default_device()),
             device=args.device or default_device(), kv_cache_memory=args.kv_cache_memory,
             max_batch_tokens=args.max_batch_tokens, max_running_requests=args.max_running_requests,
-            max_queue=args.max_queue, cache_snapshot_interval=args.cache_snapshot_interval, micro_batches=args.micro_batches,
+            max_queue=args.max_queue, cache_snapshot_interval=args.cache_snapshot_interval, cache_url=args.cache_url,
+            cache_ttl=args.cache_ttl, micro_batches=args.micro_batches,
             otlp_endpoint=args.otlp_endpoint, trace_sample_ratio=args.trace_sample_ratio,
             metrics_port=args.metrics_port,
             http_port=None if args.no_http else args.http_port, served_model_name=args.served_model_name,

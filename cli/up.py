@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from nextserve.cli.process import CACHE_MEMORY_HELP, add_dtype_flag
+from nextserve.cli.process import CACHE_MEMORY_HELP, add_cache_arguments, add_dtype_flag
 
 
 def add_parser(sub) -> None:
@@ -29,6 +29,7 @@ def add_parser(sub) -> None:
     p.add_argument("--no-http", action="store_true", help="serve gRPC only")
     add_dtype_flag(p, "model (workers and router)")
     p.add_argument("--kv-cache-memory", default="4GiB", metavar="SIZE", help="the router's " + CACHE_MEMORY_HELP)
+    add_cache_arguments(p)
     p.add_argument("--startup-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="how long to wait for every process to become healthy (default 300)")
     p.set_defaults(func=run)
@@ -148,6 +149,8 @@ def run(args) -> int:
         http = ["--no-http"] if args.no_http else ["--http-port", str(args.http_port)]
         router = Process("router", base + ["router", *common, "--port", str(args.port), *http,
                                            "--kv-cache-memory", args.kv_cache_memory,
+                                           *(["--cache-url", args.cache_url] if args.cache_url else []),
+                                           "--cache-ttl", str(args.cache_ttl),
                                            *[f"--worker={s}={a}" for _, a, s in workers]], workdir / "router.log", env)
         processes.append(router)
         wait_healthy([(router, f"127.0.0.1:{args.port}")], deadline)

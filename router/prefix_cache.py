@@ -104,6 +104,10 @@ class CachingBlockManager(BlockManager):
         """The chain keys of `token_ids`, with a partial tail (a prompt shorter than a block can hit)."""
         return chain_keys(self.namespace, token_ids, partial_tail=True)
 
+    def cached_block(self, key_hex: str) -> tuple[int, int] | None:
+        """(block, rows valid) holding the KV of a key's block, while it is cached."""
+        return self._block_of.get(key_hex)
+
     def has_snapshot(self, key_hex: str) -> bool:
         return key_hex in self._snapshots
 

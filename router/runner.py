@@ -24,7 +24,8 @@ from nextserve.model.state import ForwardBatch
 from .cache_budget import PoolSizes, available_host_memory, block_bytes, parse_cache_memory, size_pools, slot_bytes
 from .overlap import ComputeBaton, cut_in_two, ping_pong
 from .scheduler import ScheduledBatch
-from .snapshots import SnapshotStore, apply_before_pass
+from .cache.layout import ModelLayout
+from .snapshots import SnapshotStore, apply_before_pass, restore_remote
 
 if TYPE_CHECKING:  # the in-process engine runs without gRPC
     from .shards import ShardPool
@@ -72,6 +73,8 @@ class ModelRunner:
         self.pools = model.allocate_pools(sizes.num_blocks, sizes.num_slots)
         self.samplers: dict[int, Sampler] = {}
         self.snapshots = SnapshotStore()  # the prefix cache's state snapshots (empty without one)
+        self.layout = ModelLayout.from_config(model.config, str(model.lm_head.weight.dtype).removeprefix("torch."),
+                                              with_mtp=model.mtp is not None)
         self.baton = ping_pong
         self._micro_batch_threads = ThreadPoolExecutor(2, thread_name_prefix="micro-batch") if ping_pong else None
 
@@ -87,6 +90,8 @@ class ModelRunner:
         seq_id -> sampled token for the sequences that reached their end."""
         seqs = batch.seqs
         apply_before_pass(self.pools, self.snapshots, batch)
+        for slot, table, hit in batch.remote_restores:
+            restore_remote(self.pools, self.layout, slot, table, hit)
         fresh = [slot for s, slot in zip(seqs, batch.state_slots) if s.num_computed == 0]
         if fresh:  # admitted, or readmitted after a preemption: its DeltaNet state starts from zeros
             self.pools.zero_slots(torch.tensor(fresh, device=self.device))

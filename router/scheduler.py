@@ -57,6 +57,7 @@ class Sequence:
     num_cached: int = 0  # prompt tokens restored from the prefix cache at first admission
     cache_keys: list = field(default_factory=list)  # chain keys of all known tokens but the last (with a cache)
     snapshot_at: int = 0  # where the prefill stops for a state snapshot (the tokens of cache_keys)
+    remote_hit: object = None  # a verified Redis hit (router/redis_cache.py) deeper than the local tier, until admitted
 
     @property
     def num_tokens(self) -> int:
@@ -92,6 +93,7 @@ class ScheduledBatch:
     copies: list = field(default_factory=list)             # BlockCopy: partial tail blocks to copy before the pass
     restores: list[tuple[int, str]] = field(default_factory=list)  # (slot, key): load a snapshot into a slot
     snapshots: list[tuple[int, int, str]] = field(default_factory=list)  # (batch index, position, key) to take
+    remote_restores: list[tuple[int, list[int], object]] = field(default_factory=list)  # (slot, table, Redis hit)
 
     @property
     def num_tokens(self) -> int:
@@ -113,9 +115,18 @@ class Scheduler:
         self.running: list[Sequence] = []  # in admission order: preemption takes from the end
         self.num_preemptions = 0
         self._end_snapshots: list[tuple[int, str]] = []
+        # What the last postprocess registered, for the Redis tier: (chain keys, the ended sequence's slot
+        # or None when the snapshot is in the runner's store under the last key)
+        self.new_snapshots: list[tuple[list, int | None]] = []
 
     def add(self, seq: Sequence) -> None:
         """Queue a sequence. RequestTooLarge if it cannot fit even alone, QueueFull if the queue is full."""
+        self.check(seq)
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def check(self, seq: Sequence) -> None:
+        """What `add` raises, without queueing (the engine checks before a cache lookup, then adds)."""
         need = seq.stop.max_fed_tokens(len(seq.prompt_ids))
         if need > self.blocks.capacity_tokens:
             raise RequestTooLarge(
@@ -124,8 +135,6 @@ class Scheduler:
                 f"shorten the prompt or lower max_tokens")
         if len(self.waiting) >= self.max_queue:
             raise QueueFull(f"{len(self.waiting)} requests are already waiting (the limit is {self.max_queue})")
-        seq.status = Status.WAITING
-        self.waiting.append(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -152,14 +161,24 @@ class Scheduler:
                 seqs.append(seq)
                 counts.append(n)
                 budget -= n
-        restores = []
+        restores, remote = [], []
         while budget > 0 and self.waiting and len(self.running) < self.max_running:
             seq = self.waiting[0]
             hit = self._lookup(seq)
             if not self.blocks.can_admit(seq.num_tokens, hit):
                 break  # arrival order: a large request is not overtaken forever by small ones
             self.waiting.popleft()
+            if seq.remote_hit is not None and seq.remote_hit.position > (hit.position if hit else 0):
+                hit, from_redis = None, seq.remote_hit  # deeper in Redis: fresh blocks, written by the runner
+            else:
+                from_redis = None
+            seq.remote_hit = None
             self.blocks.admit(seq.seq_id, seq.num_tokens, hit)
+            if from_redis is not None:
+                seq.num_computed = from_redis.position
+                remote.append((self.blocks.slot(seq.seq_id), list(self.blocks.table(seq.seq_id)), from_redis))
+                if seq.num_preemptions == 0:
+                    seq.num_cached = from_redis.position
             if hit is not None:
                 seq.num_computed = hit.position
                 restores.append((self.blocks.slot(seq.seq_id), hit.snapshot))
@@ -178,6 +197,7 @@ class Scheduler:
         if self.blocks.caching:
             batch.end_snapshots, self._end_snapshots = self._end_snapshots, []
             batch.dropped, batch.copies, batch.restores = self.blocks.take_dropped(), self.blocks.take_copies(), restores
+            batch.remote_restores = remote
             batch.snapshots = [(i, p, key) for i, (s, n) in enumerate(zip(seqs, counts)) for p, key in self._due(s, n)]
         return batch
 
@@ -251,6 +271,7 @@ class Scheduler:
         """Advance the batch after its forward pass; `sampled` maps seq_id -> new token for the sequences
         whose `samples()` was True. Returns the sequences that finished (already removed)."""
         finished = []
+        self.new_snapshots = []
         due: dict[int, list] = {}
         for i, position, key in batch.snapshots:
             due.setdefault(i, []).append(key)
@@ -261,7 +282,9 @@ class Scheduler:
                 continue
             seq.num_computed += n
             for key in due.get(i, ()):  # the runner took these snapshots during the step
-                self.blocks.register(seq.seq_id, seq.cache_keys[:(key.position - 1) // self.blocks.block_size + 1])
+                keys = seq.cache_keys[:(key.position - 1) // self.blocks.block_size + 1]
+                self.blocks.register(seq.seq_id, keys)
+                self.new_snapshots.append((keys, None))
             if seq.seq_id not in sampled:
                 continue
             token = sampled[seq.seq_id]
@@ -282,6 +305,7 @@ class Scheduler:
         if keys and not self.blocks.has_snapshot(keys[-1].hex):
             key = self.blocks.register(seq.seq_id, keys)
             self._end_snapshots.append((self.blocks.slot(seq.seq_id), key))
+            self.new_snapshots.append((keys, self.blocks.slot(seq.seq_id)))
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Remove a sequence wherever it is (finished, aborted by its client, or failed) and free its memory."""

@@ -25,7 +25,10 @@ from .engine import Engine
 from .cache_budget import parse_cache_memory
 from .http_server import HttpServer, serve_openai
 from .cache.keys import CacheNamespace
+from .cache.layout import ModelLayout
+from .cache.redis_tier import RedisTier, RedisTierOptions
 from .prefix_cache import SNAPSHOTS_PER_SLOT, CachingBlockManager
+from .redis_cache import RedisCache
 from .runner import ModelRunner, load_dense_model, plan_cache
 from .scheduler import Scheduler
 from .service import ServingService
@@ -52,6 +55,9 @@ class RouterOptions:
     max_queue: int = 256
     kv_cache_memory: str = "4GiB"  # KV blocks + DeltaNet state slots: an amount or a fraction of free memory
     expert_timeout: float = 60.0  # seconds a worker may take for one layer before it counts as failed
+    # The shared Redis tier of the prefix cache (None: the local tier only) and its entries' lifetime.
+    cache_url: str | None = None
+    cache_ttl: float = 24 * 3600.0
     cache_snapshot_interval: int = 1024  # prefix cache: a DeltaNet state snapshot every N prompt tokens (64 | N)
     micro_batches: int = 1  # 2: two micro-batches ping-pong, one computing while the other's tokens are away
     # Tracing: off unless an endpoint is given here or in OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT; the ratio
@@ -72,6 +78,8 @@ class RouterOptions:
             raise ValueError(f"need --max-batch-tokens >= 1, --max-running-requests >= 1 and --max-queue >= 0; got "
                              f"{self.max_batch_tokens}, {self.max_running_requests}, {self.max_queue}")
         parse_cache_memory(self.kv_cache_memory)  # a typo fails here, before any weight is loaded
+        if self.cache_url is not None:
+            RedisTierOptions(self.cache_url, ttl_seconds=self.cache_ttl)  # a bad URL or TTL fails here
         if self.cache_snapshot_interval < 64 or self.cache_snapshot_interval % 64:
             raise ValueError(f"--cache-snapshot-interval must be a positive multiple of 64, got "
                              f"{self.cache_snapshot_interval}")
@@ -128,6 +136,7 @@ class Router:
             await self.http.stop(EXIT_GRACE_SECONDS)
         await self.server.stop(EXIT_GRACE_SECONDS)
         await self.pool.close()
+        await self._close_cache()
         await self._close_telemetry()
         return cut
 
@@ -137,7 +146,12 @@ class Router:
         await self.server.stop(grace)
         await self.pool.close()  # first: a forward pass in flight then fails fast instead of waiting on workers
         await self.engine.stop()
+        await self._close_cache()
         await self._close_telemetry()
+
+    async def _close_cache(self) -> None:
+        if self.engine.redis_cache is not None:  # writes still queued get a bounded moment, then are dropped
+            await self.engine.redis_cache.tier.close(drain_timeout_s=EXIT_GRACE_SECONDS)
 
     async def _close_telemetry(self) -> None:
         if self.metrics is not None:
@@ -180,7 +194,13 @@ async def start_router(options: RouterOptions) -> Router:
                                 config.num_experts)
     runner = ModelRunner(model, sizes, ping_pong=pool.baton if options.micro_batches == 2 else None)
     eos = tokenizer.eos_token_id if tokenizer is not None else config.eos_token_id
-    engine = Engine(runner, scheduler, pool, eos, config.max_position_embeddings, telemetry)
+    redis_cache = None
+    if options.cache_url is not None:
+        tier = RedisTier(RedisTierOptions(options.cache_url, ttl_seconds=options.cache_ttl), blocks.namespace,
+                         runner.layout)
+        await tier.start()  # never fails on Redis: `degraded` says why it is not working
+        redis_cache = RedisCache(tier, blocks, runner.pools, runner.layout)
+    engine = Engine(runner, scheduler, pool, eos, config.max_position_embeddings, telemetry, redis_cache)
 
     drain = Drain()
     server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[RefuseWhileDraining(drain)])

@@ -132,10 +132,12 @@ class ServingService(serving_pb2_grpc.ServingServicer):
 
     async def ModelInfo(self, request, context):
         c = self.config
+        tiers, reason = self.engine.cache_status()
         return serving_pb2.ModelInfoResponse(
             architecture="Qwen3NextForCausalLM", fingerprint=self.fingerprint, vocab_size=c.vocab_size,
             context_limit=c.max_position_embeddings,
             eos_token_id=self.engine.eos_token_id if self.engine.eos_token_id is not None else -1,
             num_layers=c.num_hidden_layers, num_experts=c.num_experts, experts_per_token=c.num_experts_per_tok,
             shards=[serving_pb2.ShardStatus(shard=conn.shard, address=conn.address, healthy=conn.healthy)
-                    for conn in self.engine.pool.connections])
+                    for conn in self.engine.pool.connections],
+            cache=serving_pb2.CacheStatus(tiers=tiers, degraded=reason is not None, reason=reason or ""))

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from nextserve.model.state import CachePools, LinearAttentionState
 
+from .cache.layout import ModelLayout
+
 State = list[LinearAttentionState | None]
 
 
@@ -31,6 +33,9 @@ class SnapshotStore:
 
     def drop(self, key: str) -> None:
         self._states.pop(key, None)
+
+    def peek(self, key: str) -> State | None:
+        return self._states.get(key)
 
     def get(self, key: str) -> State:
         try:
@@ -64,4 +69,16 @@ def state_bytes(state: State) -> int:
     return sum(t.numel() * t.element_size() for s in state if s is not None for t in (s.conv, s.recurrent))
 
 
-__all__ = ["SnapshotStore", "apply_before_pass", "copy_block_rows", "state_bytes"]
+def restore_remote(pools: CachePools, layout: ModelLayout, slot: int, table: list[int], hit) -> None:
+    """Write a Redis hit (router/cache/redis_tier.py `Lookup`) into a sequence's own blocks, in table
+    order, and its state slot."""
+    for j, block in enumerate(hit.kv_blocks):
+        for i in layout.attention_layers:
+            k, v = pools.kv[i]
+            key, value = block[f"layers.{i}.key"], block[f"layers.{i}.value"]
+            k[table[j], :key.shape[0]] = key.to(k.device)
+            v[table[j], :value.shape[0]] = value.to(v.device)
+    states = [LinearAttentionState(hit.state[f"layers.{i}.conv"].to(pools.conv[i].device),
+                                   hit.state[f"layers.{i}.recurrent"].to(pools.recurrent[i].device))
+              if i in pools.conv else None for i in range(pools.num_layers)]
+    pools.write_state(slot, states)
