@@ -25,6 +25,7 @@ from .engine import Engine
 from .cache_budget import parse_cache_memory
 from .http_server import HttpServer, serve_openai
 from .cache.keys import CacheNamespace
+from .cache_metrics import PrefixCacheCollector
 from .cache.layout import ModelLayout
 from .cache.redis_tier import RedisTier, RedisTierOptions
 from .prefix_cache import SNAPSHOTS_PER_SLOT, CachingBlockManager
@@ -201,6 +202,7 @@ async def start_router(options: RouterOptions) -> Router:
         await tier.start()  # never fails on Redis: `degraded` says why it is not working
         redis_cache = RedisCache(tier, blocks, runner.pools, runner.layout)
     engine = Engine(runner, scheduler, pool, eos, config.max_position_embeddings, telemetry, redis_cache)
+    telemetry.registry.register(PrefixCacheCollector(blocks, redis_cache))
 
     drain = Drain()
     server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[RefuseWhileDraining(drain)])

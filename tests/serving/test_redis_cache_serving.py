@@ -77,6 +77,10 @@ class Deployment:
     def counters(self, which: int) -> dict:
         return self.routers[which].engine.redis_cache.tier.counters.snapshot()
 
+    def metric(self, which: int, name: str, **labels) -> float | None:
+        return self.routers[which].engine.telemetry.registry.get_sample_value(
+            "nextserve_router_prefix_cache_" + name, labels)
+
     def cache_info(self, which: int):
         return self.clients[which].model_info().cache
 
@@ -115,6 +119,14 @@ def test_the_second_router_resumes_what_the_first_stored(deployment):
     assert deployment.counters(1)["hits"] == hits + 1 and deployment.counters(1)["hit_tokens"] > 0
     info = deployment.cache_info(1)
     assert (info.tiers, info.degraded) == ("local+redis", False)
+    # the same counters as Prometheus series
+    assert deployment.metric(1, "hits_total", tier="redis") == hits + 1
+    assert deployment.metric(1, "hit_tokens_total", tier="redis") >= 149
+    assert deployment.metric(0, "bytes_total", tier="redis", direction="written") > 0
+    assert deployment.metric(1, "degraded", tier="redis") == 0
+    # the first router's own local tier hits too, with no Redis round trip
+    assert deployment.generate(0, prompt).cached_tokens == 149
+    assert deployment.metric(0, "hits_total", tier="local") >= 1
 
 
 def test_flushall_between_requests_is_a_miss(deployment, redis):
@@ -174,6 +186,8 @@ def test_redis_killed_and_restarted_degrades_then_recovers(deployment, redis_ser
     info = deployment.cache_info(1)
     assert info.degraded and "Redis" in info.reason
     assert deployment.counters(1)["read_errors"] >= 1
+    assert deployment.metric(1, "degraded", tier="redis") == 1
+    assert deployment.metric(1, "errors_total", tier="redis", kind="read") >= 1
     redis_server.start()
     deadline = time.monotonic() + 30
     while deployment.cache_info(0).degraded or deployment.cache_info(1).degraded:
