@@ -2,7 +2,7 @@
 
 Label values are bounded: finish reasons and gRPC codes are fixed sets, `shard` is a plan shard
 index, and the per-expert token counts are one series per (MoE layer, expert) of the model.
-KV-block / state-slot usage and prefix-cache series join here once those parts exist.
+KV-block / state-slot usage joins here once it exists; the prefix cache's series are router/cache_metrics.py.
 """
 from __future__ import annotations
 

@@ -178,7 +178,8 @@ def test_sse_framing_byte_for_byte(base_url, grpc_client, tokenizer):
     chunks.append(chunk(detok.flush(), pending, "length"))
     chunks.append({"id": head["id"], "object": "text_completion", "created": head["created"], "model": "tiny",
                    "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8,
-                                            "prompt_tokens_details": {"cached_tokens": 0}}})
+                                            # the gRPC call above left the prompt's first 2 tokens cached
+                                            "prompt_tokens_details": {"cached_tokens": 2}}})
     assert raw == _expected_sse(chunks)
 
 
