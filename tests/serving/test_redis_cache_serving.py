@@ -3,8 +3,9 @@ resumes what the first computed, and every fault (Redis killed and restarted, FL
 by hand, a value from another checkpoint, a KV block evicted, Redis at maxmemory) still gives the cold
 answer, moves the counters, and shows in ModelInfo as degraded until Redis works again.
 
-The two routers are separate Router instances (own pools, own local tier, own Redis client) in this
-test process; all they share is Redis.
+The two routers of most tests are separate Router instances (own pools, own local tier, own Redis
+client) in this test process; all they share is Redis. The last test runs `nextserve router` as its own
+OS process.
 """
 import importlib.util
 import sys
@@ -227,3 +228,49 @@ def block_key_of(raw: bytes):
     from nextserve.router.cache.keys import BlockKey
     h = json_header(raw)
     return BlockKey(h["position"], bytes.fromhex(h["key"]))
+
+
+def test_a_router_process_resumes_what_another_router_stored(deployment, tiny_checkpoint, redis_server, tmp_path):
+    """`nextserve router --cache-url` as its own OS process, over the same workers and Redis."""
+    import os
+    import subprocess
+
+    router = deployment.routers[0]
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(cache_conftest_plan(tiny_checkpoint).to_json())
+    port = cache_conftest.free_port()
+    argv = [sys.executable, "-m", "nextserve.cli.main", "router", "--checkpoint", str(tiny_checkpoint),
+            "--plan", str(plan_file), "--port", str(port), "--host", "127.0.0.1", "--no-http", "--device", "cpu",
+            "--dtype", "float32", "--cache-url", redis_server.url, "--cache-ttl", "600",
+            *[f"--worker={c.shard}={c.address}" for c in router.pool.connections]]
+    log = tmp_path / "router.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        prompt = fresh_prompt(150)
+        deployment.generate(0, prompt)
+        deployment.drain(0)
+        with Client(f"127.0.0.1:{port}", timeout=120) as client:
+            deadline = time.monotonic() + 120
+            while not _ready(client):
+                assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.2)
+            got = client.generate(prompt, max_tokens=5, temperature=0, ignore_eos=True)
+            assert got.cached_tokens == 149
+            assert got.token_ids == deployment.reference(prompt, 5, ignore_eos=True)[0]
+            assert client.model_info().cache.tiers == "local+redis"
+    finally:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+def _ready(client) -> bool:
+    try:
+        return client.health()
+    except Exception:
+        return False
