@@ -81,8 +81,12 @@ class GatedDeltaNet(nn.Module):
         chunked pass; the conv window is the kernel-1 inputs just before the boundary."""
         width, used = self.kernel_size - 1, 0
         num_layers = batch.pools.num_layers
-        for saved, start, (offset, stop) in zip(batch.checkpoints, batch.context_lens, batch.spans):
+        keep = batch.keep_checkpoints or [None] * len(batch.checkpoints)
+        for saved, start, (offset, stop), wanted in zip(batch.checkpoints, batch.context_lens, batch.spans, keep):
             for end in range(CHUNK, stop - offset + 1, CHUNK):
+                if wanted is not None and start + end not in wanted:
+                    used += 1
+                    continue
                 window = conv_inputs[offset + end - width: offset + end].t().contiguous()
                 layers = saved.setdefault(start + end, [None] * num_layers)
                 layers[self.layer_idx] = LinearAttentionState(window, chunk_states[used].clone())

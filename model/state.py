@@ -95,6 +95,9 @@ class ForwardBatch:
     state_slots: torch.Tensor    # [N] int64 each sequence's DeltaNet state slot
     record_checkpoints: bool = False
     checkpoints: list[dict[int, list[LinearAttentionState | None]]] = field(default_factory=list)
+    # When recording: per sequence, the positions to keep (None: every chunk boundary). Each kept one
+    # is a copy of a whole state slot, so the prefix cache asks only for the ones it stores.
+    keep_checkpoints: list[set[int]] | None = None
 
     @classmethod
     def build(cls, pools: CachePools, context_lens: list[int], seq_lens: list[int], block_tables: list[list[int]],

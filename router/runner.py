@@ -121,6 +121,10 @@ class ModelRunner:
         forward = ForwardBatch.build(self.pools, [s.num_computed for s in seqs], counts,
                                      batch.block_tables[part], batch.state_slots[part], self.device,
                                      record_checkpoints=inside)
+        if inside:
+            forward.keep_checkpoints = [set() for _ in seqs]
+            for i, p, _ in due:
+                forward.keep_checkpoints[i].add(p)
         logits, _ = self.model.forward_batch(torch.tensor(ids, dtype=torch.long, device=self.device), forward)
         for i, p, key in due:  # the state after p tokens: the slot itself when the chunk ends there
             at_end = p == seqs[i].num_computed + counts[i]
