@@ -8,7 +8,8 @@ worker over loopback gRPC, and a redis-server on loopback (started here, no pers
 is given. Per history length, in the same run:
   - cold: a fresh history plus a 16-token turn, nothing cached;
   - resumed (local): the same history again, then a new turn on it: the router's own blocks and snapshot;
-  - resumed (redis): a second router sharing the Redis: the turn is restored from Redis;
+  - resumed (redis): a second router sharing the Redis: the turn is restored from Redis (up to the
+    history's last block boundary, the rest computed);
   - Redis bytes the session cost (what the first router wrote for it).
 Then a multi-turn workload: --sessions concurrent conversations of --turns turns each, each turn the
 whole history plus a new message; the hit ratio is cached prompt tokens / prompt tokens.
@@ -89,7 +90,9 @@ async def main(args) -> None:
             await routers[0].engine.redis_cache.tier.drain()
             session_bytes = routers[0].engine.redis_cache.tier.counters.bytes_written - written
             remote, cached = await call(ttft, clients[1], h + tokens(TURN_TOKENS))
-            assert cached >= history - 1, f"expected a Redis hit, got {cached} cached tokens"
+            # Redis finds the deepest snapshot on the turn's own chain: the history's last block boundary
+            # (a tail ending mid-block is found by the local tier only; see docs/cache.md)
+            assert cached >= history // 64 * 64, f"expected a Redis hit, got {cached} cached tokens"
             print(f"{history:>8} {cold:>8.3f} {local:>8.3f} {remote:>8.3f} {local / cold:>8.3f} {remote / cold:>8.3f} "
                   f"{session_bytes / 2**20:>12.1f}")
 
