@@ -49,3 +49,13 @@ def test_a_conversation_continued_over_http_reports_its_cached_history(oai, grpc
     # the same turn over gRPC: cached to its last token now, and the same answer
     again = grpc_client.generate(turn, max_tokens=4, temperature=0, ignore_eos=True)
     assert again.cached_tokens == len(turn) - 1 and again.token_ids == got
+
+
+def test_a_responses_turn_continued_by_previous_response_id_reports_its_cached_history(oai):
+    first = oai.responses.create(model="tiny", input="Tell me about the sea and the ships upon it, at length.",
+                                 max_output_tokens=8, temperature=0)
+    assert first.usage.input_tokens_details.cached_tokens == 0
+    second = oai.responses.create(model="tiny", input="And the harbour?", previous_response_id=first.id,
+                                  max_output_tokens=4, temperature=0)
+    # the new turn starts with the first turn's prompt and answer: served from the cache
+    assert 0 < second.usage.input_tokens_details.cached_tokens < second.usage.input_tokens
