@@ -55,7 +55,8 @@ def test_models_list_names_the_served_model(oai, base_url):
     models = oai.models.list()
     assert [m.id for m in models.data] == ["tiny"]
     assert oai.models.retrieve("tiny").id == "tiny"
-    assert httpx2.get(f"{base_url}/health").json() == {"status": "alive"}
+    assert httpx2.get(f"{base_url}/health").json() == {
+        "status": "alive", "cache": {"tiers": "local", "degraded": False, "reason": ""}}
     assert httpx2.get(f"{base_url}/ready").status_code == 200
 
 

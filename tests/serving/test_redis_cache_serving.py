@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx2
 import pytest
 
 from nextserve.client import Client
@@ -39,7 +40,7 @@ def two_routers(servers, in_process_workers, tiny_checkpoint, redis_server):
     plan = cache_conftest_plan(tiny_checkpoint)
     started = [servers.run(start_router(RouterOptions(
         checkpoint=str(tiny_checkpoint), plan=plan, workers=workers.addresses, host="127.0.0.1", port=0,
-        dtype="float32", device="cpu", cache_url=redis_server.url))) for _ in range(2)]
+        dtype="float32", device="cpu", cache_url=redis_server.url, http_port=0))) for _ in range(2)]
     yield started
     for router in started:
         servers.run(router.stop(0))
@@ -81,6 +82,9 @@ class Deployment:
     def metric(self, which: int, name: str, **labels) -> float | None:
         return self.routers[which].engine.telemetry.registry.get_sample_value(
             "nextserve_router_prefix_cache_" + name, labels)
+
+    def http_health(self, which: int) -> dict:
+        return httpx2.get(f"http://127.0.0.1:{self.routers[which].http.port}/health", timeout=10).json()
 
     def cache_info(self, which: int):
         return self.clients[which].model_info().cache
@@ -186,6 +190,7 @@ def test_redis_killed_and_restarted_degrades_then_recovers(deployment, redis_ser
     assert deployment.generate(1, prompt).cached_tokens == 0
     info = deployment.cache_info(1)
     assert info.degraded and "Redis" in info.reason
+    assert deployment.http_health(1)["cache"] == {"tiers": "local+redis", "degraded": True, "reason": info.reason}
     assert deployment.counters(1)["read_errors"] >= 1
     assert deployment.metric(1, "degraded", tier="redis") == 1
     assert deployment.metric(1, "errors_total", tier="redis", kind="read") >= 1
@@ -194,6 +199,7 @@ def test_redis_killed_and_restarted_degrades_then_recovers(deployment, redis_ser
     while deployment.cache_info(0).degraded or deployment.cache_info(1).degraded:
         assert time.monotonic() < deadline, f"the cache did not recover: {deployment.cache_info(0)} {deployment.cache_info(1)}"
         time.sleep(0.2)
+    assert deployment.http_health(1)["cache"]["degraded"] is False
     again = fresh_prompt(90)
     deployment.generate(0, again)
     deployment.drain(0)
