@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .block_manager import BlockManager, OutOfBlocks, blocks_for
 from .cache.keys import BlockKey, CacheNamespace, chain_keys, next_digest
@@ -56,7 +56,6 @@ class CacheStats:
     hit_tokens: int = 0
     evicted_blocks: int = 0
     evicted_snapshots: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class CachingBlockManager(BlockManager):

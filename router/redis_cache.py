@@ -13,7 +13,6 @@ stored there (router/cache/redis_tier.py does the storage; this is the engine's 
 """
 from __future__ import annotations
 
-import logging
 import time
 from collections import OrderedDict
 
@@ -25,8 +24,6 @@ from .cache.keys import BlockKey
 from .cache.layout import ModelLayout
 from .cache.redis_tier import Lookup, RedisTier
 from .prefix_cache import CachingBlockManager
-
-log = logging.getLogger("nextserve.router.cache")
 
 SENT_KEYS = 1 << 16  # KV block keys remembered as sent (least recently used forgotten: sent again, harmless)
 # A KV block is sent again after this long: Redis may have lost it (FLUSHALL, eviction) without telling,

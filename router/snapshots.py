@@ -65,10 +65,6 @@ def apply_before_pass(pools: CachePools, store: SnapshotStore, batch) -> None:
         pools.write_state(slot, store.get(key))
 
 
-def state_bytes(state: State) -> int:
-    return sum(t.numel() * t.element_size() for s in state if s is not None for t in (s.conv, s.recurrent))
-
-
 def restore_remote(pools: CachePools, layout: ModelLayout, slot: int, table: list[int], hit) -> None:
     """Write a Redis hit (router/cache/redis_tier.py `Lookup`) into a sequence's own blocks, in table
     order, and its state slot."""
