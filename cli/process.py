@@ -44,3 +44,16 @@ def add_telemetry_arguments(parser) -> None:
     parser.add_argument("--otlp-endpoint", metavar="URL",
                         help="OpenTelemetry collector (OTLP/gRPC), e.g. http://otel-collector:4317; tracing is off "
                              "without it or OTEL_EXPORTER_OTLP_ENDPOINT")
+
+
+def add_cache_arguments(p) -> None:
+    """The Redis shared by the prefix cache's second tier and the session records, on `router` and `up`
+    (the local cache tier is always on)."""
+    p.add_argument("--cache-url", default=None, metavar="URL",
+                   help="share the prefix cache through Redis: redis://[user:password@]host:port/db, or rediss:// "
+                        "for TLS. Every router replica given the same URL reuses what the others computed; Redis "
+                        "failures are cache misses. Session records (gRPC sessions, /v1/responses) live there too "
+                        "(default: the router's own memory only)")
+    p.add_argument("--cache-ttl", type=float, default=24 * 3600.0, metavar="SECONDS",
+                   help="how long a Redis cache entry lives unless a hit refreshes it (default 86400)")
+

@@ -5,7 +5,7 @@ import asyncio
 import logging
 import sys
 
-from nextserve.cli.process import CACHE_MEMORY_HELP, add_dtype_flag, add_telemetry_arguments
+from nextserve.cli.process import CACHE_MEMORY_HELP, add_cache_arguments, add_dtype_flag, add_telemetry_arguments
 
 
 def add_parser(sub) -> None:
@@ -30,11 +30,10 @@ def add_parser(sub) -> None:
     http.add_argument("--no-http", action="store_true", help="serve gRPC only")
     http.add_argument("--served-model-name", metavar="NAME",
                       help='the "model" HTTP clients name (default: the checkpoint folder\'s name)')
-    sessions = p.add_argument_group("sessions (gRPC session_id and /v1/responses previous_response_id)")
-    sessions.add_argument("--cache-url", metavar="URL",
-                          help="redis://host:port/db or rediss://... (TLS): keep session records in this Redis, so "
-                               "they survive a router restart and every replica sharing it continues them; while it "
-                               "is unreachable, requests naming a session get UNAVAILABLE / 503 (default: in memory)")
+    sessions = p.add_argument_group("sessions (gRPC session_id and /v1/responses previous_response_id); with "
+                                    "--cache-url their records live in that Redis, survive a router restart and "
+                                    "every replica continues them, and while it is unreachable requests naming a "
+                                    "session get UNAVAILABLE / 503 (default: in memory)")
     sessions.add_argument("--session-ttl", type=float, default=3600.0, metavar="SECONDS",
                           help="a session or stored response expires this long after its last use (default 3600)")
     sessions.add_argument("--max-sessions", type=int, default=10_000, metavar="N",
@@ -46,6 +45,11 @@ def add_parser(sub) -> None:
     p.add_argument("--max-running-requests", type=int, default=64, metavar="N",
                    help="sequences decoding together (default 64)")
     p.add_argument("--kv-cache-memory", default="4GiB", metavar="SIZE", help=CACHE_MEMORY_HELP)
+    add_cache_arguments(p)
+    p.add_argument("--cache-snapshot-interval", type=int, default=1024, metavar="N",
+                   help="prefix cache: also keep the DeltaNet state every N prompt tokens of a long prefill, so a "
+                        "prompt that shares only part of a long prefix resumes near it (a multiple of 64; "
+                        "default 1024)")
     p.add_argument("--max-queue", type=int, default=256, metavar="N",
                    help="requests waiting to start; beyond it new ones get RESOURCE_EXHAUSTED over gRPC, 429 "
                         "over HTTP (default 256)")
@@ -92,10 +96,11 @@ def run(args) -> int:
             max_queue=args.max_queue, micro_batches=args.micro_batches,
             speculative_tokens=args.speculative_tokens,
             **({} if args.speculative_draft_cost is None else {"speculative_draft_cost": args.speculative_draft_cost}),
+            cache_snapshot_interval=args.cache_snapshot_interval, cache_url=args.cache_url, cache_ttl=args.cache_ttl,
             otlp_endpoint=args.otlp_endpoint, trace_sample_ratio=args.trace_sample_ratio,
             metrics_port=args.metrics_port,
             http_port=None if args.no_http else args.http_port, served_model_name=args.served_model_name,
-            session_ttl=args.session_ttl, max_sessions=args.max_sessions, cache_url=args.cache_url)
+            session_ttl=args.session_ttl, max_sessions=args.max_sessions)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

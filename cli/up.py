@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from nextserve.cli.process import CACHE_MEMORY_HELP, add_dtype_flag
+from nextserve.cli.process import CACHE_MEMORY_HELP, add_cache_arguments, add_dtype_flag
 
 
 def add_parser(sub) -> None:
@@ -31,6 +31,7 @@ def add_parser(sub) -> None:
     p.add_argument("--kv-cache-memory", default="4GiB", metavar="SIZE", help="the router's " + CACHE_MEMORY_HELP)
     p.add_argument("--speculative-tokens", type=int, default=0, choices=range(0, 5), metavar="K",
                    help="the router drafts up to K (1-4) tokens per step with the MTP head (0, default: off)")
+    add_cache_arguments(p)
     p.add_argument("--startup-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="how long to wait for every process to become healthy (default 300)")
     p.set_defaults(func=run)
@@ -151,6 +152,8 @@ def run(args) -> int:
         router = Process("router", base + ["router", *common, "--port", str(args.port), *http,
                                            "--kv-cache-memory", args.kv_cache_memory,
                                            "--speculative-tokens", str(args.speculative_tokens),
+                                           *(["--cache-url", args.cache_url] if args.cache_url else []),
+                                           "--cache-ttl", str(args.cache_ttl),
                                            *[f"--worker={s}={a}" for _, a, s in workers]], workdir / "router.log", env)
         processes.append(router)
         wait_healthy([(router, f"127.0.0.1:{args.port}")], deadline)

@@ -119,9 +119,14 @@ class GatedDeltaNet(nn.Module):
         num_layers = batch.pools.num_layers
         base = batch.spans[first_row][0]
         rows = slice(first_row, None)
-        for saved, start, (offset, stop) in zip(batch.checkpoints[rows], batch.context_lens[rows],
-                                                 [(o - base, e - base) for o, e in batch.spans[rows]]):
+        keep = batch.keep_checkpoints or [None] * len(batch.checkpoints)
+        for saved, start, (offset, stop), wanted in zip(batch.checkpoints[rows], batch.context_lens[rows],
+                                                         [(o - base, e - base) for o, e in batch.spans[rows]],
+                                                         keep[rows]):
             for end in range(CHUNK, stop - offset + 1, CHUNK):
+                if wanted is not None and start + end not in wanted:
+                    used += 1
+                    continue
                 window = conv_inputs[offset + end - width: offset + end].t().contiguous()
                 layers = saved.setdefault(start + end, [None] * num_layers)
                 layers[self.layer_idx] = LinearAttentionState(window, chunk_states[used].clone())

@@ -100,6 +100,9 @@ class ForwardBatch:
     # back to its last accepted token (`model.spec_states.keep_state_at`).
     keep_states_rows: int = 0
     token_states: dict = field(default_factory=dict)
+    # When recording: per sequence, the positions to keep (None: every chunk boundary). Each kept one
+    # is a copy of a whole state slot, so the prefix cache asks only for the ones it stores.
+    keep_checkpoints: list[set[int]] | None = None
 
     @classmethod
     def build(cls, pools: CachePools, context_lens: list[int], seq_lens: list[int], block_tables: list[list[int]],

@@ -6,8 +6,8 @@ layers keep a fixed-size state per sequence in one of a fixed number of state sl
 manager hands both out and takes them back; the model's pools are sized to its counts, so it can
 never hand out memory the model does not have.
 
-Blocks carry reference counts so that the prefix cache (next) can share a block between sequences
-and keep freed blocks findable by content; today every block has one owner.
+Blocks carry reference counts so that the prefix cache (router/prefix_cache.py, a subclass) can share
+a block between sequences and keep freed blocks findable by content; here every block has one owner.
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ def blocks_for(num_tokens: int, block_size: int = BLOCK_SIZE) -> int:
 
 
 class BlockManager:
+    caching = False  # no prefix cache: router/prefix_cache.py's CachingBlockManager adds one
+
     def __init__(self, num_blocks: int, num_slots: int, block_size: int = BLOCK_SIZE):
         if num_blocks < 1 or num_slots < 1 or block_size < 1:
             raise ValueError(f"need at least one block, one state slot and block_size >= 1; got {num_blocks} "
@@ -59,7 +61,11 @@ class BlockManager:
     def slot(self, seq_id: int) -> int:
         return self._slots[seq_id]
 
-    def can_admit(self, num_tokens: int) -> bool:
+    def lookup(self, keys, token_ids) -> None:
+        """A cached prefix of these chain keys: never, without a prefix cache."""
+        return None
+
+    def can_admit(self, num_tokens: int, hit=None) -> bool:
         """Is there a state slot and room for `num_tokens` tokens of K/V?"""
         return bool(self._free_slots) and blocks_for(num_tokens, self.block_size) <= len(self._free_blocks)
 
@@ -69,7 +75,7 @@ class BlockManager:
 
     # -- changes --------------------------------------------------------------------------------
 
-    def admit(self, seq_id: int, num_tokens: int) -> None:
+    def admit(self, seq_id: int, num_tokens: int, hit=None) -> None:
         """Give a new sequence a state slot and blocks for its first `num_tokens` tokens."""
         if seq_id in self._tables:
             raise ValueError(f"sequence {seq_id} already holds blocks")

@@ -17,7 +17,7 @@ from nextserve.model.sampling import SamplingParams
 
 from .runner import ModelRunner
 from .requests import StopCriteria
-from .scheduler import Scheduler, Sequence
+from .scheduler import QueueFull, Scheduler, Sequence, Status
 from .shards import ShardPool, ShardUnavailable
 from .telemetry import RouterTelemetry
 
@@ -72,8 +72,12 @@ class RequestStream:
 
 class Engine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, pool: ShardPool,
-                 eos_token_id: int | None, context_limit: int, telemetry: RouterTelemetry | None = None):
+                 eos_token_id: int | None, context_limit: int, telemetry: RouterTelemetry | None = None,
+                 redis_cache=None):
+        """redis_cache: router/redis_cache.py's RedisCache (the shared tier behind the local prefix cache), or None."""
         self.runner, self.scheduler, self.pool = runner, scheduler, pool
+        self.redis_cache = redis_cache
+        self._looking_up: dict[int, asyncio.Task] = {}  # sequences waiting for their Redis lookup
         self.telemetry = telemetry
         if telemetry is not None:
             telemetry.attach(scheduler, pool)
@@ -92,6 +96,12 @@ class Engine:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
+        for task in list(self._looking_up.values()):
+            task.cancel()
+        for seq_id in list(self._looking_up):
+            stream = self._streams.get(seq_id)
+            if stream is not None:
+                self._drop_looking_up(stream.seq, Failed(True, "the router is shutting down"))
         if self._task is not None:
             self._task.cancel()
             try:
@@ -115,17 +125,50 @@ class Engine:
                             stop_token_ids=frozenset(params.stop_token_ids), eos_token_id=self.eos_token_id,
                             ignore_eos=params.ignore_eos)
         seq = Sequence(next(self._ids), list(prompt_ids), stop)
-        self.scheduler.add(seq)
+        if self.redis_cache is None or len(seq.prompt_ids) < 2:
+            self.scheduler.add(seq)
+        else:
+            self.scheduler.check(seq)  # what add would refuse is refused now, before the lookup
+            self._looking_up[seq.seq_id] = asyncio.create_task(self._look_up(seq))
         self.runner.add(seq.seq_id, params)
         stream = RequestStream(seq)
         self._streams[seq.seq_id] = stream
         self._wake.set()
         return stream
 
+    async def _look_up(self, seq: Sequence) -> None:
+        """Ask Redis for a prefix deeper than the local tier's (bounded; a failure is a miss), then queue."""
+        try:
+            seq.remote_hit = await self.redis_cache.lookup(seq.prompt_ids[:-1])
+        except Exception:
+            log.exception("prefix cache: Redis lookup failed; computing the prompt")
+            seq.remote_hit = None
+        self._looking_up.pop(seq.seq_id, None)
+        if seq.seq_id not in self._streams:
+            return  # aborted meanwhile
+        try:
+            self.scheduler.add(seq)
+        except QueueFull as e:
+            self._drop_looking_up(seq, Failed(True, f"the router is at capacity: {e}"))
+        self._wake.set()
+
+    def _drop_looking_up(self, seq: Sequence, failure: Failed | None) -> None:
+        self._looking_up.pop(seq.seq_id, None)
+        seq.status, seq.finish_reason = Status.FINISHED, "abort"
+        stream = self._streams.pop(seq.seq_id, None)
+        if stream is not None and failure is not None:
+            stream._push(failure)
+        self.runner.free(seq.seq_id)
+
     def abort(self, stream: RequestStream) -> None:
         """The client went away or a stop string matched: free the sequence (idempotent)."""
         seq = stream.seq
         if seq.seq_id not in self._streams:
+            return
+        task = self._looking_up.get(seq.seq_id)
+        if task is not None:  # not queued yet: its lookup finds the stream gone
+            task.cancel()
+            self._drop_looking_up(seq, None)
             return
         self.scheduler.finish(seq, "abort")
         del self._streams[seq.seq_id]
@@ -192,6 +235,29 @@ class Engine:
         if observed is not None:
             self.telemetry.step_finished(observed, sampled, error)
 
+    def cache_status(self) -> tuple[str, str | None]:
+        """The prefix cache's tiers ("off", "local" or "local+redis") and why it is degraded (None: it is not)."""
+        if not self.scheduler.blocks.caching:
+            return "off", None
+        if self.redis_cache is None:
+            return "local", None
+        return "local+redis", self.redis_cache.degraded
+
+    def _store_in_redis(self) -> None:
+        """The snapshots the last step registered, to Redis: read now, before the next step reuses slots."""
+        taken, self.scheduler.new_snapshots = self.scheduler.new_snapshots, []
+        if self.redis_cache is None or not taken:
+            return
+        states = []
+        for keys, slot in taken:
+            state = self.runner.pools.read_state(slot) if slot is not None else self.runner.snapshots.peek(keys[-1].hex)
+            if state is not None:
+                states.append((keys, state))
+        try:
+            self.redis_cache.store(states)
+        except Exception:
+            log.exception("prefix cache: storing in Redis failed; serving on")
+
     def _deliver(self, batch, sampled: dict[int, list[int]]) -> None:
         before = {seq.seq_id: len(seq.output_ids) for seq in batch.seqs}
         accepted = sum(seq.num_accepted_tokens for seq in batch.seqs)
@@ -199,6 +265,7 @@ class Engine:
         if self.telemetry is not None:
             self.telemetry.speculation(sum(len(d) for d in batch.draft_ids),
                                        sum(seq.num_accepted_tokens for seq in batch.seqs) - accepted)
+        self._store_in_redis()
         for seq in batch.seqs:
             stream = self._streams.get(seq.seq_id)
             if stream is None or seq.seq_id not in sampled:

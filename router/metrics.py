@@ -3,6 +3,7 @@
 Label values are bounded: finish reasons and gRPC codes are fixed sets, HTTP statuses are folded
 into a fixed set (`http_status_label`), `endpoint` is one of the generation routes, `shard` is a
 plan shard index, and the per-expert token counts are one series per (MoE layer, expert) of the model.
+The prefix cache's series are router/cache_metrics.py.
 """
 from __future__ import annotations
 

@@ -74,10 +74,14 @@ def sse(obj) -> bytes:
 SSE_DONE = sse(b"[DONE]")
 
 
+def cached_tokens(streams: list[RequestStream]) -> int:
+    """Prompt tokens the prefix cache served: the choices share one prompt, the fewest restored counts."""
+    return min((s.seq.num_cached for s in streams), default=0)
+
+
 def usage(num_prompt: int, num_output: int, streams: list[RequestStream] = ()) -> dict:
-    # cached_tokens is 0 because nothing is cached yet: the prefix cache has not landed.
     out = {"prompt_tokens": num_prompt, "completion_tokens": num_output, "total_tokens": num_prompt + num_output,
-           "prompt_tokens_details": {"cached_tokens": 0}}
+           "prompt_tokens_details": {"cached_tokens": cached_tokens(streams)}}
     drafted = sum(s.seq.num_draft_tokens for s in streams)
     if drafted:  # speculative decoding: the drafts the model accepted and rejected, in OpenAI's names
         accepted = sum(s.seq.num_accepted_tokens for s in streams)

@@ -38,7 +38,9 @@ def build_app(served: ServedModel) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "alive"}
+        # alive whatever the cache does: a degraded cache slows the router, it does not stop it
+        tiers, reason = served.engine.cache_status()
+        return {"status": "alive", "cache": {"tiers": tiers, "degraded": reason is not None, "reason": reason or ""}}
 
     @app.get("/ready")
     async def ready():

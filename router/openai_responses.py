@@ -70,7 +70,7 @@ class ResponsesEndpoint:
         except ValueError as e:
             raise bad_param(str(e).split(" ")[0], str(e)) from None
         stream = f.submit(prompt_ids, params, [], "input")
-        draft = _Draft(body, served.name, prompt_ids)
+        draft = _Draft(body, served.name, prompt_ids, stream)
         if body.stream:
             return StreamingResponse(self._events(draft, stream), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -164,10 +164,15 @@ def _text_part(text: str) -> dict:
 class _Draft:
     """A response being generated: its ids and the request fields it echoes."""
 
-    def __init__(self, body: ResponsesRequest, model: str, prompt_ids: list[int]):
+    def __init__(self, body: ResponsesRequest, model: str, prompt_ids: list[int], stream=None):
         self.body, self.model, self.prompt_ids = body, model, prompt_ids
+        self.stream = stream  # the engine's RequestStream: how many prompt tokens the prefix cache served
         self.response_id, self.message_id = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
         self.created_at = int(time.time())
+
+    @property
+    def num_cached(self) -> int:
+        return self.stream.seq.num_cached if self.stream is not None else 0
 
     def message(self, content: list[dict], status: str) -> dict:
         return {"type": "message", "id": self.message_id, "status": status, "role": "assistant", "content": content}
@@ -189,5 +194,5 @@ class _Draft:
         return {**self._common(), "status": "completed" if complete else "incomplete",
                 "incomplete_details": None if complete else {"reason": "max_output_tokens"},
                 "output": [self.message([_text_part(text)], "completed")],
-                "usage": {"input_tokens": n_in, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": n_out,
+                "usage": {"input_tokens": n_in, "input_tokens_details": {"cached_tokens": self.num_cached}, "output_tokens": n_out,
                           "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": n_in + n_out}}

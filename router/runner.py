@@ -25,6 +25,8 @@ from .cache_budget import PoolSizes, available_host_memory, block_bytes, parse_c
 from .acceptance import SpeculativeConfig
 from .overlap import ComputeBaton, cut_in_two, ping_pong
 from .scheduler import ScheduledBatch
+from .cache.layout import ModelLayout
+from .snapshots import SnapshotStore, apply_before_pass, restore_remote
 from .speculative import SpeculativeDecoder
 
 if TYPE_CHECKING:  # the in-process engine runs without gRPC
@@ -81,6 +83,9 @@ class ModelRunner:
         self.device = model.lm_head.weight.device
         self.pools = model.allocate_pools(sizes.num_blocks, sizes.num_slots)
         self.samplers: dict[int, Sampler] = {}
+        self.snapshots = SnapshotStore()  # the prefix cache's state snapshots (empty without one)
+        self.layout = ModelLayout.from_config(model.config, str(model.lm_head.weight.dtype).removeprefix("torch."),
+                                              with_mtp=model.mtp is not None)
         self.baton = ping_pong
         self._micro_batch_threads = ThreadPoolExecutor(2, thread_name_prefix="micro-batch") if ping_pong else None
         self.speculative = (SpeculativeDecoder(model, self.pools, speculative, self.device)
@@ -103,6 +108,9 @@ class ModelRunner:
         seq_id -> new tokens for the sequences that reached their end (one each, or with speculation
         the accepted drafts and one more; the next drafts are then in `self.drafts`)."""
         seqs = batch.seqs
+        apply_before_pass(self.pools, self.snapshots, batch)
+        for slot, table, hit in batch.remote_restores:
+            restore_remote(self.pools, self.layout, slot, table, hit)
         fresh = [slot for s, slot in zip(seqs, batch.state_slots) if s.num_computed == 0]
         if fresh:  # admitted, or readmitted after a preemption: its DeltaNet state starts from zeros
             self.pools.zero_slots(torch.tensor(fresh, device=self.device))
@@ -129,7 +137,19 @@ class ModelRunner:
         their states (each sequence owns its blocks and slot, so the two halves never touch the same memory)."""
         seqs, counts = batch.seqs[part], batch.num_new_tokens[part]
         ids = [t for s, n in zip(seqs, counts) for t in s.token_slice(n)]
+        first = part.start
+        due = [(i - first, p, key) for i, p, key in batch.snapshots if part.start <= i < part.stop]
+        inside = any(p < seqs[i].num_computed + counts[i] for i, p, _ in due)  # from the chunked pass
         forward = ForwardBatch.build(self.pools, [s.num_computed for s in seqs], counts,
-                                     batch.block_tables[part], batch.state_slots[part], self.device)
+                                     batch.block_tables[part], batch.state_slots[part], self.device,
+                                     record_checkpoints=inside)
+        if inside:
+            forward.keep_checkpoints = [set() for _ in seqs]
+            for i, p, _ in due:
+                forward.keep_checkpoints[i].add(p)
         logits, _ = self.model.forward_batch(torch.tensor(ids, dtype=torch.long, device=self.device), forward)
+        for i, p, key in due:  # the state after p tokens: the slot itself when the chunk ends there
+            at_end = p == seqs[i].num_computed + counts[i]
+            state = self.pools.read_state(batch.state_slots[first + i]) if at_end else forward.checkpoints[i][p]
+            self.snapshots.put(key.hex, state)
         return logits

@@ -12,6 +12,11 @@ memory:
      (chunked prefill: a long prompt takes several steps and never stalls the decodes). Blocks for
      the whole prompt are taken at admission, so an admitted prefill never waits for memory.
 A request that could never fit, even alone in the whole cache, is rejected at submit.
+
+With a prefix cache (router/prefix_cache.py) admission first looks the sequence's tokens up: on a hit
+at p it shares the cached blocks, its state slot is loaded from the snapshot at p and prefill starts
+at p. Prefill chunks then also stop where a state snapshot is due (the prompt minus its last token,
+which is where an identical prompt will look), and the batch tells the runner which snapshots to take.
 """
 from __future__ import annotations
 
@@ -54,6 +59,10 @@ class Sequence:
     draft_ids: list[int] = field(default_factory=list)
     num_draft_tokens: int = 0     # drafts verified so far...
     num_accepted_tokens: int = 0  # ...and accepted (the acceptance the response's usage reports)
+    num_cached: int = 0  # prompt tokens restored from the prefix cache at first admission
+    cache_keys: list = field(default_factory=list)  # chain keys of all known tokens but the last (with a cache)
+    snapshot_at: int = 0  # where the prefill stops for a state snapshot (the tokens of cache_keys)
+    remote_hit: object = None  # a verified Redis hit (router/redis_cache.py) deeper than the local tier, until admitted
 
     @property
     def num_tokens(self) -> int:
@@ -84,6 +93,13 @@ class ScheduledBatch:
     block_tables: list[list[int]] = field(default_factory=list)  # each sequence's KV blocks, in order
     state_slots: list[int] = field(default_factory=list)         # each sequence's DeltaNet state slot
     draft_ids: list[list[int]] = field(default_factory=list)     # drafts fed after each one's pending token
+    # The prefix cache's work for the runner, in the order it does it (all empty without a cache):
+    end_snapshots: list[tuple[int, str]] = field(default_factory=list)  # (slot, key): state of a sequence that ended
+    dropped: list[str] = field(default_factory=list)       # snapshot keys evicted: free their tensors
+    copies: list = field(default_factory=list)             # BlockCopy: partial tail blocks to copy before the pass
+    restores: list[tuple[int, str]] = field(default_factory=list)  # (slot, key): load a snapshot into a slot
+    snapshots: list[tuple[int, int, str]] = field(default_factory=list)  # (batch index, position, key) to take
+    remote_restores: list[tuple[int, list[int], object]] = field(default_factory=list)  # (slot, table, Redis hit)
 
     @property
     def num_tokens(self) -> int:
@@ -108,9 +124,19 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: preemption takes from the end
         self.num_preemptions = 0
+        self._end_snapshots: list[tuple[int, str]] = []
+        # What the last postprocess registered, for the Redis tier: (chain keys, the ended sequence's slot
+        # or None when the snapshot is in the runner's store under the last key)
+        self.new_snapshots: list[tuple[list, int | None]] = []
 
     def add(self, seq: Sequence) -> None:
         """Queue a sequence. RequestTooLarge if it cannot fit even alone, QueueFull if the queue is full."""
+        self.check(seq)
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def check(self, seq: Sequence) -> None:
+        """What `add` raises, without queueing (the engine checks before a cache lookup, then adds)."""
         need = seq.stop.max_fed_tokens(len(seq.prompt_ids))
         if need > self.blocks.capacity_tokens:
             raise RequestTooLarge(
@@ -119,8 +145,6 @@ class Scheduler:
                 f"shorten the prompt or lower max_tokens")
         if len(self.waiting) >= self.max_queue:
             raise QueueFull(f"{len(self.waiting)} requests are already waiting (the limit is {self.max_queue})")
-        seq.status = Status.WAITING
-        self.waiting.append(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -151,12 +175,29 @@ class Scheduler:
                 counts.append(n)
                 drafts.append([])
                 budget -= n
+        restores, remote = [], []
         while budget > 0 and self.waiting and len(self.running) < self.max_running:
             seq = self.waiting[0]
-            if not self.blocks.can_admit(seq.num_tokens):
+            hit = self._lookup(seq)
+            if not self.blocks.can_admit(seq.num_tokens, hit):
                 break  # arrival order: a large request is not overtaken forever by small ones
             self.waiting.popleft()
-            self.blocks.admit(seq.seq_id, seq.num_tokens)
+            if seq.remote_hit is not None and seq.remote_hit.position > (hit.position if hit else 0):
+                hit, from_redis = None, seq.remote_hit  # deeper in Redis: fresh blocks, written by the runner
+            else:
+                from_redis = None
+            seq.remote_hit = None
+            self.blocks.admit(seq.seq_id, seq.num_tokens, hit)
+            if from_redis is not None:
+                seq.num_computed = from_redis.position
+                remote.append((self.blocks.slot(seq.seq_id), list(self.blocks.table(seq.seq_id)), from_redis))
+                if seq.num_preemptions == 0:
+                    seq.num_cached = from_redis.position
+            if hit is not None:
+                seq.num_computed = hit.position
+                restores.append((self.blocks.slot(seq.seq_id), hit.snapshot))
+                if seq.num_preemptions == 0:
+                    seq.num_cached = hit.position
             seq.status = Status.RUNNING
             self.running.append(seq)
             n = self._chunk(seq, budget)
@@ -166,14 +207,54 @@ class Scheduler:
             budget -= n
         if not seqs:
             return None
-        return ScheduledBatch(seqs, counts, [self.blocks.table(s.seq_id) for s in seqs],
-                              [self.blocks.slot(s.seq_id) for s in seqs], drafts)
+        batch = ScheduledBatch(seqs, counts, [self.blocks.table(s.seq_id) for s in seqs],
+                               [self.blocks.slot(s.seq_id) for s in seqs], drafts)
+        if self.blocks.caching:
+            batch.end_snapshots, self._end_snapshots = self._end_snapshots, []
+            batch.dropped, batch.copies, batch.restores = self.blocks.take_dropped(), self.blocks.take_copies(), restores
+            batch.remote_restores = remote
+            batch.snapshots = [(i, p, key) for i, (s, n) in enumerate(zip(seqs, counts)) for p, key in self._due(s, n)]
+        return batch
+
+    def _lookup(self, seq: Sequence):
+        """The prefix cache's hit for a sequence about to be admitted (None: a miss, or no cache)."""
+        if not self.blocks.caching:
+            return None
+        tokens = seq.prompt_ids + seq.output_ids
+        if seq.snapshot_at != len(tokens) - 1 or not seq.cache_keys:
+            seq.snapshot_at = len(tokens) - 1  # at least one token must run, for the next token's logits
+            seq.cache_keys = self.blocks.keys(tokens[:-1])
+        return self.blocks.lookup(seq.cache_keys, tokens[:-1])
+
+    def _due(self, seq: Sequence, n: int) -> list[tuple[int, object]]:
+        """(position, key) of the state snapshots this prefill chunk reaches: every snapshot interval, the
+        last block boundary of the prompt and the prompt minus its last token. One inside the chunk comes
+        from the chunked pass's checkpoints, which sit at block boundaries only if the chunk starts on one."""
+        start, end = seq.num_computed, seq.num_computed + n
+        if not seq.is_prefilling or start >= seq.snapshot_at:
+            return []
+        bs = self.blocks.block_size
+        last_boundary = seq.snapshot_at // bs * bs
+        positions = [p for p in range((start // bs + 1) * bs, min(end, seq.snapshot_at) + 1, bs)
+                     if (p == end or start % bs == 0) and (p % self.blocks.snapshot_interval == 0 or p == last_boundary)]
+        if end == seq.snapshot_at and end not in positions:
+            positions.append(end)
+        due = []
+        for p in positions:
+            key = seq.cache_keys[(p - 1) // bs]
+            assert key.position == p
+            if not self.blocks.has_snapshot(key.hex):
+                due.append((p, key))
+        return due
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
         """Prompt tokens to feed under `budget`. A cut chunk ends on a block boundary when it can, so the
         DeltaNet states the chunked pass records (every 64 tokens of a pass) sit at absolute block
         boundaries, where a prefix cache can use them."""
         n = min(seq.num_pending, budget)
+        if self.blocks.caching and seq.num_computed < seq.snapshot_at < seq.num_computed + n and \
+                not self.blocks.has_snapshot(seq.cache_keys[-1].hex):
+            n = seq.snapshot_at - seq.num_computed  # stop where an identical prompt will look (the runner snapshots)
         if n < seq.num_pending:
             end = (seq.num_computed + n) // self.blocks.block_size * self.blocks.block_size
             if end > seq.num_computed:
@@ -209,28 +290,54 @@ class Scheduler:
         `drafts`: seq_id -> drafts to feed next step. Returns the sequences that finished (already
         removed); a stop among several new tokens drops the ones after it."""
         finished = []
+        self.new_snapshots = []
+        due: dict[int, list] = {}
+        for i, position, key in batch.snapshots:
+            due.setdefault(i, []).append(key)
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             if seq.status is not Status.RUNNING:
+                for key in due.get(i, ()):
+                    self.blocks.discard_snapshot(key.hex)  # aborted while the step ran: nothing to keep
                 continue  # aborted while the step ran
             tokens = sampled.get(seq.seq_id)
             if isinstance(tokens, int):
                 tokens = [tokens]
             if tokens is None:
                 seq.num_computed += n
+            else:
+                # The model keeps the pending token and the accepted drafts; the rejected ones are forgotten.
+                seq.num_computed += n - (len(batch.drafts(i)) - (len(tokens) - 1))
+                seq.num_draft_tokens += len(batch.drafts(i))
+                seq.num_accepted_tokens += len(tokens) - 1 if batch.drafts(i) else 0
+            for key in due.get(i, ()):  # the runner took these snapshots during the step (prefill only)
+                keys = seq.cache_keys[:(key.position - 1) // self.blocks.block_size + 1]
+                self.blocks.register(seq.seq_id, keys)
+                self.new_snapshots.append((keys, None))
+            if tokens is None:
                 continue
-            # The model keeps the pending token and the accepted drafts; the rejected ones are forgotten.
-            seq.num_computed += n - (len(batch.drafts(i)) - (len(tokens) - 1))
-            seq.num_draft_tokens += len(batch.drafts(i))
-            seq.num_accepted_tokens += len(tokens) - 1 if batch.drafts(i) else 0
             seq.draft_ids = list((drafts or {}).get(seq.seq_id, ()))
             for token in tokens:
                 seq.output_ids.append(token)
                 reason = seq.stop.finish_reason(token, len(seq.output_ids), seq.num_tokens)
                 if reason is not None:
+                    if self.blocks.caching:
+                        self._snapshot_at_end(seq)
                     self.finish(seq, reason)
                     finished.append(seq)
                     break
         return finished
+
+    def _snapshot_at_end(self, seq: Sequence) -> None:
+        """Keep the state of a finished sequence (all it computed: the next turn of a conversation starts
+        with these tokens); the runner copies it out of the slot before the slot is used again."""
+        if seq.num_computed > seq.num_tokens:
+            return  # a stop among accepted drafts: the slot holds tokens that the output dropped
+        computed = (seq.prompt_ids + seq.output_ids)[:seq.num_computed]
+        keys = self.blocks.keys(computed)
+        if keys and not self.blocks.has_snapshot(keys[-1].hex):
+            key = self.blocks.register(seq.seq_id, keys)
+            self._end_snapshots.append((self.blocks.slot(seq.seq_id), key))
+            self.new_snapshots.append((keys, self.blocks.slot(seq.seq_id)))
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Remove a sequence wherever it is (finished, aborted by its client, or failed) and free its memory."""

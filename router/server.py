@@ -26,6 +26,12 @@ from .block_manager import BlockManager
 from .cache_budget import parse_cache_memory
 from .http_server import HttpServer, serve_openai
 from .acceptance import DEFAULT_DRAFT_COST, MAX_SPECULATIVE_TOKENS, SpeculativeConfig
+from .cache.keys import CacheNamespace
+from .cache_metrics import PrefixCacheCollector
+from .cache.layout import ModelLayout
+from .cache.redis_tier import RedisTier, RedisTierOptions
+from .prefix_cache import SNAPSHOTS_PER_SLOT, CachingBlockManager
+from .redis_cache import RedisCache
 from .runner import ModelRunner, load_dense_model, plan_cache
 from .scheduler import Scheduler
 from .service import ServingService
@@ -53,6 +59,11 @@ class RouterOptions:
     max_queue: int = 256
     kv_cache_memory: str = "4GiB"  # KV blocks + DeltaNet state slots: an amount or a fraction of free memory
     expert_timeout: float = 60.0  # seconds a worker may take for one layer before it counts as failed
+    # The Redis shared by the prefix cache's second tier and the session records (None: the local tier only,
+    # sessions in memory) and the cache entries' lifetime.
+    cache_url: str | None = None
+    cache_ttl: float = 24 * 3600.0
+    cache_snapshot_interval: int = 1024  # prefix cache: a DeltaNet state snapshot every N prompt tokens (64 | N)
     micro_batches: int = 1  # 2: two micro-batches ping-pong, one computing while the other's tokens are away
     speculative_tokens: int = 0  # 1..4: draft with the MTP head and verify in one pass (router/speculative.py)
     speculative_draft_cost: float = DEFAULT_DRAFT_COST  # a draft's cost in decode steps: below it, drafting stops
@@ -68,7 +79,6 @@ class RouterOptions:
     # unless cache_url names a Redis (redis:// or rediss://); records expire session_ttl seconds after last use.
     session_ttl: float = 3600.0
     max_sessions: int = 10_000
-    cache_url: str | None = None
 
     def __post_init__(self):
         if self.micro_batches not in (1, 2):
@@ -83,11 +93,13 @@ class RouterOptions:
             raise ValueError(f"need --max-batch-tokens >= 1, --max-running-requests >= 1 and --max-queue >= 0; got "
                              f"{self.max_batch_tokens}, {self.max_running_requests}, {self.max_queue}")
         parse_cache_memory(self.kv_cache_memory)  # a typo fails here, before any weight is loaded
+        if self.cache_url is not None:
+            RedisTierOptions(self.cache_url, ttl_seconds=self.cache_ttl)  # a bad URL or TTL fails here
+        if self.cache_snapshot_interval < 64 or self.cache_snapshot_interval % 64:
+            raise ValueError(f"--cache-snapshot-interval must be a positive multiple of 64, got "
+                             f"{self.cache_snapshot_interval}")
         if not self.session_ttl > 0 or self.max_sessions < 1:
             raise ValueError(f"need --session-ttl > 0 and --max-sessions >= 1; got {self.session_ttl}, {self.max_sessions}")
-        if self.cache_url is not None:
-            from .cache.redis_tier import RedisTierOptions
-            RedisTierOptions(self.cache_url)  # a bad URL fails here, before any weight is loaded
 
 
 def parse_workers(specs: list[str]) -> dict[int, list[str]]:
@@ -141,6 +153,7 @@ class Router:
         await self.server.stop(EXIT_GRACE_SECONDS)
         await self.pool.close()
         await self.sessions.close()
+        await self._close_cache()
         await self._close_telemetry()
         return cut
 
@@ -151,7 +164,12 @@ class Router:
         await self.pool.close()  # first: a forward pass in flight then fails fast instead of waiting on workers
         await self.engine.stop()
         await self.sessions.close()
+        await self._close_cache()
         await self._close_telemetry()
+
+    async def _close_cache(self) -> None:
+        if self.engine.redis_cache is not None:  # writes still queued get a bounded moment, then are dropped
+            await self.engine.redis_cache.tier.close(drain_timeout_s=EXIT_GRACE_SECONDS)
 
     async def _close_telemetry(self) -> None:
         if self.metrics is not None:
@@ -180,9 +198,18 @@ async def start_router(options: RouterOptions) -> Router:
     except BaseException:
         await pool.close()
         raise
-    log.info("%s", sizes.describe())
-    scheduler = Scheduler(options.max_batch_tokens, options.max_running_requests, options.max_queue,
-                          BlockManager(sizes.num_blocks, sizes.num_slots))
+    if options.speculative_tokens:
+        # The speculative step runs its own verify pass, which takes no prefix-cache snapshots yet, and a
+        # resumed prefix would lack the MTP head's KV: until both are built, speculation serves uncached.
+        blocks = BlockManager(sizes.num_blocks, sizes.num_slots)
+        log.info("%s; prefix cache off: --speculative-tokens does not combine with it yet", sizes.describe())
+    else:
+        blocks = CachingBlockManager(sizes.num_blocks, sizes.num_slots, CacheNamespace(fingerprint, options.dtype),
+                                     max_snapshots=SNAPSHOTS_PER_SLOT * sizes.num_slots,
+                                     snapshot_interval=options.cache_snapshot_interval)
+        log.info("%s; prefix cache: up to %d DeltaNet state snapshots (%.1f MiB)", sizes.describe(),
+                 blocks.max_snapshots, blocks.max_snapshots * sizes.slot_bytes / 2**20)
+    scheduler = Scheduler(options.max_batch_tokens, options.max_running_requests, options.max_queue, blocks)
     try:
         tracing = setup_tracing("nextserve-router", options.otlp_endpoint, options.trace_sample_ratio)
     except ValueError:
@@ -194,7 +221,15 @@ async def start_router(options: RouterOptions) -> Router:
                          speculative=SpeculativeConfig(options.speculative_tokens, options.speculative_draft_cost)
                          if options.speculative_tokens else None)
     eos = tokenizer.eos_token_id if tokenizer is not None else config.eos_token_id
-    engine = Engine(runner, scheduler, pool, eos, config.max_position_embeddings, telemetry)
+    redis_cache = None
+    if options.cache_url is not None and blocks.caching:
+        tier = RedisTier(RedisTierOptions(options.cache_url, ttl_seconds=options.cache_ttl), blocks.namespace,
+                         runner.layout)
+        await tier.start()  # never fails on Redis: `degraded` says why it is not working
+        redis_cache = RedisCache(tier, blocks, runner.pools, runner.layout)
+    engine = Engine(runner, scheduler, pool, eos, config.max_position_embeddings, telemetry, redis_cache)
+    if blocks.caching:
+        telemetry.registry.register(PrefixCacheCollector(blocks, redis_cache))
 
     drain = Drain()
     sessions = open_session_stores(options.cache_url, options.session_ttl, options.max_sessions)

@@ -133,6 +133,7 @@ class ServingService(serving_pb2_grpc.ServingServicer):
                         await context.abort(e.code, f"{e}; this turn's output was not stored in the session")
                 response.finish_reason = _FINISH[delta.finish_reason]
                 response.usage.prompt_tokens = len(prompt_ids)
+                response.usage.cached_tokens = stream.seq.num_cached
                 response.usage.completion_tokens = len(output)
                 response.usage.draft_tokens = stream.seq.num_draft_tokens
                 response.usage.accepted_draft_tokens = stream.seq.num_accepted_tokens
@@ -162,10 +163,12 @@ class ServingService(serving_pb2_grpc.ServingServicer):
 
     async def ModelInfo(self, request, context):
         c = self.config
+        tiers, reason = self.engine.cache_status()
         return serving_pb2.ModelInfoResponse(
             architecture="Qwen3NextForCausalLM", fingerprint=self.fingerprint, vocab_size=c.vocab_size,
             context_limit=c.max_position_embeddings,
             eos_token_id=self.engine.eos_token_id if self.engine.eos_token_id is not None else -1,
             num_layers=c.num_hidden_layers, num_experts=c.num_experts, experts_per_token=c.num_experts_per_tok,
             shards=[serving_pb2.ShardStatus(shard=conn.shard, address=conn.address, healthy=conn.healthy)
-                    for conn in self.engine.pool.connections])
+                    for conn in self.engine.pool.connections],
+            cache=serving_pb2.CacheStatus(tiers=tiers, degraded=reason is not None, reason=reason or ""))

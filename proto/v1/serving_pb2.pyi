@@ -135,7 +135,7 @@ class ShardStatus(_message.Message):
     def __init__(self, shard: _Optional[int] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("architecture", "fingerprint", "vocab_size", "context_limit", "eos_token_id", "num_layers", "num_experts", "experts_per_token", "shards")
+    __slots__ = ("architecture", "fingerprint", "vocab_size", "context_limit", "eos_token_id", "num_layers", "num_experts", "experts_per_token", "shards", "cache")
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +145,7 @@ class ModelInfoResponse(_message.Message):
     NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     fingerprint: str
     vocab_size: int
@@ -154,4 +155,15 @@ class ModelInfoResponse(_message.Message):
     num_experts: int
     experts_per_token: int
     shards: _containers.RepeatedCompositeFieldContainer[ShardStatus]
-    def __init__(self, architecture: _Optional[str] = ..., fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., context_limit: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., experts_per_token: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ...) -> None: ...
+    cache: CacheStatus
+    def __init__(self, architecture: _Optional[str] = ..., fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., context_limit: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., experts_per_token: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ..., cache: _Optional[_Union[CacheStatus, _Mapping]] = ...) -> None: ...
+
+class CacheStatus(_message.Message):
+    __slots__ = ("tiers", "degraded", "reason")
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    tiers: str
+    degraded: bool
+    reason: str
+    def __init__(self, tiers: _Optional[str] = ..., degraded: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...

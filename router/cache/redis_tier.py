@@ -189,6 +189,8 @@ class RedisTier:
         if self._problems.get(kind) != problem:
             log.warning("prefix cache degraded: %s", problem)
         self._problems[kind] = problem
+        if kind == "unreachable":
+            self._wake.set()  # a writer idle without a timeout must start probing, or it never recovers
 
     def _succeeded(self, side: str) -> None:
         self._problems.pop("unreachable", None)

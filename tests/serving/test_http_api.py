@@ -55,7 +55,8 @@ def test_models_list_names_the_served_model(oai, base_url):
     models = oai.models.list()
     assert [m.id for m in models.data] == ["tiny"]
     assert oai.models.retrieve("tiny").id == "tiny"
-    assert httpx2.get(f"{base_url}/health").json() == {"status": "alive"}
+    assert httpx2.get(f"{base_url}/health").json() == {
+        "status": "alive", "cache": {"tiers": "local", "degraded": False, "reason": ""}}
     assert httpx2.get(f"{base_url}/ready").status_code == 200
 
 
@@ -178,7 +179,8 @@ def test_sse_framing_byte_for_byte(base_url, grpc_client, tokenizer):
     chunks.append(chunk(detok.flush(), pending, "length"))
     chunks.append({"id": head["id"], "object": "text_completion", "created": head["created"], "model": "tiny",
                    "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8,
-                                            "prompt_tokens_details": {"cached_tokens": 0}}})
+                                            # the gRPC call above left the prompt's first 2 tokens cached
+                                            "prompt_tokens_details": {"cached_tokens": 2}}})
     assert raw == _expected_sse(chunks)
 
 

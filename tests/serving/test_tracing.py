@@ -180,8 +180,9 @@ def test_one_request_is_one_trace_across_client_router_and_both_workers(helpers,
     assert client_span.kind == SPAN_KIND_CLIENT and client_span.parent_id == ""
     assert request.kind == SPAN_KIND_SERVER and request.parent_id == client_span.span_id
     assert {s.name for s in spans if s.parent_id == request.span_id} == {"queue", "prefill", "decode", "step"}
-    # one forward pass per token: the prompt's pass samples the first token, then two decodes
-    assert len(steps) == 3 and all(s.parent_id == request.span_id for s in steps)
+    # the prompt but its last token (the prefix cache snapshots the state there, where the same prompt
+    # will look), the last prompt token's pass samples the first token, then two decodes
+    assert len(steps) == 4 and all(s.parent_id == request.span_id for s in steps)
     assert forwards and all(by_id[f.parent_id].name == "step" for f in forwards)
     assert {f.resource["nextserve.shard"] for f in forwards} == {0, 1}
     assert all(f.resource["deployment.environment"] == "test" for f in forwards)  # OTEL_RESOURCE_ATTRIBUTES
@@ -195,7 +196,7 @@ def test_one_request_is_one_trace_across_client_router_and_both_workers(helpers,
     assert {k: request.attributes.get(k) for k in expected_request} == expected_request
     assert client_span.attributes["gen_ai.usage.output_tokens"] == 3
     assert client_span.attributes["gen_ai.response.id"] == completion.request_id
-    assert steps[0].attributes["nextserve.step.prefill_tokens"] == 3
+    assert [s.attributes["nextserve.step.prefill_tokens"] for s in steps[:2]] == [2, 1]
     for step in steps:
         children = [f for f in forwards if f.parent_id == step.span_id]
         for shard in {f.resource["nextserve.shard"] for f in children}:
@@ -291,7 +292,7 @@ def test_overlapping_requests_share_steps_by_links_and_failures_are_recorded(hel
     shared = [s for s in steps if s.parent_id == long.span_id and (short.trace_id, short.span_id) in s.links]
     assert shared, "a step serving both requests is the older one's child and links to the other"
     assert all(s.attributes["nextserve.step.sequences"] == 2 for s in shared)
-    assert len([s for s in steps if s.parent_id == long.span_id]) == 12
+    assert len([s for s in steps if s.parent_id == long.span_id]) == 13  # 12 tokens + the prefix cache's cut
 
     [invalid] = [r for r in requests if r.attributes["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]]
     assert "gen_ai.usage.output_tokens" not in invalid.attributes  # never admitted
