@@ -1,10 +1,10 @@
 # The two commands a fresh machine needs: `make serve` runs nextserve (a router and expert workers
-# on a small generated checkpoint, until Ctrl-C), `make test` runs the tests.
+# on the shipped trained model in models/stdlib, until Ctrl-C), `make test` runs the tests.
 # Each one creates or refreshes the virtual environment itself.
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
-CHECKPOINT ?= checkpoints/small
+CHECKPOINT ?= models/stdlib
 SHARDS ?= 2
 TRAINED ?= checkpoints/stdlib
 
