@@ -253,3 +253,29 @@ def http_router(servers, in_process_workers, tiny_checkpoint):
     router = servers.run(start_router(options))
     yield router
     servers.run(router.stop(0))
+
+
+@pytest.fixture(scope="module")
+def started_routers(servers, in_process_workers, tiny_checkpoint, helpers):
+    """start(**options) -> a started in-process Router (extra RouterOptions from `options`) over 2
+    workers; start.stop(router) stops one early (a restart), the rest stop at the module's end."""
+    from nextserve.router.server import RouterOptions, start_router
+
+    started = []
+
+    def start(**options):
+        router = servers.run(start_router(RouterOptions(
+            checkpoint=str(tiny_checkpoint), plan=helpers.contiguous_plan(tiny_checkpoint, 2),
+            workers=in_process_workers(2).addresses, host="127.0.0.1", port=0, dtype="float32", device="cpu",
+            **options)))
+        started.append(router)
+        return router
+
+    def stop(router):
+        started.remove(router)
+        servers.run(router.stop(0))
+
+    start.stop = stop
+    yield start
+    for router in started:
+        servers.run(router.stop(0))

@@ -17,29 +17,9 @@ GREEDY = dict(temperature=0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def start(servers, in_process_workers, tiny_checkpoint, helpers):
-    """start(**options) -> a started in-process Router over 2 workers; start.stop(router) stops one early,
-    the rest stop at the module's end."""
-    from nextserve.router.server import RouterOptions, start_router
-
-    started = []
-
-    def make(**options):
-        router = servers.run(start_router(RouterOptions(
-            checkpoint=str(tiny_checkpoint), plan=helpers.contiguous_plan(tiny_checkpoint, 2),
-            workers=in_process_workers(2).addresses, host="127.0.0.1", port=0, dtype="float32", device="cpu",
-            **options)))
-        started.append(router)
-        return router
-
-    def stop(router):
-        started.remove(router)
-        servers.run(router.stop(0))
-
-    make.stop = stop
-    yield make
-    for router in started:
-        servers.run(router.stop(0))
+def start(started_routers):
+    """start(**options) -> a started in-process Router over 2 workers (see started_routers)."""
+    return started_routers
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ The two routers of most tests are separate Router instances (own pools, own loca
 client) in this test process; all they share is Redis. The last test runs `nextserve router` as its own
 OS process.
 """
-import socket
 import sys
 import time
 
@@ -18,30 +17,18 @@ from nextserve.client import Client
 from nextserve.router.cache import codec
 from nextserve.router.cache.keys import CacheNamespace
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def two_routers(servers, in_process_workers, tiny_checkpoint, redis_server):
+def two_routers(servers, in_process_workers, tiny_checkpoint, redis_server, helpers):
     from nextserve.router.server import RouterOptions, start_router
 
     workers = in_process_workers(2)
-    plan = cache_conftest_plan(tiny_checkpoint)
+    plan = helpers.contiguous_plan(tiny_checkpoint, 2)
     started = [servers.run(start_router(RouterOptions(
         checkpoint=str(tiny_checkpoint), plan=plan, workers=workers.addresses, host="127.0.0.1", port=0,
         dtype="float32", device="cpu", cache_url=redis_server.url, http_port=0))) for _ in range(2)]
     yield started
     for router in started:
         servers.run(router.stop(0))
-
-
-def cache_conftest_plan(checkpoint):
-    from nextserve.model.checkpoint import load_config
-    from nextserve.worker.plan import ExpertPlan
-    return ExpertPlan.contiguous(load_config(checkpoint).num_experts, 2)
 
 
 @pytest.fixture
@@ -228,15 +215,16 @@ def block_key_of(raw: bytes):
     return BlockKey(h["position"], bytes.fromhex(h["key"]))
 
 
-def test_a_router_process_resumes_what_another_router_stored(deployment, tiny_checkpoint, redis_server, tmp_path):
+def test_a_router_process_resumes_what_another_router_stored(deployment, tiny_checkpoint, redis_server, tmp_path,
+                                                              helpers):
     """`nextserve router --cache-url` as its own OS process, over the same workers and Redis."""
     import os
     import subprocess
 
     router = deployment.routers[0]
     plan_file = tmp_path / "plan.json"
-    plan_file.write_text(cache_conftest_plan(tiny_checkpoint).to_json())
-    port = free_port()
+    plan_file.write_text(helpers.contiguous_plan(tiny_checkpoint, 2).to_json())
+    port = helpers.free_port()
     argv = [sys.executable, "-m", "nextserve.cli.main", "router", "--checkpoint", str(tiny_checkpoint),
             "--plan", str(plan_file), "--port", str(port), "--host", "127.0.0.1", "--no-http", "--device", "cpu",
             "--dtype", "float32", "--cache-url", redis_server.url, "--cache-ttl", "600",

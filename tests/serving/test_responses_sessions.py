@@ -14,29 +14,14 @@ from nextserve.model.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
-def start(servers, in_process_workers, tiny_checkpoint, helpers):
+def start(started_routers):
     """start(cache_url) -> a started Router with HTTP on (model "tiny"); start.stop(router) stops one
     early, the rest stop at the module's end."""
-    from nextserve.router.server import RouterOptions, start_router
+    def with_http(cache_url):
+        return started_routers(http_port=0, served_model_name="tiny", cache_url=cache_url)
 
-    started = []
-
-    def make(cache_url):
-        router = servers.run(start_router(RouterOptions(
-            checkpoint=str(tiny_checkpoint), plan=helpers.contiguous_plan(tiny_checkpoint, 2),
-            workers=in_process_workers(2).addresses, host="127.0.0.1", port=0, dtype="float32", device="cpu",
-            http_port=0, served_model_name="tiny", cache_url=cache_url)))
-        started.append(router)
-        return router
-
-    def stop(router):
-        started.remove(router)
-        servers.run(router.stop(0))
-
-    make.stop = stop
-    yield make
-    for router in started:
-        servers.run(router.stop(0))
+    with_http.stop = started_routers.stop
+    return with_http
 
 
 def oai(router) -> openai.OpenAI:
