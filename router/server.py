@@ -238,18 +238,24 @@ async def start_router(options: RouterOptions) -> Router:
         ServingService(engine, config, tokenizer, fingerprint, sessions.sessions), server)
     health_service = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
-    port = server.add_insecure_port(f"{options.host}:{options.port}")
-    if port == 0:
+
+    async def release() -> None:
+        """What is open before the Router exists to stop it: the pool, the session stores, the cache tier."""
         await pool.close()
         await sessions.close()
+        if redis_cache is not None:
+            await redis_cache.tier.close(drain_timeout_s=0)
+
+    port = server.add_insecure_port(f"{options.host}:{options.port}")
+    if port == 0:
+        await release()
         raise OSError(f"cannot listen on {options.host}:{options.port}")
     try:
         metrics = (MetricsServer(telemetry.registry, options.host, options.metrics_port)
                    if options.metrics_port is not None else None)
     except OSError:
         telemetry.shutdown()
-        await pool.close()
-        await sessions.close()
+        await release()
         raise
 
     router = Router(server, port, engine, pool, health_service, drain, sessions, metrics)
