@@ -2,7 +2,8 @@
 
 kopf watches the custom resource itself; everything the operator builds (ConfigMaps,
 Services, StatefulSets, Deployments, PodDisruptionBudgets, the router's HorizontalPodAutoscaler) goes through the official
-asyncio client. Credentials are loaded by that client the usual way: the in-cluster service
+asyncio client, and so does the one kind it only lists: the router Pods, to ask them about their
+cache. Credentials are loaded by that client the usual way: the in-cluster service
 account in a pod, the current kubeconfig context elsewhere.
 
 Children are written with server-side apply, and only when the desired object differs from
@@ -36,6 +37,7 @@ KINDS: dict[str, tuple[type, str]] = {
     "Deployment": (client.AppsV1Api, "deployment"),
     "PodDisruptionBudget": (client.PolicyV1Api, "pod_disruption_budget"),
     "HorizontalPodAutoscaler": (client.AutoscalingV2Api, "horizontal_pod_autoscaler"),
+    "Pod": (client.CoreV1Api, "pod"),
 }
 
 # The verbs each kind is used with; the chart's RBAC rules are checked against this table.
@@ -46,6 +48,7 @@ VERBS_USED: dict[str, set[str]] = {
     "Deployment": {"get", "list", "create", "patch", "delete"},
     "PodDisruptionBudget": {"get", "list", "create", "patch", "delete"},
     "HorizontalPodAutoscaler": {"get", "create", "patch", "delete"},  # one per deployment, found by name
+    "Pod": {"list"},  # the router pods, read only: asked for their cache state (router_probe.py)
 }
 
 ApiError = ApiException

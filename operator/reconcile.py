@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from nextserve.operator import manifests as m
+from nextserve.operator import router_probe
 from nextserve.operator import spec as s
 from nextserve.operator import status as st
 from nextserve.operator.kube import Kube
@@ -98,6 +99,12 @@ async def reconcile(api: Kube, body: Mapping[str, Any], now: str | None = None,
             in_force = st.plan_ref(old_plan, old_cms[0]["metadata"]["name"])
             in_force_ready = len(old_sets) == old_plan.num_shards and all(st.statefulset_ready(w)[2] for w in old_sets)
 
+    # Only a shared cache has something to report on the resource; each router's own memory tier does not.
+    cache_reports = None
+    if spec.cache is not None:
+        pods = await api.list("Pod", namespace, m.selector_labels(name, "router"))
+        cache_reports = await router_probe.ask_routers(pods)
+
     return st.compute_status(
         generation=generation,
         target=target,
@@ -109,6 +116,7 @@ async def reconcile(api: Kube, body: Mapping[str, Any], now: str | None = None,
         endpoint=m.router_endpoint(name, namespace, spec),
         old=old_status,
         now=now,
+        cache_reports=cache_reports,
     )
 
 

@@ -11,9 +11,9 @@ from typing import Any
 
 from nextserve.worker.plan import ExpertPlan
 
-# A condition exists only for a feature that works end to end: no CacheReady until the routers
-# report their cache state (it must say what they see, not whether a Redis pod is ready).
-CONDITION_TYPES = ("Ready", "WorkersReady", "RouterReady", "Progressing", "Degraded")
+# CacheReady only with a shared cache (spec.cache): what the routers report about it, never whether
+# a Redis pod is ready (a ready Redis the routers cannot reach is no cache).
+CONDITION_TYPES = ("Ready", "WorkersReady", "RouterReady", "Progressing", "Degraded", "CacheReady")
 
 
 # -- readiness of single children ---------------------------------------------------------
@@ -151,6 +151,61 @@ def plan_ref(plan: ExpertPlan, configmap: str) -> dict[str, Any]:
     }
 
 
+# -- the shared cache, as the routers report it -------------------------------------------
+
+SHARED_TIER = "redis"   # in ModelInfo's CacheStatus.tiers ("local+redis", serving.proto) when --cache-url is set
+NAMED_REPLICAS = 4      # replicas named in a message; the rest are counted
+SERVING_WITHOUT_CACHE = ("Ready does not depend on it: requests are served, computing what the cache misses, "
+                         "and continuing a stored session answers UNAVAILABLE until Redis works again")
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterCacheReport:
+    """What one ready router pod said about its cache (gRPC ModelInfo), or why it could not be asked."""
+    pod: str
+    tiers: str = ""             # e.g. "local+redis"
+    degraded: bool = False
+    reason: str = ""            # the router's own words for what is wrong
+    error: str | None = None    # set: the router was not asked, or did not answer
+
+    @property
+    def problem(self) -> str | None:
+        """Why this router's shared tier does not work (None: it works, or the router was not asked)."""
+        if self.error is not None:
+            return None
+        if SHARED_TIER not in self.tiers.split("+"):
+            return f"uses no shared tier (its cache tiers are {self.tiers or 'unset'!r})"
+        if self.degraded:
+            return self.reason or "degraded (the router gave no reason)"
+        return None
+
+
+def _listing(items: Sequence[str]) -> str:
+    shown = "; ".join(items[:NAMED_REPLICAS])
+    return shown + (f"; and {len(items) - NAMED_REPLICAS} more" if len(items) > NAMED_REPLICAS else "")
+
+
+def cache_condition(reports: Sequence[RouterCacheReport], generation: int | None) -> dict[str, Any]:
+    """CacheReady from one report per ready router replica: True only when every one of them
+    reports its shared tier working."""
+    if not reports:
+        return condition("CacheReady", None, "NoRouterReady",
+                         "no router replica is ready yet to report on the shared cache", generation)
+    broken = [f"{r.pod}: {r.problem}" for r in reports if r.problem]
+    unasked = [f"{r.pod}: {r.error}" for r in reports if r.error is not None]
+    working = len(reports) - len(broken) - len(unasked)
+    counted = f"{working}/{len(reports)} ready router replicas report the shared cache working"
+    if broken:
+        also = f"; not asked: {_listing(unasked)}" if unasked else ""
+        return condition("CacheReady", False, "CacheDegraded",
+                         f"{counted}; {_listing(broken)}{also}. {SERVING_WITHOUT_CACHE}", generation)
+    if unasked:
+        return condition("CacheReady", None, "CacheUnreachable",
+                         f"{counted}; could not ask {_listing(unasked)}", generation)
+    return condition("CacheReady", True, "CacheWorking",
+                     f"every ready router replica ({len(reports)}) reports the shared cache (Redis) working", generation)
+
+
 def compute_status(
     *,
     generation: int | None,
@@ -163,10 +218,12 @@ def compute_status(
     endpoint: str,
     old: Mapping[str, Any] | None,
     now: str,
+    cache_reports: Sequence[RouterCacheReport] | None = None,
 ) -> dict[str, Any]:
     """The whole status.  `shard_sets` maps the target plan's shards to their StatefulSets;
     `in_force` is plan_ref() of the plan the router serves with (None before a router
-    exists); `in_force_ready` says whether that plan's workers are all ready."""
+    exists); `in_force_ready` says whether that plan's workers are all ready;
+    `cache_reports` has one report per ready router pod, None without a shared cache."""
     old = old or {}
     shards = []
     for shard in target.shard_indices:
@@ -248,7 +305,9 @@ def compute_status(
         "plan": in_force,
         "targetPlan": plan_ref(target, target_configmap) if rolling else None,
         "conditions": stamp_transitions(
-            [ready_cond, workers, router_cond, progressing, degraded], old.get("conditions"), now
+            [ready_cond, workers, router_cond, progressing, degraded]
+            + ([cache_condition(cache_reports, generation)] if cache_reports is not None else []),
+            old.get("conditions"), now,
         ),
     }
     return status

@@ -44,6 +44,7 @@ class RedisTierOptions:
     write_timeout_s: float = 5.0               # one value's transaction
     connect_timeout_s: float = 0.5
     retry_after_s: float = 1.0                 # after a connection failure, skip Redis this long
+    health_interval_s: float = 5.0             # an idle tier PINGs this often, so health is news even without traffic
     queue_bytes: int = 1 << 30                 # pending writes, at most this many tensor bytes ...
     queue_entries: int = 4096                  # ... and this many values; beyond that writes are dropped
     inline_bytes: int = 64 * 2**10             # payloads up to this size live in the head itself
@@ -74,6 +75,8 @@ class RedisTierOptions:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.retry_after_s < 0:
             raise ValueError(f"retry_after_s must be >= 0, got {self.retry_after_s}")
+        if not self.health_interval_s > 0:
+            raise ValueError(f"health_interval_s must be > 0, got {self.health_interval_s}")
 
     @property
     def ttl_ms(self) -> int:
@@ -165,7 +168,8 @@ class RedisTier:
 
     async def probe(self) -> bool:
         """One bounded PING. While Redis is unreachable the writer runs it every `retry_after_s`, so the
-        tier recovers (and `degraded` clears) by itself even when no request comes."""
+        tier recovers (and `degraded` clears) by itself even when no request comes; while it works, every
+        `health_interval_s` of idleness, so a Redis that went away is reported before a request finds out."""
         try:
             await asyncio.wait_for(self._client.ping(), self.options.connect_timeout_s + self.options.lookup_timeout_s)
         except (RedisError, OSError, asyncio.TimeoutError) as e:
@@ -246,7 +250,11 @@ class RedisTier:
                     await self.probe()
                     continue
             else:
-                await self._wake.wait()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.options.health_interval_s)
+                except asyncio.TimeoutError:
+                    await self.probe()
+                    continue
             self._wake.clear()
             while self._queue:
                 write = self._queue[0]

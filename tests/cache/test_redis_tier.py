@@ -213,6 +213,24 @@ async def test_a_tier_started_without_redis_says_so_and_recovers_with_no_request
     assert_hit(await tier.lookup(keys), keys, kv, states, 0)
 
 
+async def test_an_idle_tier_notices_redis_going_away_with_no_request(make_tier, redis_server):
+    tier = await make_tier(health_interval_s=0.2)
+    assert tier.degraded is None
+    redis_server.kill()
+    for _ in range(50):  # the idle writer PINGs every health_interval_s (0.2 s here)
+        if tier.degraded is not None:
+            break
+        await asyncio.sleep(0.1)
+    assert tier.degraded is not None and "unreachable" in tier.degraded
+    assert tier.counters.queries == 0  # no lookup found it out: the health check did
+    redis_server.start()
+    for _ in range(50):
+        if tier.degraded is None:
+            break
+        await asyncio.sleep(0.1)
+    assert tier.degraded is None
+
+
 async def test_a_hung_redis_times_out_within_the_lookup_bound_and_recovers(make_tier, redis_server, namespace,
                                                                          tensors_like):
     tier = await make_tier(lookup_timeout_s=0.2)

@@ -122,7 +122,7 @@ def _check_least_privilege(rules):
     # The children: exactly the verbs operator/kube.py uses on each kind, no more.
     from nextserve.operator.kube import KINDS, VERBS_USED
     groups = {"ConfigMap": "", "Service": "", "StatefulSet": "apps", "Deployment": "apps", "PodDisruptionBudget": "policy",
-              "HorizontalPodAutoscaler": "autoscaling"}
+              "HorizontalPodAutoscaler": "autoscaling", "Pod": ""}
     for kind, verbs in VERBS_USED.items():
         plural = {"PodDisruptionBudget": "poddisruptionbudgets",
                   "HorizontalPodAutoscaler": "horizontalpodautoscalers"}.get(kind, kind.lower() + "s")
@@ -343,8 +343,11 @@ async def test_operator_works_with_only_the_namespaced_roles(apiserver, cluster,
     op = operator_processes(_chart_container(kmock)["args"], "ns-nextserve-operator-5d8f9-q1", env["KUBECONFIG"],
                             tmp_path)
 
-    # Create, become ready, re-shard (new workers, router switch, old ones deleted): every verb the operator has.
-    await cluster.create_cr(cluster.make_body())
+    # Create, become ready, re-shard (new workers, router switch, old ones deleted): every verb the operator has;
+    # a shared cache, so that the router pods are listed too.
+    spec = cluster.small_spec()
+    spec["cache"] = {"managed": {}}
+    await cluster.create_cr(cluster.make_body(spec=spec))
     await cluster.eventually(lambda: "demo-router" in cluster.deployments(), timeout=60, what="router")
     cluster.ready_all()
     await cluster.eventually(lambda: cluster.condition("Ready")["status"] == "True", timeout=30, what="Ready")
@@ -367,7 +370,7 @@ async def test_operator_works_with_only_the_namespaced_roles(apiserver, cluster,
     assert all(ns == cluster.NS for ns, *_ in used), sorted(used)  # nothing cluster-wide, nothing elsewhere
     for needed in [("serving.nextserve.io", "qwen3nextdeployments", "watch"),
                    ("serving.nextserve.io", "qwen3nextdeployments/status", "patch"), ("kopf.dev", "kopfpeerings", "patch"),
-                   ("apps", "statefulsets", "delete"), ("policy", "poddisruptionbudgets", "create")]:
+                   ("apps", "statefulsets", "delete"), ("policy", "poddisruptionbudgets", "create"), ("", "pods", "list")]:
         assert (cluster.NS, *needed) in used, needed
     assert op.popen.poll() is None, op.log()[-3000:]
 

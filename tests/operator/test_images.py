@@ -8,7 +8,10 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-OPERATOR_PACKAGES = ("kopf", "kubernetes_asyncio", "pyyaml")
+# The gRPC client (with its health stubs and the OpenTelemetry API it propagates trace context with)
+# asks the routers about their cache.
+OPERATOR_PACKAGES = ("kopf", "kubernetes_asyncio", "pyyaml", "grpcio", "grpcio-health-checking", "protobuf",
+                     "opentelemetry-api")
 
 
 def test_constraints_match_the_tested_environment():
@@ -27,10 +30,12 @@ def test_operator_image_dependencies_are_enough():
         "import sys\n"
         "class Block:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('torch', 'triton', 'numpy', 'grpc', 'safetensors', 'tokenizers'):\n"
+        "        if name.split('.')[0] in ('torch', 'triton', 'numpy', 'safetensors', 'tokenizers', 'redis', 'fastapi'):\n"
+        "            raise ImportError(f'{name} is not in the operator image')\n"
+        "        if name.startswith('opentelemetry.sdk') or name.startswith('opentelemetry.exporter'):\n"
         "            raise ImportError(f'{name} is not in the operator image')\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import nextserve.operator.handlers, nextserve.operator.main\n"
+        "import nextserve.operator.handlers, nextserve.operator.main, nextserve.operator.router_probe\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

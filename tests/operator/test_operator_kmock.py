@@ -170,9 +170,11 @@ async def test_cache_block_runs_a_redis_for_the_routers_and_removing_it_retires_
     assert {"name": "NEXTSERVE_CACHE_URL", "value": f"redis://demo-cache.{NS}.svc.cluster.local:6379/0"} in router["env"]
     cluster.ready_all()
     await cluster.eventually(lambda: cluster.condition("Ready")["status"] == "True", what="Ready")
-    # No CacheReady: the router does not report its cache state yet, and a Redis pod's readiness is not it.
+    # CacheReady says what the router pods report, not whether the Redis pod is ready: no router pod, no report.
     assert [c["type"] for c in cluster.cr()["status"]["conditions"]] == \
-        ["Ready", "WorkersReady", "RouterReady", "Progressing", "Degraded"]
+        ["Ready", "WorkersReady", "RouterReady", "Progressing", "Degraded", "CacheReady"]
+    assert (cluster.condition("CacheReady")["status"], cluster.condition("CacheReady")["reason"]) == \
+        ("Unknown", "NoRouterReady")
 
     # An external Redis instead: the managed one goes, the router reads the URL from the Secret.
     spec["cache"] = {"managed": None, "urlSecret": {"name": "shared-redis", "key": "redis-url"}}  # a merge patch
@@ -187,6 +189,8 @@ async def test_cache_block_runs_a_redis_for_the_routers_and_removing_it_retires_
     await cluster.patch_spec(spec)
     await cluster.eventually(lambda: "--cache-url" not in _router_container(cluster)["args"], what="--cache-url gone")
     assert all(e["name"] != "NEXTSERVE_CACHE_URL" for e in _router_container(cluster)["env"])
+    # Nothing shared, nothing to report on the resource: the condition goes with the block.
+    await cluster.eventually(lambda: cluster.condition("CacheReady") is None, what="CacheReady gone")
 
 
 async def test_lost_shard_is_degraded(cluster, operator):

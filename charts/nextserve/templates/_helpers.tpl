@@ -76,4 +76,8 @@ app.kubernetes.io/part-of: nextserve
 - apiGroups: [autoscaling]
   resources: [horizontalpodautoscalers]
   verbs: [get, create, patch, delete]
+# The router pods, read only: with a shared cache each is asked about it for CacheReady.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list]
 {{- end -}}
