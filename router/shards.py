@@ -158,9 +158,10 @@ class ShardPool:
         return LayerDispatch(self, layer, hidden_host, ids_host, weights_host, device=hidden.device)
 
     def _requests(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
-                  rows: torch.Tensor) -> list[tuple[Assignment, experts_pb2.ExpertRequest]]:
-        """The requests for the slots of expert_ids [R, k] (-1 = nothing to do) of the layer's rows [R].
-        Raises ShardUnavailable when an expert named has no healthy holder."""
+                  rows: torch.Tensor | None = None) -> list[tuple[Assignment, experts_pb2.ExpertRequest]]:
+        """The requests for the slots of expert_ids [R, k] (-1 = nothing to do) of the layer's rows [R]
+        (None: all the layer's rows, in order). Raises ShardUnavailable when an expert named has no
+        healthy holder."""
         routing = self.routing
         unowned = unowned_experts(routing, expert_ids)
         if unowned:
@@ -169,10 +170,12 @@ class ShardPool:
                                    + "; ".join(self.down_shards()))
         requests = []
         for part in split_tokens(routing, expert_ids, next(self._turns)):
-            part = Assignment(part.shard, part.connection, rows[part.rows], part.expert_ids)
+            if rows is not None:
+                part = Assignment(part.shard, part.connection, rows[part.rows], part.expert_ids)
             requests.append((part, experts_pb2.ExpertRequest(
-                layer=layer, hidden=tensors.to_wire(hidden[part.rows]), expert_ids=tensors.to_wire(part.expert_ids),
-                weights=tensors.to_wire(weights[part.rows]), trace_context=self.trace_context)))
+                layer=layer, hidden=tensors.rows_to_wire(hidden, part.rows),
+                expert_ids=tensors.to_wire(part.expert_ids), weights=tensors.rows_to_wire(weights, part.rows),
+                trace_context=self.trace_context)))
         return requests
 
     def _send(self, requests: list[tuple[Assignment, experts_pb2.ExpertRequest]]) -> list[_Sent]:
@@ -204,7 +207,7 @@ class LayerDispatch:
         self.pool, self.layer, self.device = pool, layer, device
         self.hidden, self.weights = hidden, weights
         self.started = time.perf_counter()
-        self.requests = pool._requests(layer, hidden, expert_ids, weights, torch.arange(hidden.shape[0]))
+        self.requests = pool._requests(layer, hidden, expert_ids, weights)
         self.sent = pool._send(self.requests)
 
     def result(self) -> torch.Tensor:
@@ -231,8 +234,9 @@ class LayerDispatch:
                     failed.append((s.part, answer))
                     continue
                 partials.append((s.part, self._partial(s.part, answer.response)))
-                sent_bytes += s.message.ByteSize()
-                received_bytes += answer.response.ByteSize()
+                if pool.record_stats:
+                    sent_bytes += s.message.ByteSize()
+                    received_bytes += answer.response.ByteSize()
             if not failed:
                 break
             log.warning("layer %d: moving %d rows to healthy replicas after: %s", self.layer,
