@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 
 from nextserve.proto import tensors
 from nextserve.proto.v1 import experts_pb2, experts_pb2_grpc
@@ -20,11 +19,10 @@ class ExpertWorkerService(experts_pb2_grpc.ExpertWorkerServicer):
         self.experts = experts
         self.info = info
         self.telemetry = telemetry
-        # One compute thread: torch already spreads a matmul over the cores, and a single thread keeps
-        # requests from different routers from thrashing each other's caches.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experts")
-        self.batcher = LayerBatcher(experts.forward, self.executor,
-                                    telemetry.forward_done if telemetry is not None else None)
+        # Forwards run one at a time on the server's event loop (batcher.py): torch already spreads a
+        # matmul over the cores, and one compute thread keeps requests from different routers from
+        # thrashing each other's caches.
+        self.batcher = LayerBatcher(experts.forward, telemetry.forward_done if telemetry is not None else None)
         self.requests_served = 0
 
     async def Info(self, request, context):

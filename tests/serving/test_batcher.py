@@ -1,6 +1,5 @@
 """Concurrent expert requests for one layer share a forward pass and get their own rows back."""
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -28,7 +27,7 @@ def requests(shard, n, layer=0):
 
 
 def test_concurrent_requests_for_a_layer_are_merged_and_split_back(shard, close):
-    batcher = LayerBatcher(shard.forward, ThreadPoolExecutor(max_workers=1))
+    batcher = LayerBatcher(shard.forward)
     reqs = requests(shard, 5) + requests(shard, 2, layer=1)
 
     async def send_all():
@@ -41,7 +40,7 @@ def test_concurrent_requests_for_a_layer_are_merged_and_split_back(shard, close)
 
 
 def test_a_bad_request_fails_alone(shard, close):
-    batcher = LayerBatcher(shard.forward, ThreadPoolExecutor(max_workers=1))
+    batcher = LayerBatcher(shard.forward)
     good = requests(shard, 2)
     layer, hidden, ids, weights = good[0]
     bad = (layer, hidden, torch.full_like(ids, shard.config.num_experts + 5), weights)
