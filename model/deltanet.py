@@ -57,15 +57,17 @@ class GatedDeltaNet(nn.Module):
             if cut < T:
                 rest = self._mix(conv_inputs[cut:], a[cut:], b[cut:], batch, batch.cu_seqlens[m:] - cut,
                                  batch.state_slots[m:], max(batch.seq_lens[m:]) == 1, m)
-                o = torch.cat([o, rest], dim=1)
+                o = torch.cat([o.flatten(0, 1), rest.flatten(0, 1)])  # [T, Hv, V]: rest may be laid out [N, 1]
         o = self.norm(o.reshape(T, self.num_v_heads, self.head_v_dim), z)
         return self.out_proj(o.reshape(T, self.value_dim))
 
-    def _qkv(self, mixed: torch.Tensor):
-        T = mixed.shape[0]
+    def _qkv(self, mixed: torch.Tensor, batch_rows: bool = False):
+        """q, k [1, T, Hk, K] and v [1, T, Hv, V] (tokens packed), or [T, 1, ...] with batch_rows (one
+        token per sequence)."""
+        B, T = (mixed.shape[0], 1) if batch_rows else (1, mixed.shape[0])
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        return (q.reshape(1, T, self.num_k_heads, self.head_k_dim), k.reshape(1, T, self.num_k_heads, self.head_k_dim),
-                v.reshape(1, T, self.num_v_heads, self.head_v_dim))
+        return (q.reshape(B, T, self.num_k_heads, self.head_k_dim), k.reshape(B, T, self.num_k_heads, self.head_k_dim),
+                v.reshape(B, T, self.num_v_heads, self.head_v_dim))
 
     def _mix(self, conv_inputs, a, b, batch: ForwardBatch, cu_seqlens, state_slots, decode: bool, first_row: int):
         """Conv + delta rule for rows [first_row, N) of the batch, states read and written by slot."""
@@ -77,12 +79,15 @@ class GatedDeltaNet(nn.Module):
         else:
             mixed, _ = ops.causal_conv1d(conv_inputs, conv_weight, initial_state=conv_pool,
                                          state_slots=state_slots, cu_seqlens=cu_seqlens)
-        q, k, v = self._qkv(mixed)
         if decode:
+            # one token per sequence: laid out [N, 1] rather than packed, so that no kernel needs the
+            # sequences' lengths (cu_seqlens) to find them
+            q, k, v = self._qkv(mixed, batch_rows=True)
             o, _, _ = ops.fused_recurrent_gated_delta_rule(
-                q, k, v, a[None], b[None], self.A_log, self.dt_bias,
-                initial_state=recurrent_pool, cu_seqlens=cu_seqlens, state_slots=state_slots)
+                q, k, v, a[:, None], b[:, None], self.A_log, self.dt_bias,
+                initial_state=recurrent_pool, state_slots=state_slots)
         else:
+            q, k, v = self._qkv(mixed)
             g, beta = ops.gdn_gating(a, b, self.A_log, self.dt_bias)
             o, _, chunk_states = ops.chunk_gated_delta_rule(
                 q, k, v, g[None], beta[None], initial_state=recurrent_pool, cu_seqlens=cu_seqlens,
