@@ -43,7 +43,8 @@ def _rope_tables(positions, rotary_dim: int, theta: float, dtype: torch.dtype):
     with the inverse frequencies computed once per shape and device."""
     key = (rotary_dim, theta, positions.device)
     if key not in _inv_freq:
-        _inv_freq[key] = naive.rope_inv_freq(rotary_dim, theta).to(positions.device)
+        with torch.inference_mode(False):  # cached across calls, inside and outside inference mode
+            _inv_freq[key] = naive.rope_inv_freq(rotary_dim, theta).to(positions.device)
     freqs = positions.float().view(-1, 1, 1) * _inv_freq[key]                   # [T, 1, rotary_dim / 2]
     angles = torch.cat((-freqs, freqs), dim=-1)
     cos, sin = angles.cos(), angles.sin()
