@@ -34,13 +34,14 @@ __all__ = ["expert_ffn", "moe_route", "choose_form", "FORMS"]
 
 moe_route = naive.moe_route  # softmax, top-k, renormalise: already four ops and no sync
 
-# Crossovers measured by bench/kernels_moe.py (2-core AMD EPYC, bf16, small and tiny presets; see
-# docs/benchmarks.md). The gathered form copies each slot's expert weights: worth it while the copies
-# stay small and cover at most half the local experts. The dense form does E_local / k times the
-# products the tokens need: worth it up to 8 slots per expert, and only where that waste factor is
-# the small preset's 8 or less (at 80B-A3B's 512 / 10 it would never pay).
+# Crossovers measured by bench/kernels_moe.py (2-core AMD EPYC, 2 threads, bf16, small preset whole
+# and split in two; docs/benchmarks.md says how to rerun it). The gathered form copies each slot's
+# expert weights: fastest while the copies stay small and cover at most half the local experts. The
+# dense form does E_local / k times the products the tokens need: fastest up to ~16 slots per expert
+# (~8 with one thread), and only where that waste factor is the small preset's 8 or less (at
+# 80B-A3B's 512 / 10 it would never pay).
 GATHERED_MAX_BYTES = 8 * 2**20
-DENSE_MAX_SLOTS_PER_EXPERT = 8
+DENSE_MAX_SLOTS_PER_EXPERT = 16
 DENSE_MAX_WASTE = 8
 
 
