@@ -1,6 +1,6 @@
 """The CPU path of the gated attention layer: naive.py's numerics in fewer ops and no host sync.
 
-- `qk_norm_rope`: the norms as one op each (kernels/norms/cpu.py) and q and k rotated together.
+- `qk_norm_rope`: each norm as one F.rms_norm (as kernels/norms/cpu.py) and q and k rotated together.
   rotate_half(x) * sin is computed as roll(x) * (sin with its first half negated): the same
   products, since negation is exact. Bit for bit naive.py's result.
 - `paged_attention` for a few queries per sequence (decode, speculative verification): each query
@@ -25,8 +25,10 @@ __all__ = ["qk_norm_rope", "attention", "paged_attention", "reshape_and_cache"]
 attention = naive.attention
 
 # Queries per sequence up to which paged_attention gathers per query: a decode step has 1, a
-# speculative verification step 1 + its drafts (at most 4). Past it each query would gather a
-# whole row of keys that naive.py gathers once per sequence.
+# speculative verification step 1 + its drafts (at most 4). Each query gathers its sequence's
+# keys, where naive.py gathers them once per sequence but copies them once per query head
+# (repeat_interleave over Hq / Hkv, 4 in the small preset, 8 in 80B-A3B): up to that many queries
+# the per-query gather holds no more keys than the reference does; past 8 it would hold more.
 PER_QUERY_MAX_QUERIES = 8
 
 _inv_freq: dict[tuple, torch.Tensor] = {}
