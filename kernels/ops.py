@@ -1,8 +1,10 @@
 """The one door model code uses to reach a kernel.
 
-Each op picks the Triton kernel on CUDA tensors and the plain torch reference elsewhere.
-`NEXTSERVE_KERNELS=triton` or `=torch` forces one path; with `TRITON_INTERPRET=1` the Triton
-path runs on the CPU, which is how CI checks the kernels without a GPU.
+Each op picks the Triton kernel on CUDA tensors and the CPU path elsewhere: `kernels/<family>/cpu.py`,
+the plain torch references (`naive.py`) recomputed in fewer ops for the small token counts of decode,
+falling back to the references elsewhere. `NEXTSERVE_KERNELS=triton`, `=cpu` or `=torch` (the plain
+references alone) forces one path; with `TRITON_INTERPRET=1` the Triton path runs on the CPU, which is
+how CI checks the kernels without a GPU.
 
 Shapes follow flash-linear-attention: `T` tokens (sequences packed back to back and delimited
 by `cu_seqlens` [N+1], int32, starting at 0), `H*` heads, `K`/`V`/`D` head dims.
@@ -14,23 +16,25 @@ import os
 
 import torch
 
-_CHOICES = ("triton", "torch")
+_CHOICES = ("triton", "cpu", "torch")
+TORCH_BACKENDS = ("cpu", "torch")  # pure torch, differentiable: what training can run on
 
 
 def kernel_backend(device: torch.device) -> str:
-    """"triton" or "torch": what the ops run on `device`."""
+    """"triton", "cpu" or "torch": what the ops run on `device`."""
     forced = os.environ.get("NEXTSERVE_KERNELS", "").strip().lower()
     if forced:
         if forced not in _CHOICES:
             raise ValueError(f"NEXTSERVE_KERNELS={forced!r}: expected one of {_CHOICES}")
         return forced
-    return "triton" if device.type == "cuda" else "torch"
+    return "triton" if device.type == "cuda" else "cpu"
 
 
-def _pick(t: torch.Tensor, family: str, triton_impl: str, torch_impl: str):
+def _pick(t: torch.Tensor, family: str, triton_impl: str, cpu_impl: str, torch_impl: str):
     """The implementation for t's device: `kernels/<family>/<module>.py:<function>`. Imported lazily so
-    that the torch path never imports Triton."""
-    module, name = (triton_impl if kernel_backend(t.device) == "triton" else torch_impl).split(":")
+    that the torch paths never import Triton."""
+    chosen = {"triton": triton_impl, "cpu": cpu_impl, "torch": torch_impl}[kernel_backend(t.device)]
+    module, name = chosen.split(":")
     return getattr(importlib.import_module(f"{__package__}.{family}.{module}"), name)
 
 
@@ -42,13 +46,13 @@ def rms_norm(x, weight, eps: float, *, zero_centered: bool = True, residual=None
     zero_centered: y = x_hat * (1 + w) (Qwen3-Next's layer norms); else y = x_hat * w.
     With `residual`, first x = x + residual and return (y, x): the pre-norm residual stream.
     """
-    impl = _pick(x, "norms", "triton_norms:rms_norm", "naive:rms_norm")
+    impl = _pick(x, "norms", "triton_norms:rms_norm", "cpu:rms_norm", "naive:rms_norm")
     return impl(x, weight, eps, zero_centered=zero_centered, residual=residual)
 
 
 def gated_rms_norm(x, z, weight, eps: float):
     """(w * rmsnorm(x)) * silu(z) over the last dim (the DeltaNet output norm, plain weight)."""
-    impl = _pick(x, "norms", "triton_norms:gated_rms_norm", "naive:gated_rms_norm")
+    impl = _pick(x, "norms", "triton_norms:gated_rms_norm", "cpu:gated_rms_norm", "naive:gated_rms_norm")
     return impl(x, z, weight, eps)
 
 
@@ -59,7 +63,8 @@ def gdn_gating(a, b, A_log, dt_bias):
 
     a, b: [..., Hv]; A_log, dt_bias: [Hv].
     """
-    return _pick(a, "gated_delta_rule", "naive:gdn_gating", "naive:gdn_gating")(a, b, A_log, dt_bias)
+    impl = _pick(a, "gated_delta_rule", "naive:gdn_gating", "cpu:gdn_gating", "naive:gdn_gating")
+    return impl(a, b, A_log, dt_bias)
 
 
 # State slots: with `state_slots` [N] (int32/int64, on the tensors' device) the state argument of
@@ -80,7 +85,8 @@ def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, 
     state_slots), chunk_states [sum_n floor(L_n / 64), Hv, K, V] fp32 or None: the state after
     each full 64-token chunk of each sequence, counted from the sequence's first token here).
     """
-    impl = _pick(q, "gated_delta_rule", "chunk:chunk_gated_delta_rule", "naive:naive_chunk_gated_delta_rule")
+    impl = _pick(q, "gated_delta_rule", "chunk:chunk_gated_delta_rule", "cpu:chunk_gated_delta_rule",
+                 "naive:naive_chunk_gated_delta_rule")
     return impl(q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                 cu_seqlens=cu_seqlens, output_chunk_states=output_chunk_states, use_qk_l2norm=use_qk_l2norm,
                 state_slots=state_slots)
@@ -99,7 +105,7 @@ def fused_recurrent_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, *, scale=Non
     decoding to keep the state of the last accepted draft token).
     """
     impl = _pick(q, "gated_delta_rule", "fused_recurrent:fused_recurrent_gated_delta_rule",
-                 "naive:naive_recurrent_gated_delta_rule_from_gates")
+                 "cpu:fused_recurrent_gated_delta_rule", "naive:naive_recurrent_gated_delta_rule_from_gates")
     return impl(q, k, v, a, b, A_log, dt_bias, scale=scale, initial_state=initial_state,
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                 output_all_states=output_all_states, use_qk_l2norm=use_qk_l2norm, state_slots=state_slots)
@@ -116,7 +122,7 @@ def causal_conv1d(x, weight, *, initial_state=None, state_slots=None, cu_seqlens
     Returns (y [T, C], final_state [N, C, W-1] or None with state_slots): the last W-1 inputs of
     each sequence (nextserve keeps W-1 inputs, as vLLM does; transformers keeps W).
     """
-    impl = _pick(x, "conv", "triton_conv:causal_conv1d", "naive:causal_conv1d")
+    impl = _pick(x, "conv", "triton_conv:causal_conv1d", "cpu:causal_conv1d", "naive:causal_conv1d")
     return impl(x, weight, initial_state=initial_state, state_slots=state_slots, cu_seqlens=cu_seqlens,
                 activation=activation)
 
@@ -124,7 +130,8 @@ def causal_conv1d(x, weight, *, initial_state=None, state_slots=None, cu_seqlens
 def causal_conv1d_update(x, conv_state, weight, *, state_slots=None, activation: str | None = "silu"):
     """Decode: one token per sequence. x: [N, C]; conv_state: [N, C, W-1], rolled in place (with
     state_slots [N], the pool [S, C, W-1], rows rolled by slot). Returns y [N, C]."""
-    impl = _pick(x, "conv", "triton_conv:causal_conv1d_update", "naive:causal_conv1d_update")
+    impl = _pick(x, "conv", "triton_conv:causal_conv1d_update", "cpu:causal_conv1d_update",
+                 "naive:causal_conv1d_update")
     return impl(x, conv_state, weight, state_slots=state_slots, activation=activation)
 
 
@@ -135,7 +142,7 @@ def qk_norm_rope(q, k, q_norm_weight, k_norm_weight, positions, *, rotary_dim: i
 
     q: [T, Hq, D]; k: [T, Hkv, D]; positions: [T] int64 absolute positions. Returns (q, k).
     """
-    impl = _pick(q, "attention", "triton_attention:qk_norm_rope", "naive:qk_norm_rope")
+    impl = _pick(q, "attention", "triton_attention:qk_norm_rope", "cpu:qk_norm_rope", "naive:qk_norm_rope")
     return impl(q, k, q_norm_weight, k_norm_weight, positions, rotary_dim=rotary_dim, theta=theta, eps=eps)
 
 
@@ -147,7 +154,7 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale: float, gate=None):
     same op serves prefill, continuation from a KV cache and decode (Lq_n = 1).
     Returns o [Tq, Hq, D] in q.dtype.
     """
-    impl = _pick(q, "attention", "triton_attention:attention", "naive:attention")
+    impl = _pick(q, "attention", "triton_attention:attention", "cpu:attention", "naive:attention")
     return impl(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=scale, gate=gate)
 
 
@@ -157,7 +164,8 @@ def reshape_and_cache(k, v, k_cache, v_cache, slot_mapping) -> None:
     k, v: [T, Hkv, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D]; slot_mapping: [T] int64,
     slot = block_id * block_size + offset; a negative slot is padding and is not written.
     """
-    impl = _pick(k, "attention", "triton_attention:reshape_and_cache", "naive:reshape_and_cache")
+    impl = _pick(k, "attention", "triton_attention:reshape_and_cache", "cpu:reshape_and_cache",
+                 "naive:reshape_and_cache")
     impl(k, v, k_cache, v_cache, slot_mapping)
 
 
@@ -171,7 +179,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k,
     chunked prefill after cached blocks and decode alike. gate: [Tq, Hq, D] or None.
     Returns o [Tq, Hq, D] in q.dtype (fp32 accumulation).
     """
-    impl = _pick(q, "attention", "triton_attention:paged_attention", "naive:paged_attention")
+    impl = _pick(q, "attention", "triton_attention:paged_attention", "cpu:paged_attention",
+                 "naive:paged_attention")
     return impl(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, scale=scale, gate=gate)
 
 
@@ -182,7 +191,7 @@ def moe_route(router_logits, top_k: int, *, renormalize: bool = True):
 
     router_logits: [T, E]. Returns (weights [T, top_k] fp32, expert_ids [T, top_k] int64).
     """
-    impl = _pick(router_logits, "moe", "triton_moe:moe_route", "naive:moe_route")
+    impl = _pick(router_logits, "moe", "triton_moe:moe_route", "cpu:moe_route", "naive:moe_route")
     return impl(router_logits, top_k, renormalize=renormalize)
 
 
@@ -196,5 +205,5 @@ def expert_ffn(hidden, expert_ids, expert_weights, w13, w2, *, out_dtype=None):
     Returns [T, H] in out_dtype (default hidden.dtype), accumulated in fp32: out_dtype=torch.float32
     keeps a shard's partial sum unrounded until the shards' partials are added.
     """
-    impl = _pick(hidden, "moe", "triton_moe:expert_ffn", "naive:expert_ffn")
+    impl = _pick(hidden, "moe", "triton_moe:expert_ffn", "cpu:expert_ffn", "naive:expert_ffn")
     return impl(hidden, expert_ids, expert_weights, w13, w2, out_dtype=out_dtype)

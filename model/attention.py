@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nextserve.kernels import ops
 
 from .config import Qwen3NextConfig
 from .layers import RMSNorm
+from .packed import PackedRows
 from .state import ForwardBatch
 
 
@@ -24,14 +26,15 @@ class GatedAttention(nn.Module):
         self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+        self.qkv_proj = PackedRows(self.q_proj, self.k_proj, self.v_proj)  # all three read x: one matmul
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         T = x.shape[0]
-        q, gate = self.q_proj(x).view(T, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)  # [T, Hq, D] each
-        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        q_gate, k, v = F.linear(x, self.qkv_proj.weight()).split(self.qkv_proj.sizes, dim=-1)
+        q, gate = q_gate.view(T, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)  # [T, Hq, D] each
+        k, v = k.view(T, self.num_kv_heads, self.head_dim), v.view(T, self.num_kv_heads, self.head_dim)
         q, k = ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, batch.positions,
                                 rotary_dim=self.rotary_dim, theta=self.rope_theta, eps=self.eps)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nextserve.kernels import ops
@@ -9,6 +10,7 @@ from nextserve.kernels.paging import BLOCK_SIZE
 
 from .config import Qwen3NextConfig
 from .layers import GatedRMSNorm
+from .packed import PackedRows
 from .state import ForwardBatch, LinearAttentionState
 
 CHUNK = BLOCK_SIZE  # the chunked delta rule's block: states at its boundaries come for free
@@ -26,28 +28,44 @@ class GatedDeltaNet(nn.Module):
         h = config.hidden_size
         self.in_proj_qkvz = nn.Linear(h, 2 * self.key_dim + 2 * self.value_dim, bias=False)
         self.in_proj_ba = nn.Linear(h, 2 * self.num_v_heads, bias=False)
+        self.in_proj = PackedRows(self.in_proj_qkvz, self.in_proj_ba)  # both read x: one matmul
+        self._order: torch.Tensor | None = None
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel_size, groups=self.conv_dim, bias=False)
         self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
         self.A_log = nn.Parameter(torch.zeros(self.num_v_heads))
         self.norm = GatedRMSNorm(self.head_v_dim, config.rms_norm_eps)
         self.out_proj = nn.Linear(self.value_dim, h, bias=False)
 
+    def projection_order(self, device) -> torch.Tensor:
+        """Column order that turns in_proj's output, interleaved per key-head group ([q | k | v | z] and
+        [b | a] per group), into [q | k | v | z | b | a], each part head-major: the conv inputs are then
+        the first conv_dim columns, and every part a view. Built lazily (not a buffer), so that a model
+        materialised from the meta device gets it right."""
+        if self._order is None or self._order.device != torch.device(device):
+            K, r, V = self.head_k_dim, self.num_v_heads // self.num_k_heads, self.head_v_dim
+            group = 2 * K + 2 * r * V
+            parts = [(0, K), (K, K), (2 * K, r * V), (2 * K + r * V, r * V)]  # q, k, v, z within a group
+            order = [g * group + start + i for start, size in parts for g in range(self.num_k_heads)
+                     for i in range(size)]
+            ba = self.num_k_heads * group
+            order += [ba + g * 2 * r + start + i for start in (0, r) for g in range(self.num_k_heads) for i in range(r)]
+            with torch.inference_mode(False):  # built in a decode step, it must also serve a training one
+                self._order = torch.tensor(order, device=device)
+        return self._order
+
     def split_projections(self, x: torch.Tensor):
-        """The projections are interleaved per key-head group: [q | k | v | z] and [b | a] per group."""
-        T, r = x.shape[0], self.num_v_heads // self.num_k_heads
-        qkvz = self.in_proj_qkvz(x).view(T, self.num_k_heads, -1)
-        q, k, v, z = qkvz.split([self.head_k_dim, self.head_k_dim, r * self.head_v_dim, r * self.head_v_dim], dim=-1)
-        b, a = self.in_proj_ba(x).view(T, self.num_k_heads, 2 * r).split([r, r], dim=-1)
-        # value head j belongs to key group j // r
-        v, z = v.reshape(T, self.num_v_heads, self.head_v_dim), z.reshape(T, self.num_v_heads, self.head_v_dim)
-        return q, k, v, z, b.reshape(T, self.num_v_heads), a.reshape(T, self.num_v_heads)
+        """(conv inputs [T, conv_dim], z [T, Hv, V], b [T, Hv], a [T, Hv]) from one matmul of x."""
+        T = x.shape[0]
+        projected = F.linear(x, self.in_proj.weight()).index_select(-1, self.projection_order(x.device))
+        conv_inputs, z, b, a = projected.split([self.conv_dim, self.value_dim, self.num_v_heads, self.num_v_heads],
+                                               dim=-1)
+        return conv_inputs, z.view(T, self.num_v_heads, self.head_v_dim), b, a
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         # x: [T, hidden] packed over the batch's sequences; their states are rows of the layer's pools,
         # read and written in place by slot
         T = x.shape[0]
-        q, k, v, z, b, a = self.split_projections(x)
-        conv_inputs = torch.cat([q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1)], dim=-1)  # [T, conv_dim]
+        conv_inputs, z, b, a = self.split_projections(x)
         m = batch.keep_states_rows
         if m == 0:
             o = self._mix(conv_inputs, a, b, batch, batch.cu_seqlens, batch.state_slots, batch.is_decode, 0)
@@ -57,15 +75,17 @@ class GatedDeltaNet(nn.Module):
             if cut < T:
                 rest = self._mix(conv_inputs[cut:], a[cut:], b[cut:], batch, batch.cu_seqlens[m:] - cut,
                                  batch.state_slots[m:], max(batch.seq_lens[m:]) == 1, m)
-                o = torch.cat([o, rest], dim=1)
+                o = torch.cat([o.flatten(0, 1), rest.flatten(0, 1)])  # [T, Hv, V]: rest may be laid out [N, 1]
         o = self.norm(o.reshape(T, self.num_v_heads, self.head_v_dim), z)
         return self.out_proj(o.reshape(T, self.value_dim))
 
-    def _qkv(self, mixed: torch.Tensor):
-        T = mixed.shape[0]
+    def _qkv(self, mixed: torch.Tensor, batch_rows: bool = False):
+        """q, k [1, T, Hk, K] and v [1, T, Hv, V] (tokens packed), or [T, 1, ...] with batch_rows (one
+        token per sequence)."""
+        B, T = (mixed.shape[0], 1) if batch_rows else (1, mixed.shape[0])
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        return (q.reshape(1, T, self.num_k_heads, self.head_k_dim), k.reshape(1, T, self.num_k_heads, self.head_k_dim),
-                v.reshape(1, T, self.num_v_heads, self.head_v_dim))
+        return (q.reshape(B, T, self.num_k_heads, self.head_k_dim), k.reshape(B, T, self.num_k_heads, self.head_k_dim),
+                v.reshape(B, T, self.num_v_heads, self.head_v_dim))
 
     def _mix(self, conv_inputs, a, b, batch: ForwardBatch, cu_seqlens, state_slots, decode: bool, first_row: int):
         """Conv + delta rule for rows [first_row, N) of the batch, states read and written by slot."""
@@ -77,12 +97,15 @@ class GatedDeltaNet(nn.Module):
         else:
             mixed, _ = ops.causal_conv1d(conv_inputs, conv_weight, initial_state=conv_pool,
                                          state_slots=state_slots, cu_seqlens=cu_seqlens)
-        q, k, v = self._qkv(mixed)
         if decode:
+            # one token per sequence: laid out [N, 1] rather than packed, so that no kernel needs the
+            # sequences' lengths (cu_seqlens) to find them
+            q, k, v = self._qkv(mixed, batch_rows=True)
             o, _, _ = ops.fused_recurrent_gated_delta_rule(
-                q, k, v, a[None], b[None], self.A_log, self.dt_bias,
-                initial_state=recurrent_pool, cu_seqlens=cu_seqlens, state_slots=state_slots)
+                q, k, v, a[:, None], b[:, None], self.A_log, self.dt_bias,
+                initial_state=recurrent_pool, state_slots=state_slots)
         else:
+            q, k, v = self._qkv(mixed)
             g, beta = ops.gdn_gating(a, b, self.A_log, self.dt_bias)
             o, _, chunk_states = ops.chunk_gated_delta_rule(
                 q, k, v, g[None], beta[None], initial_state=recurrent_pool, cu_seqlens=cu_seqlens,

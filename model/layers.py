@@ -7,6 +7,8 @@ from torch import nn
 
 from nextserve.kernels import ops
 
+from .packed import PackedRows
+
 
 class RMSNorm(nn.Module):
     """Zero-centred RMSNorm: y = x_hat * (1 + w). With `residual`, returns (y, x + residual)."""
@@ -40,6 +42,8 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up_proj = PackedRows(self.gate_proj, self.up_proj)  # both read x: one matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, self.gate_up_proj.weight()).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)

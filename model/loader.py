@@ -15,6 +15,7 @@ from .checkpoint import (EXPERT_TENSOR, MTP_PREFIX, CheckpointError, CheckpointR
                          expert_tensor_predicate, resolve_dtype, validate)
 from .config import Qwen3NextConfig
 from .moe import Experts
+from .packed import pack_projections
 
 
 def tensor_filter(held: set[int] | None, with_mtp: bool):
@@ -84,4 +85,5 @@ def load_model(cls, path: str | Path, *, dtype, device, expert_ids: Iterable[int
     keep = tensor_filter(held, with_mtp)
     validate(reader, config, predicate=keep, allow_missing_mtp=not with_mtp)
     load_weights(model, ((name, reader.get(name, dtype=dtype, device=device)) for name in reader.names() if keep(name)))
+    pack_projections(model)
     return model.eval()

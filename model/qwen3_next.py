@@ -125,7 +125,8 @@ class Qwen3NextForCausalLM(nn.Module):
         token [T, V] with all_logits), and the final hidden states [T, H] (the MTP head's input).
         """
         hidden = self.model(input_ids, batch)
-        picked = hidden if all_logits else hidden[batch.last_token_indices()]
+        # decode: every token is its sequence's last, so nothing to pick
+        picked = hidden if all_logits or batch.is_decode else hidden[batch.last_token_indices()]
         return self.lm_head(picked).float(), hidden
 
     @torch.inference_mode()

@@ -52,7 +52,8 @@ def save_pretrained(model: torch.nn.Module, tokenizer: Tokenizer, out_dir: str |
     config: Qwen3NextConfig = model.config
     save_tokenizer(tokenizer, out_dir, config.max_position_embeddings)
     config = write_model_configs(out_dir, config, tokenizer, dtype)
-    tensors = {name: t.to(device="cpu", dtype=dtype).contiguous() for name, t in checkpoint_tensors(model)}
+    # copies: a loaded model's packed projections share storage (model/packed.py), which safetensors refuses
+    tensors = {name: t.to(device="cpu", dtype=dtype, copy=True).contiguous() for name, t in checkpoint_tensors(model)}
     save_file(tensors, str(out_dir / SINGLE_FILE), metadata={"format": "pt"})
     validate(CheckpointReader(out_dir), config, allow_missing_mtp=getattr(model, "mtp", None) is None)
     return config

@@ -118,18 +118,22 @@ class ForwardBatch:
             if c + s > len(table) * BLOCK_SIZE:
                 raise ValueError(f"sequence {n} would hold {c + s} tokens; its {len(table)} blocks hold "
                                  f"{len(table) * BLOCK_SIZE}")
-        # Built on the host in a handful of vectorised ops, then moved once per tensor.
-        lens, ctx = torch.tensor(seq_lens), torch.tensor(context_lens)
-        cu = torch.zeros(N + 1, dtype=torch.int64)
-        cu[1:] = lens.cumsum(0)
-        seq_of_token = torch.repeat_interleave(torch.arange(N), lens)
-        positions = ctx[seq_of_token] + torch.arange(int(cu[-1])) - cu[seq_of_token]
+        # Built on the host in plain Python and handed over as two tensors (one per dtype), each field a
+        # view of one of them: at decode sizes every torch op here would cost more than the arithmetic.
+        positions = [c + i for c, s in zip(context_lens, seq_lens) for i in range(s)]
+        slot_mapping = [table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
+                        for c, s, table in zip(context_lens, seq_lens, block_tables) for p in range(c, c + s)]
         width = max(len(t) for t in block_tables)
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
-        slot_mapping = tables[seq_of_token, positions // BLOCK_SIZE].long() * BLOCK_SIZE + positions % BLOCK_SIZE
-        return cls(pools, list(seq_lens), list(context_lens), positions.to(device), cu.to(torch.int32).to(device),
-                   slot_mapping.to(device), tables.to(device), (ctx + lens).to(torch.int32).to(device),
-                   torch.tensor(state_slots, dtype=torch.int64).to(device), record_checkpoints,
+        tables = [b for t in block_tables for b in (*t, *[0] * (width - len(t)))]
+        cu = list(itertools.accumulate(seq_lens, initial=0))
+        seq_lens_k = [c + s for c, s in zip(context_lens, seq_lens)]
+        T = len(positions)
+        longs = torch.tensor(positions + slot_mapping + list(state_slots), dtype=torch.int64, device=device)
+        ints = torch.tensor(cu + tables + seq_lens_k, dtype=torch.int32, device=device)
+        positions_t, slot_mapping_t, state_slots_t = longs.split([T, T, N])
+        cu_t, tables_t, seq_lens_k_t = ints.split([N + 1, N * width, N])
+        return cls(pools, list(seq_lens), list(context_lens), positions_t, cu_t, slot_mapping_t,
+                   tables_t.view(N, width), seq_lens_k_t, state_slots_t, record_checkpoints,
                    [{} for _ in range(N)] if record_checkpoints else [], keep_states_rows)
 
     @property

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nextserve.kernels.ops import kernel_backend
+from nextserve.kernels.ops import TORCH_BACKENDS, kernel_backend
 
 from .moe import SparseMoeBlock
 from .qwen3_next import Qwen3NextForCausalLM
@@ -62,12 +62,13 @@ def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.
 
 
 def check_trainable(model: Qwen3NextForCausalLM, device: torch.device) -> None:
-    """Training needs the MTP head and the torch reference kernels (the Triton kernels have no backward)."""
+    """Training needs the MTP head and pure torch kernels, the references or the CPU path (the Triton
+    kernels have no backward)."""
     if model.mtp is None:
         raise ValueError("the model has no MTP head: build it with with_mtp=True to train both losses")
-    if kernel_backend(device) != "torch":
-        raise ValueError(f"training runs on the torch reference kernels, but {device} selects Triton: "
-                         "set NEXTSERVE_KERNELS=torch")
+    if kernel_backend(device) not in TORCH_BACKENDS:
+        raise ValueError(f"training runs on the torch kernels, but {device} selects Triton: "
+                         "set NEXTSERVE_KERNELS=cpu (or =torch, the plain references)")
 
 
 def compute_losses(model: Qwen3NextForCausalLM, windows: torch.Tensor) -> Losses:

@@ -1,0 +1,82 @@
+"""CPU micro-benchmark of the routed-expert forms (kernels/moe/cpu.py) against the per-expert loop.
+
+For each preset shape and token count T: the best time of repeated runs of `loop` (naive.py: two matmuls per
+active expert), `gathered` (w13[ids], w2[ids], one batched matmul per projection) and `dense`
+(every local expert on every token), each checked against the loop (max |difference|), and the
+form `kernels.moe.cpu.choose_form` picks for that shape. Routing is random top-k of random
+logits, so the number of distinct experts is what real traffic gives, not the 8 of identical rows.
+
+    python bench/kernels_moe.py                       # small and tiny presets, bf16, 2 threads
+    python bench/kernels_moe.py --presets small --tokens 1 4 16 64 --shards 1 2
+
+Numbers are only meaningful on an otherwise idle machine (docs/benchmarks.md).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from nextserve.kernels.moe import cpu, naive
+from nextserve.model.presets import PRESETS
+
+
+def best_ms(fn, *, min_repeats: int = 20, min_seconds: float = 0.3) -> float:
+    """The fastest of repeated runs: on a shared machine the median measures the neighbours, the
+    minimum what the code costs when it gets the cores."""
+    fn()
+    times, began = [], time.perf_counter()
+    while len(times) < min_repeats or time.perf_counter() - began < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * min(times)
+
+
+def case(preset: str, T: int, shards: int, dtype: torch.dtype, generator: torch.Generator):
+    p = PRESETS[preset]
+    E, k, H, I = p["num_experts"], p["num_experts_per_tok"], p["hidden_size"], p["moe_intermediate_size"]
+    E_local = E // shards
+    hidden = torch.randn(T, H, generator=generator).to(dtype)
+    w13 = (torch.randn(E_local, 2 * I, H, generator=generator) * H ** -0.5).to(dtype)
+    w2 = (torch.randn(E_local, H, I, generator=generator) * I ** -0.5).to(dtype)
+    weights, ids = naive.moe_route(torch.randn(T, E, generator=generator), k)
+    local = torch.where(ids < E_local, ids, -1)  # this shard holds the first E_local experts
+    return (hidden, local, weights, w13, w2), E_local
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["small", "tiny"], choices=sorted(PRESETS))
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 512])
+    parser.add_argument("--shards", type=int, nargs="+", default=[1, 2], help="experts split over this many shards")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    g = torch.Generator().manual_seed(0)
+    print(f"torch threads {torch.get_num_threads()}, {args.dtype}")
+    print(f"{'preset':<8}{'E_local':>8}{'T':>6}{'T*k':>6}{'loop ms':>10}{'gathered':>10}{'dense':>10}"
+          f"{'best':>10}{'picked':>10}{'max |d| gathered, dense':>26}")
+    for preset in args.presets:
+        for shards in args.shards:
+            for T in args.tokens:
+                inputs, E_local = case(preset, T, shards, dtype, g)
+                with torch.inference_mode():
+                    ref = naive.expert_ffn(*inputs, out_dtype=torch.float32)
+                    ms = {name: best_ms(lambda f=f: f(*inputs, out_dtype=torch.float32))
+                          for name, f in cpu.FORMS.items()}
+                    diffs = [(cpu.FORMS[n](*inputs, out_dtype=torch.float32) - ref).abs().max().item()
+                             for n in ("gathered", "dense")]
+                slots = inputs[1].numel()
+                w13, w2 = inputs[3], inputs[4]
+                picked = cpu.choose_form(T, inputs[1].shape[1], E_local, (w13[0].numel() + w2[0].numel()) * w13.element_size())
+                print(f"{preset:<8}{E_local:>8}{T:>6}{slots:>6}{ms['loop']:>10.3f}{ms['gathered']:>10.3f}"
+                      f"{ms['dense']:>10.3f}{min(ms, key=ms.get):>10}{picked:>10}"
+                      f"{diffs[0]:>13.2g}{diffs[1]:>13.2g}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

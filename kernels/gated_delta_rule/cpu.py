@@ -1,0 +1,92 @@
+"""The CPU path of the gated delta rule: naive.py's decode recurrence in a few dozen ops.
+
+naive.py handles any packing: it gathers every sequence into a padded [N, L_max] layout, which
+needs L_max on the host, and unpacks the outputs with a boolean index, which needs their count.
+A decode step has neither problem: its N sequences are laid out as [N, T] without cu_seqlens,
+every one T tokens long, so the recurrence runs straight on that layout. The arithmetic is
+naive.py's, op for op (fp32 throughout, key heads broadcast to their value heads rather than
+repeated, which multiplies the same numbers), so the results agree with it bit for bit.
+
+Everything else (the chunked prefill form, packed continuations, gating alone) is naive.py's.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import naive
+from .utils import check_gdn_inputs
+
+__all__ = ["gdn_gating", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"]
+
+gdn_gating = naive.gdn_gating
+chunk_gated_delta_rule = naive.naive_chunk_gated_delta_rule
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    # .float() on an fp32 tensor is still a dispatched op; at decode sizes each one counts
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def fused_recurrent_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, *, scale=None, initial_state=None,
+                                     output_final_state=True, cu_seqlens=None, output_all_states=False,
+                                     use_qk_l2norm=True, state_slots=None):
+    """ops.fused_recurrent_gated_delta_rule: with cu_seqlens None (B sequences of T tokens each),
+    the recurrence on the [B, T] layout directly; with cu_seqlens, naive.py's packed form.
+
+    Slot values are not checked here (that needs a host sync): as on the Triton path, the caller
+    hands distinct slots inside the pool (the block manager does).
+    """
+    if cu_seqlens is not None:
+        return naive.naive_recurrent_gated_delta_rule_from_gates(
+            q, k, v, a, b, A_log, dt_bias, scale=scale, initial_state=initial_state,
+            output_final_state=output_final_state, cu_seqlens=cu_seqlens, output_all_states=output_all_states,
+            use_qk_l2norm=use_qk_l2norm, state_slots=state_slots)
+    shapes = check_gdn_inputs(q, k, v, (a, b), ("a", "b"), initial_state, None, state_slots)
+    B, T, Hk, Hv, K, V = shapes.B, shapes.T, shapes.Hk, shapes.Hv, shapes.K, shapes.V
+    if tuple(A_log.shape) != (Hv,) or tuple(dt_bias.shape) != (Hv,):
+        raise ValueError(f"A_log {tuple(A_log.shape)} and dt_bias {tuple(dt_bias.shape)} must be [Hv] = ({Hv},)")
+    dtype, group = v.dtype, Hv // Hk
+
+    def per_token(x, *shape):
+        """x [B, T, ...] as T views [B, *shape] (one view when T == 1: a decode step)."""
+        return [x.view(B, *shape)] if T == 1 else list(x.view(B, T, *shape).unbind(1))
+
+    # Value heads are viewed as [Hk, group]: key head j serves value heads j*group .. j*group + group-1,
+    # so q and k broadcast over `group` instead of being repeated.
+    g = -_fp32(A_log).exp() * F.softplus(_fp32(a) + _fp32(dt_bias))   # as naive.gdn_gating
+    decays = per_token(g.exp(), Hk, group, 1, 1)
+    betas = per_token(_fp32(b).sigmoid(), Hk, group, 1, 1)
+    qk = _fp32(torch.cat([q, k], dim=2))                                # q and k normalised in one pass
+    if use_qk_l2norm:
+        qk = naive.l2norm(qk)
+    q, k = qk.split(Hk, dim=2)
+    qs = per_token(q * (K ** -0.5 if scale is None else scale), Hk, 1, 1, K)
+    ks, k_cols = per_token(k, Hk, 1, 1, K), per_token(k, Hk, 1, K, 1)
+    vs = per_token(_fp32(v), Hk, group, 1, V)
+
+    slots = None if state_slots is None else (state_slots if state_slots.dtype == torch.int64 else state_slots.long())
+    if initial_state is None:
+        S = torch.zeros(B, Hk, group, K, V, dtype=torch.float32, device=v.device)
+    elif slots is not None:
+        S = initial_state.index_select(0, slots).view(B, Hk, group, K, V)
+    else:
+        S = _fp32(initial_state).clone().view(B, Hk, group, K, V)
+    outputs, states = [], []
+    for q_t, k_t, k_col, v_t, decay, beta in zip(qs, ks, k_cols, vs, decays, betas):
+        S = S * decay
+        delta = beta * (v_t - k_t @ S)                                     # [B, Hk, group, 1, V]
+        S = S + k_col * delta
+        outputs.append(q_t @ S)
+        if output_all_states:
+            states.append(S)
+    o = (outputs[0] if T == 1 else torch.stack(outputs, dim=1)).view(B, T, Hv, V)
+    o = o if dtype == torch.float32 else o.to(dtype)
+    all_states = None
+    if output_all_states:
+        all_states = (states[0] if T == 1 else torch.stack(states, dim=1)).view(B, T, Hv, K, V)
+    S = S.view(B, Hv, K, V)
+    if slots is not None:
+        initial_state.index_copy_(0, slots, S)
+        return o, None, all_states
+    return o, (S if output_final_state else None), all_states

@@ -1,0 +1,114 @@
+"""The CPU path of the routed experts: naive.py's numerics in a handful of ops and no host sync.
+
+naive.py groups the token slots by expert on the host and runs two matmuls per active expert:
+five ops per expert, ~50 at a decode step's 8 experts of the small preset, and a `nonzero` and
+a `.tolist()` to find the groups. At decode sizes that per-op overhead, not the arithmetic, is
+the cost, so this module computes the same products in one of two loop-free forms:
+
+- `gathered`: each token slot gathers its expert's weights (w13[ids], w2[ids]) and the slots run
+  as one batched matmul of [1, H] x [H, 2I] products. Copies T*k experts' weights: cheap while
+  T*k is small.
+- `dense`: every local expert runs on every token ([T, H] x [H, E*2I], then a batched down
+  projection over the experts) and each slot picks its expert's row. Reads each weight once but
+  computes E/k times the products the tokens need: the better form once T*k approaches E.
+
+Past those sizes (prefill) the per-expert loop of naive.py wins again: its op count no longer
+grows with T while the other two forms do more work per token. `expert_ffn` picks by shapes
+only (never values), with the crossovers bench/kernels_moe.py measured.
+
+Each form computes every (token, expert) product as its own row with the same bf16 roundings as
+naive.py (gate/up product, SwiGLU, down product, then the fp32 weighted sum over the k slots in
+slot order). Where the CPU's matmul of one row does not depend on how many rows run beside it (as
+on the 2-core EPYC the benchmarks ran on) the forms agree with naive.py to the bit; the tests hold
+them to the tolerance rule.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import naive
+from .naive import check_expert_ffn_args
+
+__all__ = ["expert_ffn", "moe_route", "choose_form", "FORMS"]
+
+moe_route = naive.moe_route  # softmax, top-k, renormalise: already four ops and no sync
+
+# Crossovers measured by bench/kernels_moe.py (2-core AMD EPYC, 2 threads, bf16, small preset whole
+# and split in two; docs/benchmarks.md says how to rerun it). The gathered form copies each slot's
+# expert weights: fastest while the copies stay small and cover at most half the local experts. The
+# dense form does E_local / k times the products the tokens need: fastest up to ~16 slots per expert
+# (~8 with one thread), and only where that waste factor is the small preset's 8 or less (at
+# 80B-A3B's 512 / 10 it would never pay).
+GATHERED_MAX_BYTES = 8 * 2**20
+DENSE_MAX_SLOTS_PER_EXPERT = 16
+DENSE_MAX_WASTE = 8
+
+
+def choose_form(num_tokens: int, top_k: int, num_local_experts: int, expert_bytes: int) -> str:
+    """"gathered", "dense" or "loop" for T = num_tokens tokens of k slots each over E_local experts
+    of expert_bytes each (w13 and w2 rows together)."""
+    slots = num_tokens * top_k
+    if 2 * slots <= num_local_experts and slots * expert_bytes <= GATHERED_MAX_BYTES:
+        return "gathered"
+    if slots < DENSE_MAX_SLOTS_PER_EXPERT * num_local_experts and num_local_experts <= DENSE_MAX_WASTE * top_k:
+        return "dense"
+    return "loop"
+
+
+def _ids(expert_ids: torch.Tensor) -> torch.Tensor:
+    """int64 ids with the slots of other shards (-1) reading expert 0; _weighted_sum drops them."""
+    return (expert_ids if expert_ids.dtype == torch.int64 else expert_ids.long()).clamp(min=0)
+
+
+def _weighted_sum(per_slot: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
+                  out_dtype) -> torch.Tensor:
+    """per_slot [T, k, H] (hidden dtype) -> sum_j w[t, j] * per_slot[t, j] in fp32, in slot order, the
+    slots of other shards (-1) contributing an exact zero, as naive.py's zero rows do."""
+    weights = expert_weights if expert_weights.dtype == torch.float32 else expert_weights.float()
+    weighted = (per_slot.float() * weights.unsqueeze(-1)).masked_fill((expert_ids < 0).unsqueeze(-1), 0.0)
+    out = weighted.sum(1)
+    return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+def gathered_expert_ffn(hidden, expert_ids, expert_weights, w13, w2, *, out_dtype=None):
+    """The gathered form: one [1, H] x [H, 2I] and one [1, I] x [I, H] product per token slot."""
+    check_expert_ffn_args(hidden, expert_ids, expert_weights, w13, w2)
+    T, k = expert_ids.shape
+    E, two_I, H = w13.shape
+    ids = _ids(expert_ids).view(-1)                                        # [T*k]
+    # index_select, not w13[ids]: advanced indexing copies the rows several times slower on the CPU
+    w13_t = w13.index_select(0, ids).view(T, k, two_I, H).transpose(-1, -2)  # [T, k, H, 2I]
+    w2_t = w2.index_select(0, ids).view(T, k, H, two_I // 2).transpose(-1, -2)
+    gate, up = (hidden.view(T, 1, 1, H) @ w13_t).chunk(2, dim=-1)          # [T, k, 1, I] each
+    down = (F.silu(gate) * up) @ w2_t                                      # [T, k, 1, H]
+    return _weighted_sum(down.view(T, k, H), expert_ids, expert_weights, out_dtype or hidden.dtype)
+
+
+def dense_expert_ffn(hidden, expert_ids, expert_weights, w13, w2, *, out_dtype=None):
+    """The dense form: every local expert on every token, then each slot's expert picked."""
+    check_expert_ffn_args(hidden, expert_ids, expert_weights, w13, w2)
+    T, k = expert_ids.shape
+    E, two_I, H = w13.shape
+    gate, up = F.linear(hidden, w13.flatten(0, 1)).view(T, E, two_I).transpose(0, 1).chunk(2, dim=-1)  # [E, T, I]
+    down = torch.bmm(F.silu(gate) * up, w2.transpose(1, 2))              # [E, T, H]
+    tokens = torch.arange(T, device=hidden.device).view(T, 1)
+    return _weighted_sum(down[_ids(expert_ids), tokens], expert_ids, expert_weights, out_dtype or hidden.dtype)
+
+
+FORMS = {"gathered": gathered_expert_ffn, "dense": dense_expert_ffn, "loop": naive.expert_ffn}
+
+
+def expert_ffn(hidden, expert_ids, expert_weights, w13, w2, *, out_dtype=None):
+    """naive.expert_ffn's contract and numerics, in the form `choose_form` picks for these shapes.
+
+    Unlike naive.py, ids past E_local are not checked here (that needs a host sync): an id >= E_local
+    raises torch's index error instead of a ValueError naming it.
+    """
+    if expert_ids.dim() != 2 or w13.dim() != 3:
+        check_expert_ffn_args(hidden, expert_ids, expert_weights, w13, w2)  # raises, naming the shape
+    if w13.shape[0] == 0 or expert_ids.numel() == 0:
+        return naive.expert_ffn(hidden, expert_ids, expert_weights, w13, w2, out_dtype=out_dtype)
+    expert_bytes = (w13[0].numel() + w2[0].numel()) * w13.element_size()
+    form = FORMS[choose_form(expert_ids.shape[0], expert_ids.shape[1], w13.shape[0], expert_bytes)]
+    return form(hidden, expert_ids, expert_weights, w13, w2, out_dtype=out_dtype)

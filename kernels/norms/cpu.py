@@ -1,0 +1,47 @@
+"""The CPU path of the two RMSNorms: naive.py's arithmetic with the normalisation in one op.
+
+`torch.nn.functional.rms_norm` computes x * rsqrt(mean(x^2) + eps) * w in the same steps as
+naive.py (square, mean, add eps, rsqrt, two multiplies) as one dispatched op, so the results agree
+with naive.py bit for bit; the fp32 upcasts, the (1 + w) of the zero-centred form and the casts
+back stay where naive.py has them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["rms_norm", "gated_rms_norm"]
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    # .float() on an fp32 tensor is still a dispatched op; at decode sizes each one counts
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def _cast(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return y if y.dtype == dtype else y.to(dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, zero_centered: bool = True,
+             residual: torch.Tensor | None = None):
+    """naive.rms_norm: y [..., H] in x.dtype, or (y, x + residual) with `residual`."""
+    if x.shape[-1] != weight.shape[-1] or weight.dim() != 1:
+        raise ValueError(f"rms_norm: x {tuple(x.shape)} and weight {tuple(weight.shape)} disagree on H")
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"rms_norm: residual {tuple(residual.shape)} != x {tuple(x.shape)}")
+        x = x + residual
+    scale = 1.0 + _fp32(weight) if zero_centered else _fp32(weight)
+    y = _cast(F.rms_norm(_fp32(x), (x.shape[-1],), scale, eps), x.dtype)
+    return y if residual is None else (y, x)
+
+
+def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """naive.gated_rms_norm: (w * rmsnorm(x).to(dtype)) * silu(z), in x.dtype."""
+    if z.shape != x.shape:
+        raise ValueError(f"gated_rms_norm: z {tuple(z.shape)} != x {tuple(x.shape)}")
+    if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
+        raise ValueError(f"gated_rms_norm: x {tuple(x.shape)} and weight {tuple(weight.shape)} disagree on V")
+    dtype = x.dtype
+    y = weight * _cast(F.rms_norm(_fp32(x), (x.shape[-1],), None, eps), dtype)
+    return _cast(y * F.silu(_fp32(z)), dtype)

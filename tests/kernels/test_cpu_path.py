@@ -1,0 +1,279 @@
+"""The CPU path (kernels/*/cpu.py) against the plain torch references (naive.py) on fresh random inputs.
+
+Where the CPU path runs naive.py's arithmetic op for op (norms, conv update, RoPE, the cache
+scatter) the results must be identical; where it regroups matmuls or sums over a padded row
+(the decode recurrence, the routed experts, paged attention) they must agree to the conftest
+rule. Shapes are awkward on purpose: more value heads than key heads, head dims that are not
+powers of two, rotary dims short of the head, -1 expert slots, padding slots and block-table
+entries past a sequence's blocks, NaN in every cache slot and pool row no one owns.
+"""
+import math
+
+import pytest
+import torch
+
+from nextserve.kernels import ops
+from nextserve.kernels.attention import cpu as attention_cpu
+from nextserve.kernels.attention import naive as attention_naive
+from nextserve.kernels.conv import cpu as conv_cpu
+from nextserve.kernels.conv import naive as conv_naive
+from nextserve.kernels.gated_delta_rule import cpu as gdn_cpu
+from nextserve.kernels.gated_delta_rule import naive as gdn_naive
+from nextserve.kernels.moe import cpu as moe_cpu
+from nextserve.kernels.moe import naive as moe_naive
+from nextserve.kernels.norms import cpu as norms_cpu
+from nextserve.kernels.norms import naive as norms_naive
+
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
+BLOCK = 64
+
+
+def randn(gen, *shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+
+
+# --- norms ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 512), (16, 100), (3, 5, 48)], ids=["decode", "batch", "per-head"])
+def test_norms_equal_the_reference(shape, dtype):
+    gen = torch.Generator().manual_seed(sum(shape))
+    x, residual, z = (randn(gen, *shape, dtype=dtype) for _ in range(3))
+    w = randn(gen, shape[-1], dtype=dtype, scale=0.2)
+    for zero_centered in (True, False):
+        assert torch.equal(norms_cpu.rms_norm(x, w, 1e-6, zero_centered=zero_centered),
+                           norms_naive.rms_norm(x, w, 1e-6, zero_centered=zero_centered))
+    got_y, got_sum = norms_cpu.rms_norm(x, w, 1e-6, residual=residual)
+    want_y, want_sum = norms_naive.rms_norm(x, w, 1e-6, residual=residual)
+    assert torch.equal(got_y, want_y) and torch.equal(got_sum, want_sum)
+    assert torch.equal(norms_cpu.gated_rms_norm(x, z, w, 1e-6), norms_naive.gated_rms_norm(x, z, w, 1e-6))
+
+
+def test_norm_shape_errors_name_the_tensors():
+    with pytest.raises(ValueError, match="disagree on H"):
+        norms_cpu.rms_norm(torch.randn(2, 8), torch.randn(9), 1e-6)
+    with pytest.raises(ValueError, match="residual"):
+        norms_cpu.rms_norm(torch.randn(2, 8), torch.randn(8), 1e-6, residual=torch.randn(3, 8))
+    with pytest.raises(ValueError, match="z"):
+        norms_cpu.gated_rms_norm(torch.randn(2, 8), torch.randn(2, 9), torch.randn(8), 1e-6)
+
+
+# --- causal conv1d update -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N, C, W", [(1, 40, 4), (5, 136, 4), (3, 17, 2)], ids=["decode", "batch", "W2"])
+def test_conv_update_equals_the_reference(N, C, W, dtype):
+    gen = torch.Generator().manual_seed(N * C)
+    x, weight = randn(gen, N, C, dtype=dtype), randn(gen, C, W, dtype=dtype)
+    pool = torch.full((N + 3, C, W - 1), float("nan"), dtype=dtype)
+    slots = torch.randperm(N + 3, generator=gen)[:N]
+    pool[slots] = randn(gen, N, C, W - 1, dtype=dtype)
+    ref_pool = pool.clone()
+    got = conv_cpu.causal_conv1d_update(x, pool, weight, state_slots=slots.to(torch.int32))
+    want = conv_naive.causal_conv1d_update(x, ref_pool, weight, state_slots=slots)
+    assert torch.equal(got, want)
+    assert torch.equal(pool.nan_to_num(7.0), ref_pool.nan_to_num(7.0))  # rolled rows equal, the others untouched NaN
+
+    states = randn(gen, N, C, W - 1, dtype=dtype)  # without slots: the state is rolled in place
+    ref_states = states.clone()
+    for activation in (None, "silu"):
+        assert torch.equal(conv_cpu.causal_conv1d_update(x, states, weight, activation=activation),
+                           conv_naive.causal_conv1d_update(x, ref_states, weight, activation=activation))
+        assert torch.equal(states, ref_states)
+
+
+# --- gated delta rule decode ---------------------------------------------------------------------
+
+def recurrence_chain(T: int, K: int) -> int:
+    return T + 2 * K  # as in test_gated_delta_rule_naive.py
+
+
+GDN_CASES = {
+    # name: (B, T, Hk, Hv, K, V)
+    "decode-small-preset": (1, 1, 4, 8, 64, 64),
+    "decode-batch-awkward": (5, 1, 1, 2, 24, 20),
+    "short-continuation": (3, 4, 2, 6, 16, 12),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(GDN_CASES))
+def test_recurrent_decode_equals_the_reference(case, dtype, close):
+    B, T, Hk, Hv, K, V = GDN_CASES[case]
+    gen = torch.Generator().manual_seed(len(case))
+    q, k = randn(gen, B, T, Hk, K, dtype=dtype), randn(gen, B, T, Hk, K, dtype=dtype)
+    v = randn(gen, B, T, Hv, V, dtype=dtype)
+    a, b = randn(gen, B, T, Hv, dtype=dtype, scale=2), randn(gen, B, T, Hv, dtype=dtype, scale=2)
+    A_log, dt_bias = (torch.rand(Hv, generator=gen) * 2 - 1).to(dtype), randn(gen, Hv, dtype=dtype, scale=0.5)
+    pool = torch.full((B + 2, Hv, K, V), float("nan"))
+    slots = torch.randperm(B + 2, generator=gen)[:B]
+    pool[slots] = randn(gen, B, Hv, K, V)
+    ref_pool = pool.clone()
+    args = (q, k, v, a, b, A_log, dt_bias)
+    chain = recurrence_chain(T, K)
+
+    o, none, all_states = gdn_cpu.fused_recurrent_gated_delta_rule(*args, initial_state=pool, state_slots=slots,
+                                                                   output_all_states=True)
+    o_ref, _, all_ref = gdn_naive.naive_recurrent_gated_delta_rule_from_gates(
+        *args, initial_state=ref_pool, state_slots=slots, output_all_states=True)
+    assert none is None and o.dtype == dtype
+    close(o, o_ref, reduction=chain, what="output")
+    close(all_states, all_ref, reduction=chain, what="state after every token")
+    close(pool[slots], ref_pool[slots], reduction=chain, what="final states in the pool")
+    unused = sorted(set(range(B + 2)) - set(slots.tolist()))
+    assert torch.isnan(pool[unused]).all()
+
+    # without slots, from zeros and from given states, with a given scale and without the L2 norm
+    for kwargs in (dict(), dict(initial_state=ref_pool[slots].clone(), scale=0.3, use_qk_l2norm=False)):
+        o, final, _ = gdn_cpu.fused_recurrent_gated_delta_rule(*args, **kwargs)
+        o_ref, final_ref, _ = gdn_naive.naive_recurrent_gated_delta_rule_from_gates(*args, **kwargs)
+        close(o, o_ref, reduction=chain, what="output without slots")
+        close(final, final_ref, reduction=chain, what="final state without slots")
+
+
+def test_recurrent_with_cu_seqlens_is_the_reference():
+    """Packed sequences of unequal length take naive.py's packed form (and its slot checks)."""
+    gen = torch.Generator().manual_seed(0)
+    q, v = randn(gen, 1, 5, 1, 8), randn(gen, 1, 5, 2, 8)
+    a = randn(gen, 1, 5, 2)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    got = gdn_cpu.fused_recurrent_gated_delta_rule(q, q, v, a, a, torch.zeros(2), torch.zeros(2), cu_seqlens=cu)
+    want = gdn_naive.naive_recurrent_gated_delta_rule_from_gates(q, q, v, a, a, torch.zeros(2), torch.zeros(2),
+                                                                 cu_seqlens=cu)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(ValueError, match="appears twice"):
+        gdn_cpu.fused_recurrent_gated_delta_rule(q, q, v, a, a, torch.zeros(2), torch.zeros(2), cu_seqlens=cu,
+                                                 initial_state=torch.zeros(4, 2, 8, 8),
+                                                 state_slots=torch.tensor([1, 1]))
+
+
+# --- q/k norm + RoPE -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T, Hq, Hkv, D, rotary_dim", [(1, 8, 2, 64, 16), (7, 6, 2, 48, 48), (5, 3, 1, 20, 8)],
+                         ids=["decode-small-preset", "full-rotary", "awkward"])
+def test_qk_norm_rope_equals_the_reference(T, Hq, Hkv, D, rotary_dim, dtype):
+    gen = torch.Generator().manual_seed(T * D)
+    q, k = randn(gen, T, Hq, D, dtype=dtype), randn(gen, T, Hkv, D, dtype=dtype)
+    wq, wk = randn(gen, D, dtype=dtype, scale=0.1), randn(gen, D, dtype=dtype, scale=0.1)
+    positions = torch.randint(0, 40000, (T,), generator=gen)
+    got = attention_cpu.qk_norm_rope(q, k, wq, wk, positions, rotary_dim=rotary_dim, theta=1e7, eps=1e-6)
+    want = attention_naive.qk_norm_rope(q, k, wq, wk, positions, rotary_dim=rotary_dim, theta=1e7, eps=1e-6)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+# --- paged KV --------------------------------------------------------------------------------------
+
+def paged_case(Lq, Lk, Hq, Hkv, D, dtype, seed):
+    """NaN-filled caches holding the sequences' keys in shuffled blocks, block-table entries past each
+    sequence's blocks set to -1 (and one column of them), as tests/kernels/test_paged_attention.py lays
+    them out."""
+    gen = torch.Generator().manual_seed(seed)
+    n_blocks = [math.ceil(L / BLOCK) for L in Lk]
+    num_blocks = sum(n_blocks) + 2
+    order = torch.randperm(num_blocks, generator=gen)
+    tables = torch.full((len(Lk), max(n_blocks) + 1), -1, dtype=torch.int32)
+    k_cache = torch.full((num_blocks, BLOCK, Hkv, D), float("nan"), dtype=dtype)
+    v_cache = k_cache.clone()
+    used = 0
+    for n, (L, nb) in enumerate(zip(Lk, n_blocks)):
+        tables[n, :nb] = order[used:used + nb].to(torch.int32)
+        used += nb
+        pos = torch.arange(L)
+        slots = tables[n, pos // BLOCK].long() * BLOCK + pos % BLOCK
+        k_cache.view(-1, Hkv, D)[slots] = randn(gen, L, Hkv, D, dtype=dtype)
+        v_cache.view(-1, Hkv, D)[slots] = randn(gen, L, Hkv, D, dtype=dtype)
+    q, gate = randn(gen, sum(Lq), Hq, D, dtype=dtype), randn(gen, sum(Lq), Hq, D, dtype=dtype)
+    cu_q = torch.tensor([0, *torch.tensor(Lq).cumsum(0).tolist()], dtype=torch.int32)
+    return q, gate, k_cache, v_cache, tables, cu_q, torch.tensor(Lk, dtype=torch.int32)
+
+
+PAGED_CASES = {
+    # name: (Lq per sequence, Lk per sequence, Hq, Hkv, D)
+    "decode": ([1, 1, 1, 1], [1, 64, 65, 130], 8, 2, 32),
+    "verify-with-idle-sequence": ([3, 0, 5, 1], [67, 3, 5, 129], 6, 2, 24),  # drafts, Lq = 0, G = 3
+    "prefill-takes-the-reference": ([65, 2], [65, 70], 4, 2, 16),
+}
+ATTENTION_ROUNDINGS = {torch.float32: 1, torch.bfloat16: 4}  # as in test_paged_attention.py
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(PAGED_CASES))
+def test_paged_attention_equals_the_reference(case, dtype, close):
+    Lq, Lk, Hq, Hkv, D = PAGED_CASES[case]
+    q, gate, k_cache, v_cache, tables, cu_q, seq_lens_k = paged_case(Lq, Lk, Hq, Hkv, D, dtype, seed=len(case))
+    args = (q, k_cache, v_cache, tables, cu_q, seq_lens_k)
+    for g in (gate, None):
+        got = attention_cpu.paged_attention(*args, scale=D ** -0.5, gate=g)
+        want = attention_naive.paged_attention(*args, scale=D ** -0.5, gate=g)
+        close(got, want, reduction=max(Lk) + D, roundings=ATTENTION_ROUNDINGS[dtype],
+              what=f"{'gated' if g is not None else 'ungated'} output")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("slot_mapping", [[130, 5, -1, 64, 255, 0, -1, 191, 63], [-1, 7, -1], [-1, -1], [3, 0, 200]],
+                         ids=["padding-inside", "padding-first", "all-padding", "no-padding"])
+def test_reshape_and_cache_equals_the_reference(slot_mapping, dtype):
+    gen = torch.Generator().manual_seed(len(slot_mapping))
+    T, Hkv, D = len(slot_mapping), 2, 12
+    k, v = randn(gen, T, Hkv, D, dtype=dtype), randn(gen, T, Hkv, D, dtype=dtype)
+    caches = [randn(gen, 4, BLOCK, Hkv, D, dtype=dtype) for _ in range(2)]
+    ref = [c.clone() for c in caches]
+    for mapping in (torch.tensor(slot_mapping), torch.tensor(slot_mapping, dtype=torch.int32)):
+        attention_cpu.reshape_and_cache(k, v, *caches, mapping)
+        attention_naive.reshape_and_cache(k, v, *ref, mapping)
+        assert torch.equal(caches[0], ref[0]) and torch.equal(caches[1], ref[1])
+
+
+# --- routed experts ---------------------------------------------------------------------------------
+
+BLOCK_CHAIN = 48 + 40 + 3 + 1  # gate/up over H, down over I, k slots summed (as in test_moe.py)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", sorted(moe_cpu.FORMS))
+@pytest.mark.parametrize("T", [1, 3, 17])
+def test_every_expert_form_equals_the_reference(T, form, dtype, close):
+    gen = torch.Generator().manual_seed(T)
+    E, k, H, I = 7, 3, 48, 40
+    hidden = randn(gen, T, H, dtype=dtype)
+    w13, w2 = randn(gen, E, 2 * I, H, dtype=dtype, scale=0.2), randn(gen, E, H, I, dtype=dtype, scale=0.2)
+    weights, ids = moe_naive.moe_route(torch.randn(T, 12, generator=gen), k)
+    local = torch.where(ids < E, ids, -1)  # a shard holding experts 0..6 of 12: some slots are elsewhere
+    for out_dtype in (None, torch.float32):
+        got = moe_cpu.FORMS[form](hidden, local, weights, w13, w2, out_dtype=out_dtype)
+        want = moe_naive.expert_ffn(hidden, local, weights, w13, w2, out_dtype=out_dtype)
+        assert got.dtype == want.dtype
+        close(got, want, reduction=BLOCK_CHAIN, what=f"{form}, out_dtype {out_dtype}")
+    nobody = torch.full_like(local, -1)
+    assert torch.equal(moe_cpu.FORMS[form](hidden, nobody, weights, w13, w2), torch.zeros(T, H, dtype=dtype))
+
+
+def test_the_form_follows_the_slot_count():
+    small = (2 * 64 * 512 + 512 * 64) * 2  # one small-preset expert's w13 and w2 rows, bf16
+    assert moe_cpu.choose_form(1, 8, 64, small) == "gathered"        # decode at batch 1
+    assert moe_cpu.choose_form(16, 8, 64, small) == "dense"          # decode at batch 16
+    assert moe_cpu.choose_form(2048, 8, 64, small) == "loop"         # prefill
+    big = 3 * 512 * 2048 * 2                                         # an 80B-A3B expert: copies too big,
+    assert moe_cpu.choose_form(1, 10, 512, big) == "loop"            # and 51x the work for the dense form
+
+
+# --- the one door ------------------------------------------------------------------------------------
+
+def test_ops_run_the_cpu_path_off_cuda_and_the_references_when_asked(monkeypatch):
+    calls = []
+    for module in (norms_cpu, norms_naive):
+        monkeypatch.setattr(module, "rms_norm", lambda *a, _m=module, _f=module.rms_norm, **kw:
+                            calls.append(_m.__name__.rsplit(".", 1)[1]) or _f(*a, **kw))
+    x, w = torch.randn(2, 8), torch.zeros(8)
+    monkeypatch.delenv("NEXTSERVE_KERNELS", raising=False)
+    assert ops.kernel_backend(x.device) == "cpu"
+    ops.rms_norm(x, w, 1e-6)
+    monkeypatch.setenv("NEXTSERVE_KERNELS", "torch")
+    ops.rms_norm(x, w, 1e-6)
+    monkeypatch.setenv("NEXTSERVE_KERNELS", "cpu")
+    ops.rms_norm(x, w, 1e-6)
+    assert calls == ["cpu", "naive", "cpu"]
+    monkeypatch.setenv("NEXTSERVE_KERNELS", "fast")
+    with pytest.raises(ValueError, match="expected one of"):
+        ops.rms_norm(x, w, 1e-6)
