@@ -141,13 +141,15 @@ class SpeculativeDecoder:
         new_tokens, kept = self._verify(seqs, drafts, samples, forward, hidden, samplers)
         keep_state_at(forward, slots, kept)
         verified = time.perf_counter()
-        proposed = self._draft(seqs, rows, drafts, counts, tables, slots, forward, hidden, new_tokens, samplers)
-        if self.policy is not None and all(s and n == 1 + len(d) for s, n, d in zip(samples, counts, drafts)):
-            # every row decoded: a step whose cost the rule can compare (a prompt chunk would dwarf it)
+        # a step in which every row decoded is one whose cost the rule can compare (a prompt chunk would
+        # dwarf the difference); its verify time counts before the rule chooses the next k
+        timed = self.policy is not None and all(s and n == 1 + len(d) for s, n, d in zip(samples, counts, drafts))
+        if timed:
             self.policy.observe(len(seqs), "verify", max(len(d) for d in drafts), verified - start)
-            drafted = max((len(p) for p in proposed.values()), default=0)
-            if drafted or self.last_k == 0:  # (an MTP pass that no row could draft from is no k's cost)
-                self.policy.observe(len(seqs), "draft", drafted, time.perf_counter() - verified)
+        proposed = self._draft(seqs, rows, drafts, counts, tables, slots, forward, hidden, new_tokens, samplers)
+        drafted = max((len(p) for p in proposed.values()), default=0)
+        if timed and (drafted or self.last_k == 0):  # (an MTP pass no row could draft from is no k's cost)
+            self.policy.observe(len(seqs), "draft", drafted, time.perf_counter() - verified)
         return new_tokens, proposed
 
     def _verify(self, seqs, drafts, samples, forward, hidden, samplers) -> tuple[dict[int, list[int]], dict[int, int]]:
