@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -66,8 +67,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each, plain and speculative taking turns; rates are the medians (a busy "
+                             "machine's load then falls on both alike)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -78,14 +84,22 @@ def main() -> None:
     for batch in args.batch_sizes:
         prompts = make_prompts(args.checkpoint, batch, args.prompt_len, args.prompt_file)
         run(model, prompts[:1], 4, args.speculative_tokens, not args.fixed)  # warm-up: first-call costs
-        plain = run(model, prompts, args.decode_tokens, 0)
-        spec = run(model, prompts, args.decode_tokens, args.speculative_tokens, not args.fixed)
-        if spec["outputs"] != plain["outputs"]:
-            raise SystemExit(f"batch {batch}: speculative greedy output differs from plain greedy output")
+        plains, specs = [], []
+        for _ in range(args.repeats):
+            plains.append(run(model, prompts, args.decode_tokens, 0))
+            specs.append(run(model, prompts, args.decode_tokens, args.speculative_tokens, not args.fixed))
+            if specs[-1]["outputs"] != plains[-1]["outputs"]:
+                raise SystemExit(f"batch {batch}: speculative greedy output differs from plain greedy output")
+        plain_rate = statistics.median(r["decode_tok_s"] for r in plains)
+        spec_rate = statistics.median(r["decode_tok_s"] for r in specs)
+        drafted = sum(r["drafted"] for r in specs)
+        accepted = sum(r["acceptance"] * r["drafted"] for r in specs if r["drafted"])
         row = {"batch": batch, "speculative_tokens": args.speculative_tokens,
-               "plain_decode_tok_s": plain["decode_tok_s"], "spec_decode_tok_s": spec["decode_tok_s"],
-               "speedup": spec["decode_tok_s"] / plain["decode_tok_s"], "acceptance": spec["acceptance"],
-               "drafted": spec["drafted"], "adaptive": not args.fixed, "device": args.device, "dtype": args.dtype}
+               "plain_decode_tok_s": plain_rate, "spec_decode_tok_s": spec_rate, "speedup": spec_rate / plain_rate,
+               "acceptance": accepted / drafted if drafted else None, "drafted": drafted // args.repeats,
+               "repeats": args.repeats, "plain_runs_tok_s": [r["decode_tok_s"] for r in plains],
+               "spec_runs_tok_s": [r["decode_tok_s"] for r in specs],
+               "adaptive": not args.fixed, "device": args.device, "dtype": args.dtype}
         if args.json:
             print(json.dumps(row))
         else:
