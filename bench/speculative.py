@@ -4,9 +4,9 @@
 
 For each batch size, the in-process engine (`model.generate`, the router's scheduler and runner)
 generates `--decode-tokens` greedy tokens for that many prompts, first without speculation, then with
-`--speculative-tokens K` (the adaptive rule of router/acceptance.py, `--draft-cost` its c). Decode
-tok/s counts generated tokens over the time after the first token of every request (prefill is
-timed apart, from the same run). Greedy output must be identical with and without speculation: the
+`--speculative-tokens K` (each step drafts the k in 0..K that router/goodput.py's rule measures to
+pay, from this engine's own step times; `--fixed`: always K). Decode tok/s counts generated tokens
+over the time after the first token of every request (prefill is timed apart, from the same run). Greedy output must be identical with and without speculation: the
 script checks it. Prompts come from `--prompt-file` (text, tokenized by the checkpoint's tokenizer;
 default: a slice of this file) or are random ids when the checkpoint has no tokenizer. Prints a table
 and, with --json, one JSON line per row. Acceptance means something only on a trained model: random
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -34,14 +35,14 @@ def make_prompts(checkpoint: str, n: int, length: int, prompt_file: str | None) 
     return [ids[i * stride:i * stride + length] for i in range(n)]
 
 
-def run(model, prompts, max_tokens: int, speculative_tokens: int, draft_cost: float | None) -> dict:
+def run(model, prompts, max_tokens: int, speculative_tokens: int, adaptive: bool = True) -> dict:
     from nextserve.model import SamplingParams, generate_stream
     params = [SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)] * len(prompts)
     start = time.perf_counter()
     first: dict[int, float] = {}
     done = {}
     for i, _, completion in generate_stream(model, prompts, params, speculative_tokens=speculative_tokens,
-                                            draft_cost=draft_cost):
+                                            speculative_adaptive=adaptive):
         first.setdefault(i, time.perf_counter())
         done[i] = completion
     end = time.perf_counter()
@@ -59,15 +60,20 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True, help="a checkpoint with its MTP head (mtp.* tensors)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--speculative-tokens", type=int, default=2, choices=range(1, 5))
-    parser.add_argument("--draft-cost", type=float, default=None, help="the acceptance rule's c (default: its default)")
+    parser.add_argument("--fixed", action="store_true", help="draft K every step (default: the goodput rule's k)")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--prompt-file", default=None, help="text to cut prompts from (default: this script)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each, plain and speculative taking turns; rates are the medians (a busy "
+                             "machine's load then falls on both alike)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -77,15 +83,23 @@ def main() -> None:
         print(f"{'batch':>5} {'plain tok/s':>12} {'spec tok/s':>11} {'speedup':>8} {'acceptance':>11}")
     for batch in args.batch_sizes:
         prompts = make_prompts(args.checkpoint, batch, args.prompt_len, args.prompt_file)
-        run(model, prompts[:1], 4, args.speculative_tokens, args.draft_cost)  # warm-up: first-call costs
-        plain = run(model, prompts, args.decode_tokens, 0, None)
-        spec = run(model, prompts, args.decode_tokens, args.speculative_tokens, args.draft_cost)
-        if spec["outputs"] != plain["outputs"]:
-            raise SystemExit(f"batch {batch}: speculative greedy output differs from plain greedy output")
+        run(model, prompts[:1], 4, args.speculative_tokens, not args.fixed)  # warm-up: first-call costs
+        plains, specs = [], []
+        for _ in range(args.repeats):
+            plains.append(run(model, prompts, args.decode_tokens, 0))
+            specs.append(run(model, prompts, args.decode_tokens, args.speculative_tokens, not args.fixed))
+            if specs[-1]["outputs"] != plains[-1]["outputs"]:
+                raise SystemExit(f"batch {batch}: speculative greedy output differs from plain greedy output")
+        plain_rate = statistics.median(r["decode_tok_s"] for r in plains)
+        spec_rate = statistics.median(r["decode_tok_s"] for r in specs)
+        drafted = sum(r["drafted"] for r in specs)
+        accepted = sum(r["acceptance"] * r["drafted"] for r in specs if r["drafted"])
         row = {"batch": batch, "speculative_tokens": args.speculative_tokens,
-               "plain_decode_tok_s": plain["decode_tok_s"], "spec_decode_tok_s": spec["decode_tok_s"],
-               "speedup": spec["decode_tok_s"] / plain["decode_tok_s"], "acceptance": spec["acceptance"],
-               "drafted": spec["drafted"], "device": args.device, "dtype": args.dtype}
+               "plain_decode_tok_s": plain_rate, "spec_decode_tok_s": spec_rate, "speedup": spec_rate / plain_rate,
+               "acceptance": accepted / drafted if drafted else None, "drafted": drafted // args.repeats,
+               "repeats": args.repeats, "plain_runs_tok_s": [r["decode_tok_s"] for r in plains],
+               "spec_runs_tok_s": [r["decode_tok_s"] for r in specs],
+               "adaptive": not args.fixed, "device": args.device, "dtype": args.dtype}
         if args.json:
             print(json.dumps(row))
         else:

@@ -60,10 +60,9 @@ def add_parser(sub) -> None:
                    help="draft up to K (1-4) tokens per step with the checkpoint's MTP head and verify them in one "
                         "pass; each request drafts only while its acceptance pays (docs/speculative.md). "
                         "0 (default): off. Needs --micro-batches 1")
-    p.add_argument("--speculative-draft-cost", type=float, default=None, metavar="C",
-                   help="what one draft costs, in decode steps (default 0.25): a request keeps drafting only while "
-                        "its acceptance rate is above it, and drafts the k that yields the most tokens per cost; "
-                        "0: always draft K")
+    p.add_argument("--speculative-fixed", action="store_true",
+                   help="draft K tokens every step instead of the k in 0..K that the router measures to yield "
+                        "the most accepted tokens per second (docs/speculative.md)")
     p.add_argument("--drain-grace", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT: readiness turns NOT_SERVING, new generations get UNAVAILABLE, running "
                         "ones may finish for this long, then what remains ends with UNAVAILABLE (default 30)")
@@ -82,8 +81,8 @@ def run(args) -> int:
     from nextserve.worker.server import load_plan
 
     try:
-        if args.speculative_draft_cost is not None and not args.speculative_tokens:
-            raise ValueError("--speculative-draft-cost tunes --speculative-tokens, which is off")
+        if args.speculative_fixed and not args.speculative_tokens:
+            raise ValueError("--speculative-fixed tunes --speculative-tokens, which is off")
         if args.drain_grace < 0:
             raise ValueError(f"--drain-grace must be >= 0, got {args.drain_grace}")
         if args.trace_sample_ratio is not None and not 0.0 <= args.trace_sample_ratio <= 1.0:
@@ -95,7 +94,7 @@ def run(args) -> int:
             max_batch_tokens=args.max_batch_tokens, max_running_requests=args.max_running_requests,
             max_queue=args.max_queue, micro_batches=args.micro_batches,
             speculative_tokens=args.speculative_tokens,
-            **({} if args.speculative_draft_cost is None else {"speculative_draft_cost": args.speculative_draft_cost}),
+            speculative_adaptive=not args.speculative_fixed,
             cache_snapshot_interval=args.cache_snapshot_interval, cache_url=args.cache_url, cache_ttl=args.cache_ttl,
             otlp_endpoint=args.otlp_endpoint, trace_sample_ratio=args.trace_sample_ratio,
             metrics_port=args.metrics_port,

@@ -25,11 +25,12 @@ class Completion:
 def generate_stream(model: Qwen3NextForCausalLM, prompts: list[list[int]], params: list[SamplingParams],
                     eos_token_id: int | None = None, *, kv_cache_memory: str | None = None,
                     max_batch_tokens: int = 4096, speculative_tokens: int = 0,
-                    draft_cost: float | None = None) -> Iterator[tuple[int, int, Completion]]:
+                    speculative_adaptive: bool = True) -> Iterator[tuple[int, int, Completion]]:
     """Yield (request index, new token, completion) as tokens are produced, in step order.
 
     speculative_tokens: draft up to that many tokens per step with the model's MTP head (1..4; 0 off),
-    each sequence as many as pay by `router.acceptance`'s rule (draft_cost: its c; None the default).
+    each step as many as router/goodput.py's rule finds pay from this engine's step times
+    (speculative_adaptive=False: always that many, within each request's limits).
 
     kv_cache_memory: the pools' budget as `--kv-cache-memory` takes it (requests then queue and may be
     preempted under it); None sizes the pools so that every request runs at once to its end.
@@ -62,7 +63,7 @@ def generate_stream(model: Qwen3NextForCausalLM, prompts: list[list[int]], param
         check_speculation(sp.speculative_tokens, speculative_tokens > 0)
     speculative = None
     if speculative_tokens:
-        speculative = SpeculativeConfig(speculative_tokens, **({} if draft_cost is None else {"draft_cost": draft_cost}))
+        speculative = SpeculativeConfig(speculative_tokens, adaptive=speculative_adaptive)
     runner = ModelRunner(model, sizes, speculative=speculative)
     done = [Completion(list(p), sp) for p, sp in zip(prompts, params)]
     for i, (p, stop) in enumerate(zip(prompts, stops)):

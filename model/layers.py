@@ -34,6 +34,21 @@ class GatedRMSNorm(nn.Module):
         return ops.gated_rms_norm(x, z, self.weight, self.eps)
 
 
+class LMHead(nn.Linear):
+    """The projection onto the vocabulary (no bias). On the CPU, 2 to 8 rows (a verification's k + 1
+    positions, a small decode batch) go as W x^T: MKL's GEMM for a handful of rows against a weight
+    this wide repacks all of it on every call, about 3.5x the time of one row at 3 rows (an 8 MiB
+    weight, bench/spec_profile.py); W x^T streams it once, as one row does."""
+
+    def __init__(self, hidden_size: int, vocab_size: int):
+        super().__init__(hidden_size, vocab_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dim() == 2 and 2 <= x.shape[0] <= 8:
+            return torch.mm(self.weight, x.t()).t()  # [N, V], a transposed view
+        return super().forward(x)
+
+
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)): the shared expert (and the dense MLP of mlp_only_layers)."""
 

@@ -14,7 +14,7 @@ from torch import nn
 from .attention import GatedAttention
 from .config import Qwen3NextConfig
 from .deltanet import GatedDeltaNet
-from .layers import RMSNorm, SwiGLU
+from .layers import LMHead, RMSNorm, SwiGLU
 from .moe import SparseMoeBlock
 from .state import CachePools, ForwardBatch, StaticCache
 
@@ -36,13 +36,18 @@ class DecoderLayer(nn.Module):
     def mixer(self) -> nn.Module:
         return self.linear_attn if self.layer_type == "linear_attention" else self.self_attn
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch, last_only: bool = False):
+        """last_only (an attention layer): only each sequence's last new token goes on past the mixer, the
+        others just leave their keys and values (outputs [N, H])."""
         # pre-norm residual stream: x += mixer(norm(x)); x += mlp(norm(x))
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.mixer(x, batch)
+        if last_only:
+            x, residual = self.self_attn(x, batch, last_only=True), residual[batch.last_token_indices()]
+        else:
+            x = self.mixer(x, batch)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -84,11 +89,21 @@ class MultiTokenPredictor(nn.Module):
         self.layers[0].self_attn.layer_idx = config.num_hidden_layers  # its KV pool's key in CachePools
         self.norm = RMSNorm(h, config.rms_norm_eps)
 
-    def forward(self, token_embeds: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, token_embeds: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch,
+                last_only: bool = False) -> torch.Tensor:
+        """token_embeds, hidden: [T, H] -> [T, H]; last_only: [N, H], the output at each sequence's last
+        new position only (a draft needs no other; the rest only fill the attention layer's cache)."""
         x = self.fc(torch.cat([self.pre_fc_norm_embedding(token_embeds), self.pre_fc_norm_hidden(hidden)], -1))
-        x, residual = self.layers[0](x, None, batch)
+        x, residual = self.layers[0](x, None, batch, last_only=last_only)
         x, _ = self.norm(x, residual)
         return x
+
+    def write_kv(self, token_embeds: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> None:
+        """Only the attention layer's keys and values at these positions, as `forward` would write them:
+        what keeps the head's cache whole while no draft is wanted (a fraction of the layer's work)."""
+        x = self.fc(torch.cat([self.pre_fc_norm_embedding(token_embeds), self.pre_fc_norm_hidden(hidden)], -1))
+        layer = self.layers[0]
+        layer.self_attn.write_kv(layer.input_layernorm(x), batch)
 
 
 class Qwen3NextForCausalLM(nn.Module):
@@ -99,7 +114,7 @@ class Qwen3NextForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Qwen3NextModel(config, expert_ids)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size)
         self.mtp = MultiTokenPredictor(config, expert_ids) if with_mtp else None
 
     @classmethod

@@ -136,6 +136,48 @@ class ForwardBatch:
                    tables_t.view(N, width), seq_lens_k_t, state_slots_t, record_checkpoints,
                    [{} for _ in range(N)] if record_checkpoints else [], keep_states_rows)
 
+    @classmethod
+    def one_token_each(cls, pools: CachePools, positions: list[int], block_tables: list[list[int]],
+                       state_slots: torch.Tensor, device, tables: torch.Tensor | None = None) -> "ForwardBatch":
+        """What `build` makes for one new token per sequence at absolute `positions` (context_lens =
+        positions), from host lists in four small tensors: the MTP head's chained drafts run one such
+        pass per draft. tables: `block_tables` already as the padded int32 tensor, if at hand."""
+        for n, (p, table) in enumerate(zip(positions, block_tables)):
+            if p >= len(table) * BLOCK_SIZE:
+                raise ValueError(f"sequence {n} would hold {p + 1} tokens; its {len(table)} blocks hold "
+                                 f"{len(table) * BLOCK_SIZE}")
+        if tables is None:
+            width = max(len(t) for t in block_tables)
+            tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32).to(device)
+        N = len(positions)
+        slot_mapping = [table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p, table in zip(positions, block_tables)]
+        return cls(pools, [1] * N, list(positions), torch.tensor(positions, device=device),
+                   torch.arange(N + 1, dtype=torch.int32, device=device), torch.tensor(slot_mapping, device=device),
+                   tables, torch.tensor([p + 1 for p in positions], dtype=torch.int32, device=device), state_slots)
+
+    def prefix_of(self, rows: list[int], lengths: list[int]) -> "ForwardBatch":
+        """The first lengths[i] new tokens of sequence rows[i] of this pass, as a pass of their own over
+        the same blocks and slots (the MTP head's pass over what verification kept): this batch itself
+        when that is all of it, else its tensors indexed, with no host-side rebuild."""
+        if list(rows) == list(range(len(self.seq_lens))) and list(lengths) == self.seq_lens:
+            return self
+        spans = self.spans
+        if any(not 1 <= n <= self.seq_lens[r] for r, n in zip(rows, lengths)):
+            raise ValueError(f"prefix lengths {lengths} of rows {rows} must be in 1..{[self.seq_lens[r] for r in rows]}")
+        device = self.positions.device
+        picked = torch.tensor([i for r, n in zip(rows, lengths) for i in range(spans[r][0], spans[r][0] + n)],
+                              device=device)
+        context = [self.context_lens[r] for r in rows]
+        cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+        seq_lens_k = torch.tensor([c + n for c, n in zip(context, lengths)], dtype=torch.int32, device=device)
+        if list(rows) == list(range(len(self.seq_lens))):
+            tables, slots = self.block_tables, self.state_slots
+        else:
+            index = torch.tensor(rows, device=device)
+            tables, slots = self.block_tables[index], self.state_slots[index]
+        return ForwardBatch(self.pools, list(lengths), context, self.positions[picked], cu,
+                            self.slot_mapping[picked], tables, seq_lens_k, slots)
+
     @property
     def is_decode(self) -> bool:
         """One new token per sequence: the recurrent and rolling-window paths apply."""

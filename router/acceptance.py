@@ -1,38 +1,29 @@
-"""How many drafts a sequence should get: its running acceptance against what a draft costs.
+"""Speculative decoding's settings and each sequence's acceptance record.
 
-Plain data, no torch (the scheduler side of speculative decoding). The rule:
-
-- each sequence keeps a decayed count of drafts the model accepted and of drafts it judged (a draft
-  after the first rejection is not judged), starting from a prior of one accepted in two: its
-  acceptance rate `p` is (accepted + 1) / (judged + 2);
-- with k drafts a step yields E(k) = 1 + p + ... + p^k tokens (the accepted prefix and one more) and
-  costs 1 + c * k decode steps, c = `draft_cost` (a draft's MTP layer and its extra verified
-  position, relative to one decode step); the sequence gets the k in 0..K with the most tokens per
-  unit of cost, E(k) / (1 + c k). k = 0 wins exactly when p < c;
-- once k = 0 is chosen, speculation stays off for the rest of the sequence: the MTP head stops
-  running for it, so its MTP cache would have holes a later draft would read.
-So a sequence never pays for drafts that do not pay for themselves by this measure; c = 0 means
-"always draft K" (what the equality tests run).
+Plain data, no torch (the scheduler side of speculative decoding). Each sequence keeps a decayed
+count of drafts the model accepted and of drafts it judged (a draft after the first rejection is
+not judged), starting from a prior of one accepted in two: its acceptance rate `p` is
+(accepted + 1) / (judged + 2). A step with k drafts then yields E(k) = 1 + p + ... + p^k tokens for
+it (the accepted prefix and one more): what router/goodput.py weighs against the step's cost, with p
+raised by one standard deviation of its estimate while the record is short (`optimistic_rate`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 MAX_SPECULATIVE_TOKENS = 4
-DEFAULT_DRAFT_COST = 0.25  # one MTP layer over ~4 decoder layers, and an extra verified position
 
 
 @dataclass(slots=True)
 class SpeculativeConfig:
-    num_tokens: int            # K: drafts per step at most, 1..4
-    draft_cost: float = DEFAULT_DRAFT_COST  # c above; 0 never turns speculation off
-    decay: float = 0.9         # per judged draft: older steps count less
+    num_tokens: int         # K: drafts per step at most, 1..4
+    adaptive: bool = True   # each step drafts the k in 0..K with the best goodput; False: always K (fixed k)
+    decay: float = 0.9      # per judged draft: older steps count less in a sequence's acceptance
 
     def __post_init__(self):
         if not 1 <= self.num_tokens <= MAX_SPECULATIVE_TOKENS:
             raise ValueError(f"speculative tokens must be in 1..{MAX_SPECULATIVE_TOKENS}, got {self.num_tokens}")
-        if not 0 <= self.draft_cost < 1:
-            raise ValueError(f"the speculative draft cost must be in [0, 1), got {self.draft_cost}")
         if not 0 < self.decay <= 1:
             raise ValueError(f"decay must be in (0, 1], got {self.decay}")
 
@@ -50,39 +41,41 @@ def expected_tokens(p: float, k: int) -> float:
 
 
 class AcceptanceTracker:
-    """One sequence's acceptance record and the number of drafts it gets next."""
+    """One sequence's acceptance record and the most drafts it may make per step."""
 
-    def __init__(self, config: SpeculativeConfig, max_tokens: int | None = None):
-        """max_tokens: the request's own K (0: off), None: the server's."""
+    def __init__(self, config: SpeculativeConfig, max_tokens: int | None = None, can_speculate: bool = True):
+        """max_tokens: the request's own K (0: off), None: the server's; can_speculate False (a request
+        with penalties) keeps it off."""
         self.config = config
-        self.max_k = config.num_tokens if max_tokens is None else max_tokens
+        self.max_k = (config.num_tokens if max_tokens is None else max_tokens) if can_speculate else 0
         self.accepted = 0.0
         self.judged = 0.0
-        self.off = self.max_k == 0
-        self.total_drafted = 0
-        self.total_accepted = 0
+        self.num_judged = 0  # undecayed: how much evidence the rate rests on
+
+    @property
+    def off(self) -> bool:
+        """It never drafts: the MTP head never runs for it."""
+        return self.max_k == 0
 
     @property
     def rate(self) -> float:
         return (self.accepted + 1) / (self.judged + 2)
 
+    @property
+    def optimistic_rate(self) -> float:
+        """The rate plus one standard deviation of its estimate from the drafts judged so far: what the
+        goodput rule assumes, so that a sequence whose first few drafts went badly keeps drafting until
+        its acceptance is known (a step without drafts would never learn it), while one with a long
+        record is taken at its rate."""
+        p = self.rate
+        return min(1.0, p + math.sqrt(p * (1 - p) / (self.num_judged + 3)))
+
     def record(self, drafted: int, accepted: int) -> None:
         """A verification of `drafted` drafts accepted the first `accepted` of them."""
         if drafted == 0:
             return
-        self.total_drafted += drafted
-        self.total_accepted += accepted
         judged = accepted + (1 if accepted < drafted else 0)
+        self.num_judged += judged
         for ok in [True] * accepted + [False] * (judged - accepted):
             self.accepted = self.config.decay * self.accepted + ok
             self.judged = self.config.decay * self.judged + 1
-
-    def next_k(self) -> int:
-        """Drafts for the next step (0 turns speculation off for good)."""
-        if self.off:
-            return 0
-        p, c = self.rate, self.config.draft_cost
-        k = max(range(self.max_k + 1), key=lambda k: (expected_tokens(p, k) / (1 + c * k), k))
-        if k == 0:
-            self.off = True
-        return k

@@ -25,7 +25,7 @@ from .engine import Engine
 from .block_manager import BlockManager
 from .cache_budget import parse_cache_memory
 from .http_server import HttpServer, serve_openai
-from .acceptance import DEFAULT_DRAFT_COST, MAX_SPECULATIVE_TOKENS, SpeculativeConfig
+from .acceptance import MAX_SPECULATIVE_TOKENS, SpeculativeConfig
 from .cache.keys import CacheNamespace
 from .cache_metrics import PrefixCacheCollector
 from .cache.layout import ModelLayout
@@ -66,7 +66,7 @@ class RouterOptions:
     cache_snapshot_interval: int = 1024  # prefix cache: a DeltaNet state snapshot every N prompt tokens (64 | N)
     micro_batches: int = 1  # 2: two micro-batches ping-pong, one computing while the other's tokens are away
     speculative_tokens: int = 0  # 1..4: draft with the MTP head and verify in one pass (router/speculative.py)
-    speculative_draft_cost: float = DEFAULT_DRAFT_COST  # a draft's cost in decode steps: below it, drafting stops
+    speculative_adaptive: bool = True  # each step drafts the k in 0..K with the best measured goodput; False: K
     # Tracing: off unless an endpoint is given here or in OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT; the ratio
     # overrides OTEL_TRACES_SAMPLER(_ARG). Metrics: /metrics on this port (None: not served; 0: any free port).
     otlp_endpoint: str | None = None
@@ -85,8 +85,6 @@ class RouterOptions:
             raise ValueError(f"--micro-batches must be 1 or 2, got {self.micro_batches}")
         if not 0 <= self.speculative_tokens <= MAX_SPECULATIVE_TOKENS:
             raise ValueError(f"--speculative-tokens must be in 0..{MAX_SPECULATIVE_TOKENS}, got {self.speculative_tokens}")
-        if self.speculative_tokens:
-            SpeculativeConfig(self.speculative_tokens, self.speculative_draft_cost)  # ValueError naming the bad one
         if self.speculative_tokens and self.micro_batches == 2:
             raise ValueError("--speculative-tokens runs each step as one pass: use it with --micro-batches 1")
         if self.max_batch_tokens < 1 or self.max_running_requests < 1 or self.max_queue < 0:
@@ -218,7 +216,7 @@ async def start_router(options: RouterOptions) -> Router:
     telemetry = RouterTelemetry(CollectorRegistry(), tracing, Path(options.checkpoint).name, moe_layers(config),
                                 config.num_experts)
     runner = ModelRunner(model, sizes, ping_pong=pool.baton if options.micro_batches == 2 else None,
-                         speculative=SpeculativeConfig(options.speculative_tokens, options.speculative_draft_cost)
+                         speculative=SpeculativeConfig(options.speculative_tokens, options.speculative_adaptive)
                          if options.speculative_tokens else None)
     eos = tokenizer.eos_token_id if tokenizer is not None else config.eos_token_id
     redis_cache = None

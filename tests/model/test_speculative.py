@@ -8,6 +8,12 @@ import torch
 from nextserve.model import Qwen3NextForCausalLM, SamplingParams, StaticCache, generate
 from nextserve.model.spec_states import keep_state_at
 from nextserve.model.state import ForwardBatch
+from nextserve.router.acceptance import SpeculativeConfig
+from nextserve.router.block_manager import BlockManager, blocks_for
+from nextserve.router.cache_budget import PoolSizes
+from nextserve.router.goodput import GoodputPolicy
+from nextserve.router.runner import ModelRunner
+from nextserve.router.scheduler import Scheduler, Sequence, StopCriteria
 from nextserve.router.speculative import accept_greedy, accept_sampled, distribution
 
 PROMPT_LENGTHS = (5, 17, 70, 3)  # 70: a prompt longer than one KV block
@@ -35,8 +41,8 @@ def test_speculative_greedy_equals_greedy(k, which, tiny_model, small_vocab_mode
     prompts = prompts_for(model)
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     plain = generate(model, prompts, params)
-    # draft_cost 0: every sequence drafts k tokens every step, however few it gets accepted
-    spec = generate(model, prompts, params, speculative_tokens=k, draft_cost=0.0, max_batch_tokens=48)
+    # fixed k: every sequence drafts k tokens every step, however few it gets accepted
+    spec = generate(model, prompts, params, speculative_tokens=k, speculative_adaptive=False, max_batch_tokens=48)
     for p, s in zip(plain, spec):
         assert s.output_ids == p.output_ids
         assert s.finish_reason == p.finish_reason == "length"
@@ -54,7 +60,7 @@ def test_speculation_stops_at_eos_among_accepted_tokens(small_vocab_model):
     eos = plain[0].output_ids[2]
     params = SamplingParams(max_tokens=24, temperature=0)
     expected = generate(small_vocab_model, prompts, params, eos)
-    got = generate(small_vocab_model, prompts, params, eos, speculative_tokens=3, draft_cost=0.0)
+    got = generate(small_vocab_model, prompts, params, eos, speculative_tokens=3, speculative_adaptive=False)
     assert [c.output_ids for c in got] == [c.output_ids for c in expected]
     assert [c.finish_reason for c in got] == [c.finish_reason for c in expected]
     assert got[0].output_ids[-1] == eos and len(got[0].output_ids) <= 3
@@ -64,7 +70,7 @@ def test_speculation_under_memory_pressure_preempts_and_still_matches(small_voca
     prompts = [p * 3 for p in prompts_for(small_vocab_model, seed=5)]
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     plain = generate(small_vocab_model, prompts, params)
-    spec = generate(small_vocab_model, prompts, params, speculative_tokens=2, draft_cost=0.0,
+    spec = generate(small_vocab_model, prompts, params, speculative_tokens=2, speculative_adaptive=False,
                     kv_cache_memory="300KiB")  # a few blocks: sequences are preempted and recomputed
     assert [c.output_ids for c in spec] == [c.output_ids for c in plain]
 
@@ -72,10 +78,98 @@ def test_speculation_under_memory_pressure_preempts_and_still_matches(small_voca
 def test_seeded_speculative_sampling_is_reproducible(small_vocab_model):
     prompts = prompts_for(small_vocab_model)
     params = [SamplingParams(max_tokens=16, temperature=1.0, seed=i, ignore_eos=True) for i in range(len(prompts))]
-    first = generate(small_vocab_model, prompts, params, speculative_tokens=2, draft_cost=0.0)
-    again = generate(small_vocab_model, prompts[::-1], params[::-1], speculative_tokens=2, draft_cost=0.0)[::-1]
+    first = generate(small_vocab_model, prompts, params, speculative_tokens=2, speculative_adaptive=False)
+    again = generate(small_vocab_model, prompts[::-1], params[::-1], speculative_tokens=2, speculative_adaptive=False)[::-1]
     assert [c.output_ids for c in first] == [c.output_ids for c in again]
     assert all(len(c.output_ids) == 16 for c in first)
+
+
+class GivenCosts(GoodputPolicy):
+    """The goodput rule itself, timed by `cost(step, k)` (seconds of a step with k drafts, at the rule's
+    step-th decision) instead of the decoder's clock; it records the k of every decision."""
+
+    def __init__(self, cost, max_k=2):
+        super().__init__(max_k, probe_every=2, max_probe_every=4)
+        self.cost, self.chosen = cost, []
+
+    def choose(self, rows):
+        self.chosen.append(super().choose(rows))
+        return self.chosen[-1]
+
+    def observe(self, num_rows, phase, k, seconds):
+        super().observe(num_rows, phase, k, self.cost(len(self.chosen), k) / 2)
+
+
+def generate_with_rule(model, prompts, params, policy, backlog_capacity=None, after_step=None):
+    """`generate`'s loop (the router's scheduler and runner) with `policy` choosing each step's k;
+    after_step(runner, batch) runs after each step."""
+    stops = [StopCriteria(params.max_tokens, model.config.max_position_embeddings, ignore_eos=True) for _ in prompts]
+    sizes = PoolSizes(sum(blocks_for(s.max_fed_tokens(len(p))) for p, s in zip(prompts, stops)), len(prompts), 0, 0)
+    scheduler = Scheduler(48, len(prompts), len(prompts), BlockManager(sizes.num_blocks, sizes.num_slots))
+    runner = ModelRunner(model, sizes, speculative=SpeculativeConfig(policy.max_k))
+    runner.speculative.policy = policy
+    if backlog_capacity is not None:
+        runner.speculative.backlog_capacity = backlog_capacity
+    seqs = [Sequence(i, list(p), stop) for i, (p, stop) in enumerate(zip(prompts, stops))]
+    for seq in seqs:
+        scheduler.add(seq)
+        runner.add(seq.seq_id, params)
+    while scheduler.has_work():
+        batch = scheduler.schedule()
+        scheduler.postprocess(batch, runner.step(batch), runner.drafts)
+        if after_step is not None:
+            after_step(runner, batch)
+    return seqs
+
+
+def mtp_keys(pools, layer, table, length):
+    """The MTP head's keys and values at positions [0, length) of a sequence with this block table."""
+    slots = torch.tensor([table[p // 64] * 64 + p % 64 for p in range(length)])
+    return [cache.view(-1, *cache.shape[2:])[slots].clone() for cache in pools.kv[layer]]
+
+
+@pytest.mark.parametrize("which", ["tiny", "small-vocab"])
+def test_greedy_stays_exact_and_the_mtp_cache_whole_while_the_rule_switches_k_off_and_on(
+        which, tiny_model, small_vocab_model, close, model_chain):
+    """Drafts pay, then cost far more than they yield, then pay again: the rule goes from drafting to
+    k = 0 and back (its positions waited in backlogs, some past their capacity). The output is plain
+    greedy's, and when drafting has resumed the MTP head's keys at every position it holds equal those
+    of one full pass of the head over the sequence."""
+    model = tiny_model if which == "tiny" else small_vocab_model
+    cfg, layer = model.config, model.config.num_hidden_layers
+    prompts = prompts_for(model)[:3]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    plain = generate(model, prompts, params)
+    dear = lambda step: 10 <= step < 24  # noqa: E731
+    rule = GivenCosts(lambda step, k: 1.0 + (3.0 if dear(step) else 0.01) * k)
+    held = {}  # seq_id -> (tokens, block table, MTP keys) at its last step that drafted
+
+    def after_step(runner, batch):
+        for seq, table in zip(batch.seqs, batch.block_tables):
+            if runner.drafts.get(seq.seq_id):
+                tokens = (seq.prompt_ids + seq.output_ids)[:seq.num_computed + 1]
+                held[seq.seq_id] = (tokens, mtp_keys(runner.pools, layer, table, seq.num_computed))
+
+    seqs = generate_with_rule(model, prompts, params, rule, backlog_capacity=4, after_step=after_step)
+    assert [s.output_ids for s in seqs] == [c.output_ids for c in plain]
+    switched_to, switched_from = switches(rule.chosen)
+    assert 0 in switched_to and 0 in switched_from  # off, and on again
+    assert 0 in rule.chosen[12:24] and any(rule.chosen[26:])
+    assert held and all(s.num_draft_tokens > 0 for s in seqs)
+    for seq_id, (tokens, keys) in held.items():
+        n = len(tokens) - 1
+        cache = StaticCache(model, 1, n)
+        batch = cache.batch([0], [n])
+        _, hidden = model.forward_batch(torch.tensor(tokens[:-1]), batch, all_logits=True)
+        model.mtp(model.model.embed_tokens(torch.tensor(tokens[1:])), hidden, batch)
+        for got, want in zip(keys, mtp_keys(cache.pools, layer, cache.tables[0], n)):
+            close(got, want, reduction=model_chain(cfg, n) + 2 * cfg.hidden_size, what=f"sequence {seq_id} MTP cache")
+
+
+def switches(chosen):
+    """(the ks it switched to, from) over a run of decisions."""
+    pairs = [(a, b) for a, b in zip(chosen, chosen[1:]) if a != b]
+    return {b for _, b in pairs}, {a for a, _ in pairs}
 
 
 def verify_pass(model, cache, seq, tokens):
@@ -122,13 +216,41 @@ def test_rolled_back_state_equals_a_run_that_never_saw_the_rejected_drafts(tiny_
         logits_close(got, want, cfg, spec.lengths[0])
 
 
+def test_rollback_of_several_rows_in_one_pass_gives_each_its_own_state(tiny_model, close, model_chain):
+    """Rows verified together, each rolled back to its own token (one into its start window): per-row
+    indexing of the packed states, done for all rows at once."""
+    model, cfg = tiny_model, tiny_model.config
+    g = torch.Generator().manual_seed(7)
+    prefixes = [torch.randint(1, cfg.vocab_size, (n,), generator=g).tolist() for n in (3, 66, 20)]
+    fed = [torch.randint(1, cfg.vocab_size, (n,), generator=g).tolist() for n in (4, 3, 5)]
+    kept = {0: 2, 2: 0}  # row 1 keeps all of its tokens
+    spec, plain = StaticCache(model, 3, 80), StaticCache(model, 3, 80)
+    for cache in (spec, plain):
+        for n, prefix in enumerate(prefixes):
+            model.forward_batch(torch.tensor(prefix), cache.batch([n], [len(prefix)]))
+    batch = ForwardBatch.build(spec.pools, [len(p) for p in prefixes], [len(f) for f in fed], spec.tables, [0, 1, 2],
+                               spec.device, keep_states_rows=3)
+    model.model(torch.tensor([t for f in fed for t in f]), batch)
+    keep_state_at(batch, [0, 1, 2], kept)
+    for n, tokens in enumerate(fed):
+        for t in tokens[:kept.get(n, len(tokens) - 1) + 1]:
+            model.forward_batch(torch.tensor([t]), plain.batch([n], [1]))
+    for n in range(3):
+        chain = model_chain(cfg, len(prefixes[n]) + len(fed[n]))
+        for layer, (r, e) in enumerate(zip(spec.pools.read_state(n), plain.pools.read_state(n))):
+            if e is not None:
+                close(r.conv, e.conv, reduction=chain, what=f"row {n} layer {layer} conv window")
+                close(r.recurrent, e.recurrent, reduction=chain, what=f"row {n} layer {layer} recurrent state")
+
+
 def test_greedy_acceptance_keeps_the_agreeing_prefix_and_one_more():
     logits = torch.full((4, 6), -1.0)
     for position, best in enumerate([2, 5, 1, 4]):
         logits[position, best] = 1.0
-    assert accept_greedy(logits, [2, 5, 1]) == [2, 5, 1, 4]
-    assert accept_greedy(logits, [2, 3, 1]) == [2, 5]
-    assert accept_greedy(logits, [0, 5, 1]) == [2]
+    best = logits.argmax(-1).tolist()
+    assert accept_greedy(best, [2, 5, 1]) == [2, 5, 1, 4]
+    assert accept_greedy(best, [2, 3, 1]) == [2, 5]
+    assert accept_greedy(best, [0, 5, 1]) == [2]
 
 
 # --- rejection sampling keeps the target distribution ------------------------------------------------
@@ -203,7 +325,7 @@ def test_a_request_chooses_its_own_number_of_drafts_or_none(small_vocab_model):
     prompts = prompts_for(small_vocab_model)[:3]
     params = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, speculative_tokens=k) for k in (0, 1, None)]
     plain = generate(small_vocab_model, prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
-    got = generate(small_vocab_model, prompts, params, speculative_tokens=3, draft_cost=0.0)
+    got = generate(small_vocab_model, prompts, params, speculative_tokens=3, speculative_adaptive=False)
     assert [c.output_ids for c in got] == [c.output_ids for c in plain]
     off, one, default = got
     assert off.num_draft_tokens == 0
@@ -221,7 +343,7 @@ def test_speculative_sampling_through_the_engine_keeps_the_models_distribution(s
     model, prompt, n = small_vocab_model, [3, 1, 4, 1, 5], 2000
     # max_tokens 3: a draft is made only where its verification can yield a token the request keeps
     params = [SamplingParams(max_tokens=3, temperature=1.0, seed=i, ignore_eos=True) for i in range(n)]
-    done = generate(model, [prompt] * n, params, speculative_tokens=1, draft_cost=0.0, max_batch_tokens=16384)
+    done = generate(model, [prompt] * n, params, speculative_tokens=1, speculative_adaptive=False, max_batch_tokens=16384)
     assert all(c.num_draft_tokens == 1 for c in done)  # every second token went through rejection sampling
     V = model.config.vocab_size
     first = model(torch.tensor([prompt]))[0, -1].softmax(-1)

@@ -1,4 +1,5 @@
-"""Speculative decoding's plain-data side: drafts through the scheduler, and the rule that sets k."""
+"""Speculative decoding's plain-data side: drafts through the scheduler, and each sequence's acceptance
+(the rule that sets k: test_goodput_rule.py)."""
 import subprocess
 import sys
 
@@ -59,35 +60,31 @@ def test_a_stop_among_accepted_tokens_drops_the_rest():
     assert finished == [a] and a.output_ids == [7, 8, 0] and a.finish_reason == "stop"
 
 
-def test_the_rule_drafts_more_as_acceptance_grows_and_turns_off_when_drafts_do_not_pay():
-    config = SpeculativeConfig(4, draft_cost=0.25)
-    good, bad = AcceptanceTracker(config), AcceptanceTracker(config)
+def test_a_sequences_acceptance_rate_follows_its_recent_drafts():
+    config = SpeculativeConfig(4)
+    good, bad, fresh = AcceptanceTracker(config), AcceptanceTracker(config), AcceptanceTracker(config)
+    assert fresh.rate == 0.5  # one accepted in two before any draft is judged
     for _ in range(10):
         good.record(4, 4)
-        bad.record(2, 0)
-    assert good.rate > 0.9 and good.next_k() == 4
-    assert bad.rate < config.draft_cost and bad.next_k() == 0
-    bad.record(4, 4)  # off stays off: its MTP cache stopped being filled
-    assert bad.next_k() == 0 and bad.off
-    # the k chosen maximises tokens per unit of cost
-    middling = AcceptanceTracker(config)
-    for _ in range(20):
-        middling.record(2, 1)
-    p = middling.rate
-    k = middling.next_k()
-    assert all(expected_tokens(p, k) / (1 + 0.25 * k) >= expected_tokens(p, j) / (1 + 0.25 * j) for j in range(5))
-    assert 0 < k < 4
+        bad.record(2, 0)  # a rejected first draft: the second is not judged
+    assert good.rate > 0.9 and bad.rate < 0.15
+    assert bad.num_judged == 10 and good.num_judged == 40
+    for _ in range(30):  # decay: recent drafts outweigh old ones
+        bad.record(4, 4)
+    assert bad.rate > 0.9
+    assert expected_tokens(0.5, 2) == 1.75
 
 
-def test_zero_draft_cost_always_drafts_k():
-    t = AcceptanceTracker(SpeculativeConfig(3, draft_cost=0.0))
-    for _ in range(30):
-        t.record(3, 0)
-    assert t.next_k() == 3
+def test_a_request_caps_its_drafts_and_penalties_turn_them_off():
+    config = SpeculativeConfig(3)
+    assert AcceptanceTracker(config).max_k == 3
+    assert AcceptanceTracker(config, max_tokens=1).max_k == 1
+    assert AcceptanceTracker(config, max_tokens=0).off
+    assert AcceptanceTracker(config, can_speculate=False).off
 
 
 @pytest.mark.parametrize("kwargs,message", [({"num_tokens": 5}, "1..4"), ({"num_tokens": 0}, "1..4"),
-                                            ({"num_tokens": 2, "draft_cost": 1.0}, "draft cost")])
+                                            ({"num_tokens": 2, "decay": 0.0}, "decay")])
 def test_config_rejects_what_it_cannot_do(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SpeculativeConfig(**kwargs)

@@ -32,7 +32,7 @@ def test_workers_serve_the_mtp_heads_experts(small_vocab_workers, small_vocab_ch
 def test_router_speculative_greedy_equals_the_in_process_model(k, small_vocab_workers, routers, small_vocab_checkpoint):
     plan, workers = small_vocab_workers
     router = routers(plan, workers.addresses, checkpoint=small_vocab_checkpoint, max_batch_tokens=24,
-                     speculative_tokens=k, speculative_draft_cost=0.0)
+                     speculative_tokens=k, speculative_adaptive=False)
     with Client(f"127.0.0.1:{router.port}", timeout=60) as client, ThreadPoolExecutor(len(PROMPTS)) as pool:
         futures = [pool.submit(client.generate, p, max_tokens=n, temperature=0, ignore_eos=True)
                    for p, n in zip(PROMPTS, MAX_TOKENS)]
@@ -55,7 +55,7 @@ def test_http_usage_reports_accepted_and_rejected_drafts(small_vocab_workers, ro
 
     plan, workers = small_vocab_workers
     router = routers(plan, workers.addresses, checkpoint=small_vocab_checkpoint, speculative_tokens=2,
-                     speculative_draft_cost=0.0, http_port=0, served_model_name="small")
+                     speculative_adaptive=False, http_port=0, served_model_name="small")
     with openai.OpenAI(base_url=f"http://127.0.0.1:{router.http.port}/v1", api_key="unused", max_retries=0,
                        timeout=120) as oai:
         done = oai.completions.create(model="small", prompt=PROMPTS[1], max_tokens=12, temperature=0,
@@ -74,7 +74,7 @@ def test_a_request_turns_speculation_off_or_is_refused_where_it_is_off(small_voc
 
     plan, workers = small_vocab_workers
     spec = routers(plan, workers.addresses, checkpoint=small_vocab_checkpoint, speculative_tokens=2,
-                   speculative_draft_cost=0.0)
+                   speculative_adaptive=False)
     plain = routers(plan, workers.addresses, checkpoint=small_vocab_checkpoint)
     with Client(f"127.0.0.1:{spec.port}", timeout=60) as client:
         off = client.generate(PROMPTS[0], max_tokens=8, temperature=0, ignore_eos=True, speculative_tokens=0)
