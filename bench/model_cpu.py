@@ -4,7 +4,7 @@ prompts, same process, same torch threads (printed first), greedy.
     python bench/model_cpu.py --checkpoint checkpoints/small --threads 2
     python bench/model_cpu.py --checkpoint /tmp/tiny --quick        # a smoke run in seconds
 
-The workload is issue 10's (bench/workload.py): 128-token prompts, 64 greedy tokens, batches 1
+The workload is the project's reference one (bench/workload.py): 128-token prompts, 64 greedy tokens, batches 1
 and 16, decode = batch*(N-1)/(t(N)-t(1)). transformers does the same work: `logits_to_keep=1`, so
 its prefill computes the lm_head for the last token only, as nextserve's does. Beside each
 nextserve row: the decode step's bytes (weights touched + K/V + states, bench/roofline.py) over
@@ -152,7 +152,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint dir (`nextserve checkpoint make --preset small`)")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
-                        help="both engines' weights and activations (the issue's table is bf16)")
+                        help="both engines' weights and activations (the reference table is bf16)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="torch intra-op threads for both engines (default: every core, %(default)s)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=list(workload.BATCH_SIZES))

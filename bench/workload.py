@@ -1,7 +1,7 @@
 """The workload every CPU model benchmark runs, so that engines compare on the same tokens.
 
 Torch only (no nextserve import): bench/peer_vllm_cpu.py runs it inside vLLM's own venv.
-The issue 10 table: 128-token prompts, 64 greedy tokens, batches 1 and 16, and
+The reference workload: 128-token prompts, 64 greedy tokens, batches 1 and 16, and
 decode tok/s = batch * (N - 1) / (t(N) - t(1)), where t(k) is the wall time until every
 sequence has k generated tokens (t(1) is prefill plus the first token).
 """
@@ -28,7 +28,7 @@ def vocab_size(checkpoint: str) -> int:
 
 
 def rates(batch: int, prompt_len: int, new_tokens: int, t_first: float, t_all: float) -> dict:
-    """Prefill and decode throughput from t(1) and t(N), as the issue defines them."""
+    """Prefill and decode throughput from t(1) and t(N), as docs/benchmarks.md defines them."""
     if new_tokens < 2 or t_all <= t_first:
         raise ValueError(f"decode needs N >= 2 tokens and t(N) > t(1); got N={new_tokens}, "
                          f"t(1)={t_first:.4f} s, t(N)={t_all:.4f} s")

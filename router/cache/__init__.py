@@ -1,4 +1,4 @@
-"""The prefix and DeltaNet-state cache's storage layer, and session records (issue 11).
+"""The prefix and DeltaNet-state cache's storage layer, and session records.
 
 What the engine stores is the state of a sequence after p tokens, in two kinds of value under
 content keys (see docs/cache.md):
