@@ -40,19 +40,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from serving import free_port, percentile  # bench/serving.py: stdlib-only helpers shared by the serving benches
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))] if values else float("nan")
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- the router side (a child process per variant; imports nextserve from the variant's code) ------------

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .naive import check_gated_rms_norm_args, check_rms_norm_args
+
 __all__ = ["rms_norm", "gated_rms_norm"]
 
 
@@ -25,11 +27,8 @@ def _cast(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, zero_centered: bool = True,
              residual: torch.Tensor | None = None):
     """naive.rms_norm: y [..., H] in x.dtype, or (y, x + residual) with `residual`."""
-    if x.shape[-1] != weight.shape[-1] or weight.dim() != 1:
-        raise ValueError(f"rms_norm: x {tuple(x.shape)} and weight {tuple(weight.shape)} disagree on H")
+    check_rms_norm_args(x, weight, residual)
     if residual is not None:
-        if residual.shape != x.shape:
-            raise ValueError(f"rms_norm: residual {tuple(residual.shape)} != x {tuple(x.shape)}")
         x = x + residual
     scale = 1.0 + _fp32(weight) if zero_centered else _fp32(weight)
     y = _cast(F.rms_norm(_fp32(x), (x.shape[-1],), scale, eps), x.dtype)
@@ -38,10 +37,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, zero_centered
 
 def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """naive.gated_rms_norm: (w * rmsnorm(x).to(dtype)) * silu(z), in x.dtype."""
-    if z.shape != x.shape:
-        raise ValueError(f"gated_rms_norm: z {tuple(z.shape)} != x {tuple(x.shape)}")
-    if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
-        raise ValueError(f"gated_rms_norm: x {tuple(x.shape)} and weight {tuple(weight.shape)} disagree on V")
+    check_gated_rms_norm_args(x, z, weight)
     dtype = x.dtype
     y = weight * _cast(F.rms_norm(_fp32(x), (x.shape[-1],), None, eps), dtype)
     return _cast(y * F.silu(_fp32(z)), dtype)

@@ -9,6 +9,22 @@ import torch
 import torch.nn.functional as F
 
 
+def check_rms_norm_args(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> None:
+    """The shape contract of rms_norm, shared by every implementation of it."""
+    if x.shape[-1] != weight.shape[-1] or weight.dim() != 1:
+        raise ValueError(f"rms_norm: x {tuple(x.shape)} and weight {tuple(weight.shape)} disagree on H")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"rms_norm: residual {tuple(residual.shape)} != x {tuple(x.shape)}")
+
+
+def check_gated_rms_norm_args(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor) -> None:
+    """The shape contract of gated_rms_norm, shared by every implementation of it."""
+    if z.shape != x.shape:
+        raise ValueError(f"gated_rms_norm: z {tuple(z.shape)} != x {tuple(x.shape)}")
+    if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
+        raise ValueError(f"gated_rms_norm: x {tuple(x.shape)} and weight {tuple(weight.shape)} disagree on V")
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, zero_centered: bool = True,
              residual: torch.Tensor | None = None):
     """RMSNorm over the last dim, computed in fp32 and cast back to x.dtype.
@@ -25,11 +41,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, zero_centered
     Returns:
         y [..., H] in x.dtype, or (y, x + residual) when `residual` is given.
     """
-    if x.shape[-1] != weight.shape[-1] or weight.dim() != 1:
-        raise ValueError(f"rms_norm: x {tuple(x.shape)} and weight {tuple(weight.shape)} disagree on H")
+    check_rms_norm_args(x, weight, residual)
     if residual is not None:
-        if residual.shape != x.shape:
-            raise ValueError(f"rms_norm: residual {tuple(residual.shape)} != x {tuple(x.shape)}")
         x = x + residual
     x_f = x.float()
     y = x_f * torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True) + eps)
@@ -52,10 +65,7 @@ def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
     Returns:
         [..., V] in x.dtype.
     """
-    if z.shape != x.shape:
-        raise ValueError(f"gated_rms_norm: z {tuple(z.shape)} != x {tuple(x.shape)}")
-    if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
-        raise ValueError(f"gated_rms_norm: x {tuple(x.shape)} and weight {tuple(weight.shape)} disagree on V")
+    check_gated_rms_norm_args(x, z, weight)
     dtype = x.dtype
     x_f = x.float()
     y = x_f * torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True) + eps)
