@@ -11,6 +11,7 @@ by `cu_seqlens` [N+1], int32, starting at 0), `H*` heads, `K`/`V`/`D` head dims.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 
@@ -34,7 +35,13 @@ def _pick(t: torch.Tensor, family: str, triton_impl: str, cpu_impl: str, torch_i
     """The implementation for t's device: `kernels/<family>/<module>.py:<function>`. Imported lazily so
     that the torch paths never import Triton."""
     chosen = {"triton": triton_impl, "cpu": cpu_impl, "torch": torch_impl}[kernel_backend(t.device)]
-    module, name = chosen.split(":")
+    return _resolve(family, chosen)
+
+
+@functools.cache
+def _resolve(family: str, impl: str):
+    # Every op of every layer of every step asks: resolve each `module:function` once.
+    module, name = impl.split(":")
     return getattr(importlib.import_module(f"{__package__}.{family}.{module}"), name)
 
 
