@@ -35,14 +35,14 @@ def _pick(t: torch.Tensor, family: str, triton_impl: str, cpu_impl: str, torch_i
     """The implementation for t's device: `kernels/<family>/<module>.py:<function>`. Imported lazily so
     that the torch paths never import Triton."""
     chosen = {"triton": triton_impl, "cpu": cpu_impl, "torch": torch_impl}[kernel_backend(t.device)]
-    return _resolve(family, chosen)
+    module, name = chosen.split(":")
+    return getattr(_module(family, module), name)  # looked up per call: tests may replace a function
 
 
 @functools.cache
-def _resolve(family: str, impl: str):
-    # Every op of every layer of every step asks: resolve each `module:function` once.
-    module, name = impl.split(":")
-    return getattr(importlib.import_module(f"{__package__}.{family}.{module}"), name)
+def _module(family: str, module: str):
+    # Every op of every layer of every step asks: import each module once.
+    return importlib.import_module(f"{__package__}.{family}.{module}")
 
 
 # --- norms -------------------------------------------------------------------------------
