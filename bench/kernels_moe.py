@@ -1,8 +1,8 @@
 """CPU micro-benchmark of the routed-expert forms (kernels/moe/cpu.py) against the per-expert loop.
 
 For each preset shape and token count T: the best time of repeated runs of `loop` (naive.py: two matmuls per
-active expert), `gathered` (w13[ids], w2[ids], one batched matmul per projection) and `dense`
-(every local expert on every token), each checked against the loop (max |difference|), and the
+active expert), `gathered` (w13[ids], w2[ids], one batched matmul per projection), `dense`
+(every local expert on every token) and `grouped` (slots sorted by expert into one padded batch), each checked against the loop (max |difference|), and the
 form `kernels.moe.cpu.choose_form` picks for that shape. Routing is random top-k of random
 logits, so the number of distinct experts is what real traffic gives, not the 8 of identical rows.
 
@@ -59,7 +59,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     print(f"torch threads {torch.get_num_threads()}, {args.dtype}")
     print(f"{'preset':<8}{'E_local':>8}{'T':>6}{'T*k':>6}{'loop ms':>10}{'gathered':>10}{'dense':>10}"
-          f"{'best':>10}{'picked':>10}{'max |d| gathered, dense':>26}")
+          f"{'grouped':>10}{'best':>10}{'picked':>10}{'max |d| gathered, dense, grouped':>39}")
     for preset in args.presets:
         for shards in args.shards:
             for T in args.tokens:
@@ -69,13 +69,13 @@ def main() -> None:
                     ms = {name: best_ms(lambda f=f: f(*inputs, out_dtype=torch.float32))
                           for name, f in cpu.FORMS.items()}
                     diffs = [(cpu.FORMS[n](*inputs, out_dtype=torch.float32) - ref).abs().max().item()
-                             for n in ("gathered", "dense")]
+                             for n in ("gathered", "dense", "grouped")]
                 slots = inputs[1].numel()
                 w13, w2 = inputs[3], inputs[4]
                 picked = cpu.choose_form(T, inputs[1].shape[1], E_local, (w13[0].numel() + w2[0].numel()) * w13.element_size())
                 print(f"{preset:<8}{E_local:>8}{T:>6}{slots:>6}{ms['loop']:>10.3f}{ms['gathered']:>10.3f}"
-                      f"{ms['dense']:>10.3f}{min(ms, key=ms.get):>10}{picked:>10}"
-                      f"{diffs[0]:>13.2g}{diffs[1]:>13.2g}", flush=True)
+                      f"{ms['dense']:>10.3f}{ms['grouped']:>10.3f}{min(ms, key=ms.get):>10}{picked:>10}"
+                      f"{diffs[0]:>13.2g}{diffs[1]:>13.2g}{diffs[2]:>13.2g}", flush=True)
 
 
 if __name__ == "__main__":

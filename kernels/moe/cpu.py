@@ -11,9 +11,14 @@ the cost, so this module computes the same products in one of two loop-free form
 - `dense`: every local expert runs on every token ([T, H] x [H, E*2I], then a batched down
   projection over the experts) and each slot picks its expert's row. Reads each weight once but
   computes E/k times the products the tokens need: the better form once T*k approaches E.
+- `grouped`: the slots sorted by expert into one zero-padded [E, width, H] batch (width: the
+  busiest expert's slot count) and two batched matmuls over the experts. Reads every local
+  expert's weights once, busy or idle, and computes width*E rows instead of the dense form's T*E:
+  the prefill-sized form once there are at least as many slots as experts (most experts busy),
+  while the padding stays small next to the per-expert loop's 5*E ops. One host sync (the width).
 
-Past those sizes (prefill) the per-expert loop of naive.py wins again: its op count no longer
-grows with T while the other two forms do more work per token. `expert_ffn` picks by shapes
+Past those sizes (long prefill chunks) the per-expert loop of naive.py wins again: its op count
+no longer grows with T while the padded batch's gathers do. `expert_ffn` picks by shapes
 only (never values), with the crossovers bench/kernels_moe.py measured.
 
 Each form computes every (token, expert) product as its own row with the same bf16 roundings as
@@ -34,25 +39,30 @@ __all__ = ["expert_ffn", "moe_route", "choose_form", "FORMS"]
 
 moe_route = naive.moe_route  # softmax, top-k, renormalise: already four ops and no sync
 
-# Crossovers measured by bench/kernels_moe.py (2-core AMD EPYC, 2 threads, bf16, small preset whole
-# and split in two; docs/benchmarks.md says how to rerun it). The gathered form copies each slot's
-# expert weights: fastest while the copies stay small and cover at most half the local experts. The
-# dense form does E_local / k times the products the tokens need: fastest up to ~16 slots per expert
-# (~8 with one thread), and only where that waste factor is the small preset's 8 or less (at
-# 80B-A3B's 512 / 10 it would never pay).
+# Crossovers measured by bench/kernels_moe.py (2 threads, bf16, small preset whole and split in two;
+# docs/benchmarks.md says how to rerun it). The gathered form copies each slot's expert weights:
+# fastest while the copies stay small and cover at most half the local experts. The dense form does
+# E_local / k times the products the tokens need: fastest up to ~4 slots per expert, and only where
+# that waste factor is the small preset's 8 or less (at 80B-A3B's 512 / 10 it never pays). The
+# grouped form then wins up to ~64 slots per expert (2x the loop at a 128-token prompt), the loop
+# past that. The 2-core AMD EPYC the dense crossover was first measured on favoured it up to ~16
+# slots per expert; the grouped form, measured on a 2-core Xeon (AMX), did not exist then.
 GATHERED_MAX_BYTES = 8 * 2**20
-DENSE_MAX_SLOTS_PER_EXPERT = 16
+DENSE_MAX_SLOTS_PER_EXPERT = 4
 DENSE_MAX_WASTE = 8
+GROUPED_MAX_SLOTS_PER_EXPERT = 64
 
 
 def choose_form(num_tokens: int, top_k: int, num_local_experts: int, expert_bytes: int) -> str:
-    """"gathered", "dense" or "loop" for T = num_tokens tokens of k slots each over E_local experts
-    of expert_bytes each (w13 and w2 rows together)."""
+    """"gathered", "dense", "grouped" or "loop" for T = num_tokens tokens of k slots each over E_local
+    experts of expert_bytes each (w13 and w2 rows together)."""
     slots = num_tokens * top_k
     if 2 * slots <= num_local_experts and slots * expert_bytes <= GATHERED_MAX_BYTES:
         return "gathered"
-    if slots < DENSE_MAX_SLOTS_PER_EXPERT * num_local_experts and num_local_experts <= DENSE_MAX_WASTE * top_k:
+    if slots <= DENSE_MAX_SLOTS_PER_EXPERT * num_local_experts and num_local_experts <= DENSE_MAX_WASTE * top_k:
         return "dense"
+    if num_local_experts <= slots <= GROUPED_MAX_SLOTS_PER_EXPERT * num_local_experts:
+        return "grouped"
     return "loop"
 
 
@@ -64,10 +74,12 @@ def _ids(expert_ids: torch.Tensor) -> torch.Tensor:
 def _weighted_sum(per_slot: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
                   out_dtype) -> torch.Tensor:
     """per_slot [T, k, H] (hidden dtype) -> sum_j w[t, j] * per_slot[t, j] in fp32, in slot order, the
-    slots of other shards (-1) contributing an exact zero, as naive.py's zero rows do."""
+    slots of other shards (-1) contributing an exact zero, as naive.py's zero rows do: their weight is
+    zeroed (on [T, k], not on the [T, k, H] products) and their rows are finite (expert 0's output or
+    zeros), so each such product is 0."""
     weights = expert_weights if expert_weights.dtype == torch.float32 else expert_weights.float()
-    weighted = (per_slot.float() * weights.unsqueeze(-1)).masked_fill((expert_ids < 0).unsqueeze(-1), 0.0)
-    out = weighted.sum(1)
+    weights = weights.masked_fill(expert_ids < 0, 0.0)
+    out = (per_slot.float() * weights.unsqueeze(-1)).sum(1)
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
@@ -96,7 +108,33 @@ def dense_expert_ffn(hidden, expert_ids, expert_weights, w13, w2, *, out_dtype=N
     return _weighted_sum(down[_ids(expert_ids), tokens], expert_ids, expert_weights, out_dtype or hidden.dtype)
 
 
-FORMS = {"gathered": gathered_expert_ffn, "dense": dense_expert_ffn, "loop": naive.expert_ffn}
+def grouped_expert_ffn(hidden, expert_ids, expert_weights, w13, w2, *, out_dtype=None):
+    """The grouped form: the slots sorted by expert into one zero-padded batch per expert."""
+    check_expert_ffn_args(hidden, expert_ids, expert_weights, w13, w2)
+    T, k = expert_ids.shape
+    E, two_I, H = w13.shape
+    flat = _ids(expert_ids).view(-1)
+    key = flat.masked_fill(expert_ids.view(-1) < 0, E)                    # other shards' slots sort last
+    order = torch.argsort(key, stable=True)                                # slots grouped by expert
+    counts = torch.bincount(key, minlength=E + 1)
+    sorted_key = key.index_select(0, order)
+    rank = torch.arange(key.numel(), device=key.device) - (counts.cumsum(0) - counts).index_select(0, sorted_key)
+    width = int(counts[:E].max())                                          # the one host sync
+    # (expert, rank) -> token row; unused places read the zero row T, other shards' slots land in row E
+    table = torch.full((E + 1, width + 1), T, dtype=torch.long, device=key.device)
+    table[sorted_key, rank.clamp(max=width)] = order // k
+    rows = torch.cat([hidden, hidden.new_zeros(1, H)]).index_select(0, table[:E, :width].reshape(-1))
+    gate, up = torch.bmm(rows.view(E, width, H), w13.transpose(1, 2)).chunk(2, dim=-1)  # [E, width, I]
+    down = torch.bmm(F.silu(gate) * up, w2.transpose(1, 2))               # [E, width, H]
+    # back to slot order; other shards' slots read row E (zeros) and _weighted_sum drops them anyway
+    padded = torch.cat([down.reshape(E * width, H), down.new_zeros(1, H)])
+    place = torch.where(sorted_key < E, sorted_key * width + rank, E * width)
+    per_slot = padded.new_empty(T * k, H).index_copy_(0, order, padded.index_select(0, place))
+    return _weighted_sum(per_slot.view(T, k, H), expert_ids, expert_weights, out_dtype or hidden.dtype)
+
+
+FORMS = {"gathered": gathered_expert_ffn, "dense": dense_expert_ffn, "grouped": grouped_expert_ffn,
+         "loop": naive.expert_ffn}
 
 
 def expert_ffn(hidden, expert_ids, expert_weights, w13, w2, *, out_dtype=None):

@@ -253,7 +253,8 @@ def test_the_form_follows_the_slot_count():
     small = (2 * 64 * 512 + 512 * 64) * 2  # one small-preset expert's w13 and w2 rows, bf16
     assert moe_cpu.choose_form(1, 8, 64, small) == "gathered"        # decode at batch 1
     assert moe_cpu.choose_form(16, 8, 64, small) == "dense"          # decode at batch 16
-    assert moe_cpu.choose_form(2048, 8, 64, small) == "loop"         # prefill
+    assert moe_cpu.choose_form(128, 8, 64, small) == "grouped"       # a short prompt's prefill
+    assert moe_cpu.choose_form(2048, 8, 64, small) == "loop"         # a long prompt's prefill chunk
     big = 3 * 512 * 2048 * 2                                         # an 80B-A3B expert: copies too big,
     assert moe_cpu.choose_form(1, 10, 512, big) == "loop"            # and 51x the work for the dense form
 
