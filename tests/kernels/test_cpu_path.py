@@ -82,6 +82,29 @@ def test_conv_update_equals_the_reference(N, C, W, dtype):
         assert torch.equal(states, ref_states)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lengths, W", [([7], 4), ([5, 1, 70], 4), ([2, 3], 2)], ids=["one", "ragged", "W2"])
+def test_conv_prefill_equals_the_reference(lengths, W, dtype):
+    """Shorter sequences than the window read their state columns; the sums match naive.py's bit for bit."""
+    gen = torch.Generator().manual_seed(sum(lengths) * W)
+    N, C, T = len(lengths), 24, sum(lengths)
+    x, weight = randn(gen, T, C, dtype=dtype), randn(gen, C, W, dtype=dtype)
+    cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0).to(torch.int32)
+    for initial in (None, randn(gen, N, C, W - 1, dtype=dtype)):
+        for activation in (None, "silu"):
+            got = conv_cpu.causal_conv1d(x, weight, initial_state=initial, cu_seqlens=cu, activation=activation)
+            want = conv_naive.causal_conv1d(x, weight, initial_state=initial, cu_seqlens=cu, activation=activation)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    pool = torch.full((N + 2, C, W - 1), float("nan"), dtype=dtype)
+    slots = torch.randperm(N + 2, generator=gen)[:N]
+    pool[slots] = randn(gen, N, C, W - 1, dtype=dtype)
+    ref_pool = pool.clone()
+    got, none = conv_cpu.causal_conv1d(x, weight, initial_state=pool, state_slots=slots.to(torch.int32), cu_seqlens=cu)
+    want, _ = conv_naive.causal_conv1d(x, weight, initial_state=ref_pool, state_slots=slots, cu_seqlens=cu)
+    assert none is None and torch.equal(got, want)
+    assert torch.equal(pool.nan_to_num(7.0), ref_pool.nan_to_num(7.0))
+
+
 # --- gated delta rule decode ---------------------------------------------------------------------
 
 def recurrence_chain(T: int, K: int) -> int:
