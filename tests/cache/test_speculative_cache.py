@@ -141,3 +141,12 @@ def test_a_prefix_is_registered_with_the_token_after_it():
     assert blocks.lookup(keys, prompt[:64], prompt[64]).position == 64
     assert blocks.lookup(keys, prompt[:64], (prompt[64] + 1) % VOCAB) is None
     assert blocks.lookup(keys, prompt[:64]) is None  # the token after it unknown: no hit
+
+
+def test_snapshots_inside_a_long_prompt_chunk_come_from_the_verify_passs_checkpoints(model, close, model_chain):
+    prefix = tokens(200, 11)
+    engine = SpeculatingEngine(model, interval=128)
+    engine.serve(prefix + tokens(100, 12))  # one 299-token chunk: the snapshots at 128 and 256 lie inside it
+    assert sorted(engine.blocks._snapshots.values())[:3] == [128, 256, 299]
+    second = engine.serve(prefix + tokens(40, 13))
+    assert_resumes_as_cold(model, close, model_chain, engine, second, 128)
