@@ -54,7 +54,7 @@ class AcceptanceTracker:
 
     @property
     def off(self) -> bool:
-        """It never drafts: the MTP head never runs for it."""
+        """It never drafts (the MTP head still takes in its positions, for the prefix cache's blocks)."""
         return self.max_k == 0
 
     @property

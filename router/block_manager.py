@@ -61,7 +61,7 @@ class BlockManager:
     def slot(self, seq_id: int) -> int:
         return self._slots[seq_id]
 
-    def lookup(self, keys, token_ids) -> None:
+    def lookup(self, keys, token_ids, next_token=None) -> None:
         """A cached prefix of these chain keys: never, without a prefix cache."""
         return None
 

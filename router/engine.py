@@ -139,7 +139,7 @@ class Engine:
     async def _look_up(self, seq: Sequence) -> None:
         """Ask Redis for a prefix deeper than the local tier's (bounded; a failure is a miss), then queue."""
         try:
-            seq.remote_hit = await self.redis_cache.lookup(seq.prompt_ids[:-1])
+            seq.remote_hit = await self.redis_cache.lookup(seq.prompt_ids)
         except Exception:
             log.exception("prefix cache: Redis lookup failed; computing the prompt")
             seq.remote_hit = None

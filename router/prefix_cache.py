@@ -16,6 +16,10 @@ the model runner (router/snapshots.py), which this module only names by key.
   of the new sequence instead (it will write the rest of that block).
 - Snapshots: an index of keys with a state snapshot, least recently used first, bounded by
   `max_snapshots`; what it evicts is handed to the runner (`take_dropped`) to free the tensors.
+- With the MTP head (`namespace.mtp`) a block's last row holds the head's keys for the pair (hidden
+  state there, the token after it), and that next token lies outside the prefix the key names. So
+  each cached key records the token its writer had there, and a hit at p needs the new sequence's
+  token p to be that one: then its restored MTP rows equal what a cold run computes.
 """
 from __future__ import annotations
 
@@ -80,6 +84,7 @@ class CachingBlockManager(BlockManager):
         # a tail that ended mid-block (the next turn of a conversation), so lookups try these too.
         self._partials: dict[bytes, dict[str, int]] = {}          # parent digest -> {key hex: tail tokens}
         self._partial_parent: dict[str, tuple[bytes, int]] = {}  # key hex -> (parent digest, tail tokens)
+        self._next_token: dict[str, int] = {}                   # key hex -> token at its position (with MTP)
         self._dropped: list[str] = []
         self.pending_copies: list[BlockCopy] = []
         self.stats = CacheStats()
@@ -110,16 +115,27 @@ class CachingBlockManager(BlockManager):
     def has_snapshot(self, key_hex: str) -> bool:
         return key_hex in self._snapshots
 
-    def lookup(self, keys: Sequence[BlockKey], token_ids: Sequence[int]) -> LocalHit | None:
+    def next_token(self, key_hex: str) -> int | None:
+        """With MTP: the token after a cached key's prefix that its block's last MTP row was computed with."""
+        return self._next_token.get(key_hex)
+
+    def lookup(self, keys: Sequence[BlockKey], token_ids: Sequence[int], next_token: int | None = None) -> LocalHit | None:
         """The deepest prefix of `token_ids` (whose chain is `keys`) with every KV block cached and a
         snapshot at its end, or None. A prefix may end on a block boundary or inside a block (a cached
-        partial tail that these tokens continue)."""
+        partial tail that these tokens continue). next_token: the token after `token_ids`; with MTP a
+        prefix ending at p is a hit only if the token at p is the one its last block was written with."""
+        def follows(key_hex: str, position: int) -> bool:
+            if not self.namespace.mtp:
+                return True
+            token = token_ids[position] if position < len(token_ids) else next_token
+            return token is not None and self._next_token.get(key_hex) == token
+
         best = (0, 0, None)  # position, full blocks shared, key hex of the tail ending it (None: a full block)
         parent, bs = self.namespace.root, self.block_size
         for i in range(len(keys) + 1):
             start = i * bs
             for tail, q in sorted(self._partials.get(parent, {}).items(), key=lambda item: -item[1]):
-                if best[0] < start + q <= len(token_ids) and tail in self._snapshots and \
+                if best[0] < start + q <= len(token_ids) and tail in self._snapshots and follows(tail, start + q) and \
                         next_digest(parent, token_ids[start:start + q]).hex() == tail:
                     best = (start + q, i, tail)
                     break
@@ -129,7 +145,7 @@ class CachingBlockManager(BlockManager):
             found = self._block_of.get(key.hex)
             if found is None or found[1] != key.num_tokens:
                 break
-            if key.hex in self._snapshots and key.position > best[0]:
+            if key.hex in self._snapshots and key.position > best[0] and follows(key.hex, key.position):
                 best = (key.position, i + 1, None) if key.is_full_block else (key.position, i, key.hex)
             if not key.is_full_block:
                 break
@@ -206,11 +222,15 @@ class CachingBlockManager(BlockManager):
                 else:
                     self._free_blocks.append(block)
 
-    def register(self, seq_id: int, keys: Sequence[BlockKey]) -> str | None:
+    def register(self, seq_id: int, keys: Sequence[BlockKey], token_ids: Sequence[int] = ()) -> str | None:
         """Record that sequence `seq_id` holds the prefix of `keys` (its blocks, in table order) and has a
-        state snapshot at the last key's position (the runner took it). Returns the snapshot's key hex."""
+        state snapshot at the last key's position (the runner took it). Returns the snapshot's key hex.
+        token_ids: with MTP, the sequence's tokens, at least one past the last key (see the module doc)."""
         if not keys:
             return None
+        if self.namespace.mtp and len(token_ids) <= keys[-1].position:
+            raise ValueError(f"with the MTP head a prefix is registered with the token after it: got "
+                             f"{len(token_ids)} tokens for a prefix of {keys[-1].position}")
         table = self._tables[seq_id]
         for i, key in enumerate(keys):
             if key.hex in self._block_of:
@@ -218,6 +238,8 @@ class CachingBlockManager(BlockManager):
             block = table[i]
             self._block_of[key.hex] = (block, key.num_tokens)
             self._keys_of.setdefault(block, []).append(key.hex)
+            if self.namespace.mtp:
+                self._next_token[key.hex] = token_ids[key.position]
             if not key.is_full_block:
                 parent = keys[i - 1].digest if i else self.namespace.root
                 self._partials.setdefault(parent, {})[key.hex] = key.num_tokens
@@ -271,6 +293,7 @@ class CachingBlockManager(BlockManager):
         block, _ = self._evictable.popitem(last=False)
         for key in self._keys_of.pop(block):
             del self._block_of[key]
+            self._next_token.pop(key, None)
             if key in self._partial_parent:
                 parent, _ = self._partial_parent.pop(key)
                 tails = self._partials[parent]

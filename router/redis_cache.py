@@ -21,7 +21,7 @@ import torch
 from nextserve.model.state import CachePools, LinearAttentionState
 
 from .cache.keys import BlockKey
-from .cache.layout import ModelLayout
+from .cache.layout import NEXT_TOKEN, ModelLayout
 from .cache.redis_tier import Lookup, RedisTier
 from .prefix_cache import CachingBlockManager
 
@@ -43,18 +43,21 @@ class RedisCache:
 
     # -- lookup ----------------------------------------------------------------------------------
 
-    async def lookup(self, token_ids: list[int]) -> Lookup | None:
-        """A verified Redis hit deeper than what the local tier holds for `token_ids` (all but the
-        prompt's last token), or None."""
+    async def lookup(self, prompt_ids: list[int]) -> Lookup | None:
+        """A verified Redis hit deeper than what the local tier holds for the prompt's tokens but its
+        last, or None."""
+        token_ids = prompt_ids[:-1]
         keys = self.blocks.keys(token_ids)
         if not keys:
             return None
-        local = self.blocks.lookup(keys, token_ids)
+        local = self.blocks.lookup(keys, token_ids, prompt_ids[-1])
         if local is not None and local.position == keys[-1].position:
             return None  # nothing deeper to find
         hit = await self.tier.lookup(keys)
         if not hit.hit or (local is not None and hit.position <= local.position):
             return None
+        if self.layout.with_mtp and int(hit.kv_blocks[-1][NEXT_TOKEN]) != prompt_ids[hit.position]:
+            return None  # its last MTP row was computed for another next token (router/prefix_cache.py)
         return hit
 
     # -- store -----------------------------------------------------------------------------------
@@ -75,7 +78,7 @@ class RedisCache:
                 block = self.blocks.cached_block(key.hex)
                 if block is None:
                     break  # evicted already: Redis would hold a chain with a hole; stop here
-                if not self.tier.submit_kv(key, self._kv_tensors(*block)):
+                if not self.tier.submit_kv(key, self._kv_tensors(key.hex, *block)):
                     break
                 self._sent[key.hex] = now
                 self._sent.move_to_end(key.hex)
@@ -84,12 +87,14 @@ class RedisCache:
             else:
                 self.tier.submit_state(keys[-1], self._state_tensors(state))
 
-    def _kv_tensors(self, block: int, rows: int) -> dict[str, torch.Tensor]:
+    def _kv_tensors(self, key_hex: str, block: int, rows: int) -> dict[str, torch.Tensor]:
         tensors = {}
         for i in self.layout.attention_layers:
             k, v = self.pools.kv[i]
             tensors[f"layers.{i}.key"] = k[block, :rows].to("cpu", copy=True)
             tensors[f"layers.{i}.value"] = v[block, :rows].to("cpu", copy=True)
+        if self.layout.with_mtp:
+            tensors[NEXT_TOKEN] = torch.tensor([self.blocks.next_token(key_hex)], dtype=torch.int64)
         return tensors
 
     def _state_tensors(self, state: list[LinearAttentionState | None]) -> dict[str, torch.Tensor]:

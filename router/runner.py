@@ -26,7 +26,8 @@ from .acceptance import SpeculativeConfig
 from .overlap import ComputeBaton, cut_in_two, ping_pong
 from .scheduler import ScheduledBatch
 from .cache.layout import ModelLayout
-from .snapshots import SnapshotStore, apply_before_pass, restore_remote
+from .snapshots import (SnapshotStore, apply_before_pass, checkpoints_inside, restore_remote, take_snapshots,
+                        want_checkpoints)
 from .speculative import SpeculativeDecoder
 
 if TYPE_CHECKING:  # the in-process engine runs without gRPC
@@ -115,7 +116,7 @@ class ModelRunner:
         if fresh:  # admitted, or readmitted after a preemption: its DeltaNet state starts from zeros
             self.pools.zero_slots(torch.tensor(fresh, device=self.device))
         if self.speculative is not None:
-            sampled, self.drafts = self.speculative.step(batch, self.samplers)
+            sampled, self.drafts = self.speculative.step(batch, self.samplers, self.snapshots)
             return sampled
         cut = cut_in_two(batch.num_new_tokens) if self.baton is not None else 0
         if cut:
@@ -139,17 +140,12 @@ class ModelRunner:
         ids = [t for s, n in zip(seqs, counts) for t in s.token_slice(n)]
         first = part.start
         due = [(i - first, p, key) for i, p, key in batch.snapshots if part.start <= i < part.stop]
-        inside = any(p < seqs[i].num_computed + counts[i] for i, p, _ in due)  # from the chunked pass
-        forward = ForwardBatch.build(self.pools, [s.num_computed for s in seqs], counts,
-                                     batch.block_tables[part], batch.state_slots[part], self.device,
-                                     record_checkpoints=inside)
+        computed = [s.num_computed for s in seqs]
+        inside = checkpoints_inside(due, computed, counts)
+        forward = ForwardBatch.build(self.pools, computed, counts, batch.block_tables[part],
+                                     batch.state_slots[part], self.device, record_checkpoints=inside)
         if inside:
-            forward.keep_checkpoints = [set() for _ in seqs]
-            for i, p, _ in due:
-                forward.keep_checkpoints[i].add(p)
+            want_checkpoints(forward, due)
         logits, _ = self.model.forward_batch(torch.tensor(ids, dtype=torch.long, device=self.device), forward)
-        for i, p, key in due:  # the state after p tokens: the slot itself when the chunk ends there
-            at_end = p == seqs[i].num_computed + counts[i]
-            state = self.pools.read_state(batch.state_slots[first + i]) if at_end else forward.checkpoints[i][p]
-            self.snapshots.put(key.hex, state)
+        take_snapshots(self.pools, self.snapshots, forward, due, computed, counts, batch.state_slots[part])
         return logits

@@ -224,7 +224,7 @@ class Scheduler:
         if seq.snapshot_at != len(tokens) - 1 or not seq.cache_keys:
             seq.snapshot_at = len(tokens) - 1  # at least one token must run, for the next token's logits
             seq.cache_keys = self.blocks.keys(tokens[:-1])
-        return self.blocks.lookup(seq.cache_keys, tokens[:-1])
+        return self.blocks.lookup(seq.cache_keys, tokens[:-1], tokens[-1])
 
     def _due(self, seq: Sequence, n: int) -> list[tuple[int, object]]:
         """(position, key) of the state snapshots this prefill chunk reaches: every snapshot interval, the
@@ -311,7 +311,7 @@ class Scheduler:
                 seq.num_accepted_tokens += len(tokens) - 1 if batch.drafts(i) else 0
             for key in due.get(i, ()):  # the runner took these snapshots during the step (prefill only)
                 keys = seq.cache_keys[:(key.position - 1) // self.blocks.block_size + 1]
-                self.blocks.register(seq.seq_id, keys)
+                self.blocks.register(seq.seq_id, keys, seq.prompt_ids + seq.output_ids)
                 self.new_snapshots.append((keys, None))
             if tokens is None:
                 continue
@@ -332,10 +332,12 @@ class Scheduler:
         with these tokens); the runner copies it out of the slot before the slot is used again."""
         if seq.num_computed > seq.num_tokens:
             return  # a stop among accepted drafts: the slot holds tokens that the output dropped
-        computed = (seq.prompt_ids + seq.output_ids)[:seq.num_computed]
-        keys = self.blocks.keys(computed)
+        if seq.num_computed == seq.num_tokens and self.blocks.namespace.mtp:
+            return  # a stop at the last accepted draft: the MTP head's last row paired it with a dropped token
+        tokens = seq.prompt_ids + seq.output_ids
+        keys = self.blocks.keys(tokens[:seq.num_computed])
         if keys and not self.blocks.has_snapshot(keys[-1].hex):
-            key = self.blocks.register(seq.seq_id, keys)
+            key = self.blocks.register(seq.seq_id, keys, tokens)
             self._end_snapshots.append((self.blocks.slot(seq.seq_id), key))
             self.new_snapshots.append((keys, self.blocks.slot(seq.seq_id)))
 

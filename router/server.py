@@ -22,7 +22,6 @@ from nextserve.worker.server import GRPC_OPTIONS
 
 from .drain import Drain, RefuseWhileDraining
 from .engine import Engine
-from .block_manager import BlockManager
 from .cache_budget import parse_cache_memory
 from .http_server import HttpServer, serve_openai
 from .acceptance import MAX_SPECULATIVE_TOKENS, SpeculativeConfig
@@ -196,17 +195,15 @@ async def start_router(options: RouterOptions) -> Router:
     except BaseException:
         await pool.close()
         raise
-    if options.speculative_tokens:
-        # The speculative step runs its own verify pass, which takes no prefix-cache snapshots yet, and a
-        # resumed prefix would lack the MTP head's KV: until both are built, speculation serves uncached.
-        blocks = BlockManager(sizes.num_blocks, sizes.num_slots)
-        log.info("%s; prefix cache off: --speculative-tokens does not combine with it yet", sizes.describe())
-    else:
-        blocks = CachingBlockManager(sizes.num_blocks, sizes.num_slots, CacheNamespace(fingerprint, options.dtype),
-                                     max_snapshots=SNAPSHOTS_PER_SLOT * sizes.num_slots,
-                                     snapshot_interval=options.cache_snapshot_interval)
-        log.info("%s; prefix cache: up to %d DeltaNet state snapshots (%.1f MiB)", sizes.describe(),
-                 blocks.max_snapshots, blocks.max_snapshots * sizes.slot_bytes / 2**20)
+    # With speculation every KV block holds the MTP head's layer too: its own namespace (router/cache/keys.py).
+    blocks = CachingBlockManager(sizes.num_blocks, sizes.num_slots,
+                                 CacheNamespace(fingerprint, options.dtype, mtp=model.mtp is not None),
+                                 max_snapshots=SNAPSHOTS_PER_SLOT * sizes.num_slots,
+                                 snapshot_interval=options.cache_snapshot_interval)
+    log.info("%s; prefix cache: up to %d DeltaNet state snapshots (%.1f MiB)%s", sizes.describe(),
+             blocks.max_snapshots, blocks.max_snapshots * sizes.slot_bytes / 2**20,
+             f"; speculative decoding: up to {options.speculative_tokens} MTP drafts per step, their KV in every "
+             f"cached block" if options.speculative_tokens else "")
     scheduler = Scheduler(options.max_batch_tokens, options.max_running_requests, options.max_queue, blocks)
     try:
         tracing = setup_tracing("nextserve-router", options.otlp_endpoint, options.trace_sample_ratio)
@@ -220,14 +217,13 @@ async def start_router(options: RouterOptions) -> Router:
                          if options.speculative_tokens else None)
     eos = tokenizer.eos_token_id if tokenizer is not None else config.eos_token_id
     redis_cache = None
-    if options.cache_url is not None and blocks.caching:
+    if options.cache_url is not None:
         tier = RedisTier(RedisTierOptions(options.cache_url, ttl_seconds=options.cache_ttl), blocks.namespace,
                          runner.layout)
         await tier.start()  # never fails on Redis: `degraded` says why it is not working
         redis_cache = RedisCache(tier, blocks, runner.pools, runner.layout)
     engine = Engine(runner, scheduler, pool, eos, config.max_position_embeddings, telemetry, redis_cache)
-    if blocks.caching:
-        telemetry.registry.register(PrefixCacheCollector(blocks, redis_cache))
+    telemetry.registry.register(PrefixCacheCollector(blocks, redis_cache))
 
     drain = Drain()
     sessions = open_session_stores(options.cache_url, options.session_ttl, options.max_sessions)

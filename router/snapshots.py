@@ -11,7 +11,7 @@ Bound: the manager keeps at most `max_snapshots` (LRU); each costs one state slo
 """
 from __future__ import annotations
 
-from nextserve.model.state import CachePools, LinearAttentionState
+from nextserve.model.state import CachePools, ForwardBatch, LinearAttentionState
 
 from .cache.layout import ModelLayout
 
@@ -63,6 +63,29 @@ def apply_before_pass(pools: CachePools, store: SnapshotStore, batch) -> None:
         copy_block_rows(pools, copy.src, copy.dst, copy.rows)
     for slot, key in batch.restores:
         pools.write_state(slot, store.get(key))
+
+
+def checkpoints_inside(due, num_computed: list[int], counts: list[int]) -> bool:
+    """Does a snapshot of `due` ((row, position, key) of this pass) lie inside its row's chunk, so that
+    the pass must record the chunked prefill's checkpoints (one at the chunk's end is the slot itself)?"""
+    return any(p < num_computed[i] + counts[i] for i, p, _ in due)
+
+
+def want_checkpoints(forward: ForwardBatch, due) -> None:
+    """Keep only the checkpoints of a recording pass that `due` asks for."""
+    forward.keep_checkpoints = [set() for _ in forward.seq_lens]
+    for i, p, _ in due:
+        forward.keep_checkpoints[i].add(p)
+
+
+def take_snapshots(pools: CachePools, store: SnapshotStore, forward: ForwardBatch, due, num_computed: list[int],
+                   counts: list[int], slots: list[int]) -> None:
+    """After the pass: put the state after p tokens of each (row, p, key) of `due` in the store, from
+    the slot when the row's chunk ends there, else from the pass's checkpoints. The rows' slots must
+    hold their final state (a verified row's rollback done)."""
+    for i, p, key in due:
+        at_end = p == num_computed[i] + counts[i]
+        store.put(key.hex, pools.read_state(slots[i]) if at_end else forward.checkpoints[i][p])
 
 
 def restore_remote(pools: CachePools, layout: ModelLayout, slot: int, table: list[int], hit) -> None:

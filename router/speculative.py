@@ -41,6 +41,7 @@ from .acceptance import AcceptanceTracker, SpeculativeConfig
 from .goodput import GoodputPolicy
 from .mtp_backlog import DEFAULT_CAPACITY, Backlog
 from .scheduler import ScheduledBatch
+from .snapshots import SnapshotStore, checkpoints_inside, take_snapshots, want_checkpoints
 
 
 def can_speculate(params: SamplingParams) -> bool:
@@ -121,8 +122,10 @@ class SpeculativeDecoder:
         self.draft_probs.pop(seq_id, None)
         self.backlogs.pop(seq_id, None)
 
-    def step(self, batch: ScheduledBatch, samplers: dict[int, Sampler]) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
-        """(seq_id -> new tokens, seq_id -> drafts for the next step)."""
+    def step(self, batch: ScheduledBatch, samplers: dict[int, Sampler],
+             snapshots: SnapshotStore) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+        """(seq_id -> new tokens, seq_id -> drafts for the next step); the prefix cache's state
+        snapshots the batch asks for go into `snapshots`."""
         start = time.perf_counter()
         order = sorted(range(len(batch.seqs)), key=lambda i: not batch.drafts(i))  # rows with drafts first
         seqs = [batch.seqs[i] for i in order]
@@ -135,11 +138,20 @@ class SpeculativeDecoder:
         m = sum(1 for d in drafts if d)
         rows = [s.token_slice(1) + d if d else s.token_slice(n) for s, d, n in zip(seqs, drafts, counts)]
         ids = torch.tensor([t for r in rows for t in r], dtype=torch.long, device=self.device)
-        forward = ForwardBatch.build(self.pools, [s.num_computed for s in seqs], counts, tables, slots,
-                                     self.device, keep_states_rows=m)
+        # The prefix cache's snapshots are due in prompt chunks only (never in a verified row: the
+        # scheduler plans none in decodes), at positions every token before which the model keeps.
+        row_of = {i: j for j, i in enumerate(order)}
+        due = [(row_of[i], p, key) for i, p, key in batch.snapshots]
+        computed = [s.num_computed for s in seqs]
+        inside = checkpoints_inside(due, computed, counts)
+        forward = ForwardBatch.build(self.pools, computed, counts, tables, slots, self.device,
+                                     record_checkpoints=inside, keep_states_rows=m)
+        if inside:
+            want_checkpoints(forward, due)
         hidden = self.model.model(ids, forward)
         new_tokens, kept = self._verify(seqs, drafts, samples, forward, hidden, samplers)
         keep_state_at(forward, slots, kept)
+        take_snapshots(self.pools, snapshots, forward, due, computed, counts, slots)
         verified = time.perf_counter()
         # a step in which every row decoded is one whose cost the rule can compare (a prompt chunk would
         # dwarf the difference); its verify time counts before the rule chooses the next k
@@ -195,10 +207,12 @@ class SpeculativeDecoder:
         return new_tokens, kept
 
     def _draft(self, seqs, rows, drafts, counts, tables, slots, forward, hidden, new_tokens, samplers) -> dict[int, list[int]]:
-        """Choose the next step's k; run the MTP head over the positions each speculating sequence now
-        holds (with k = 0 only prompt chunks, the rest wait: router/mtp_backlog.py) and draft. Returns
+        """Choose the next step's k; run the MTP head over the positions each sequence now holds (with
+        k = 0 only prompt chunks, the rest wait: router/mtp_backlog.py) and draft. Returns
         seq_id -> drafts (none for sequences that do not draft)."""
-        mtp_rows = [r for r, s in enumerate(seqs) if not self.trackers[s.seq_id].off]
+        # Every row, drafting or not, gives the head its keys and values: the prefix cache shares a
+        # sequence's blocks with later ones, which may draft, so no block may hold stale MTP rows.
+        mtp_rows = list(range(len(seqs)))
         lengths, following, held = {}, {}, {}
         for r in mtp_rows:
             seq, tokens = seqs[r], new_tokens.get(seqs[r].seq_id)
@@ -228,8 +242,6 @@ class SpeculativeDecoder:
             ceilings.append((seq.seq_id, cap))
         if ceilings:  # (a step of prompt chunks only decides nothing: its MTP pass is the last decision's kind)
             self.last_k = self._choose_k(ceilings)
-        if not mtp_rows:
-            return {}
         if self.last_k == 0:
             self._defer(seqs, mtp_rows, lengths, following, tables, slots, forward, hidden)
             return {}

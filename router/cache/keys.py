@@ -8,8 +8,9 @@ replicas) that share a prefix compute the same keys without talking to each othe
 H is BLAKE2b (128-bit digests): stable across processes, machines and Python versions, unlike
 Python's `hash`. The chain is rooted in the namespace: the checkpoint fingerprint (the same one the
 router and its workers compare in their handshake), the serving dtype (the same weights in another
-dtype compute other states) and the cache format version. Another model, dtype or format therefore
-yields other keys everywhere, and a stale entry can never be found, let alone used.
+dtype compute other states) and the cache format version; with the MTP head (speculative decoding)
+also that fact, since then every KV block holds the head's layer too. Another model, dtype, format or
+layout therefore yields other keys everywhere, and a stale entry can never be found, let alone used.
 
 Full blocks end at 64, 128, ...; `chain_keys(..., partial_tail=True)` also keys a last partial block
 (its position is not a multiple of 64), so a prompt shorter than a block can still be cached.
@@ -46,6 +47,7 @@ class CacheNamespace:
     fingerprint: str      # nextserve.worker.fingerprint.checkpoint_fingerprint(checkpoint)
     dtype: str            # the serving dtype: "float32", "bfloat16" or "float16" ("torch." prefix allowed)
     format_version: int = CACHE_FORMAT_VERSION
+    mtp: bool = False     # the KV blocks hold the MTP head's attention layer (a router that speculates)
 
     def __post_init__(self):
         if not re.fullmatch(r"[0-9a-f]{8,64}", self.fingerprint):
@@ -61,12 +63,13 @@ class CacheNamespace:
     @property
     def root(self) -> bytes:
         """The chain's parent of block 0."""
-        return _h(b"nextserve-cache\0", f"{self.format_version}\0{self.fingerprint}\0{self.dtype}".encode())
+        layout = "\0mtp" if self.mtp else ""  # (without the head: the keys every cache had before)
+        return _h(b"nextserve-cache\0", f"{self.format_version}\0{self.fingerprint}\0{self.dtype}{layout}".encode())
 
     @property
     def redis_prefix(self) -> str:
         """Readable Redis key prefix (the digests alone already separate namespaces): SCAN-able per model."""
-        return f"nextserve:v{self.format_version}:{self.fingerprint}:{self.dtype}"
+        return f"nextserve:v{self.format_version}:{self.fingerprint}:{self.dtype}" + (":mtp" if self.mtp else "")
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,9 @@ Two kinds of value, stored under separate keys so that KV blocks alone can never
 - a KV block (`kind="kv"`) ending at p: for every attention layer i `layers.{i}.key` and
   `layers.{i}.value` [n, Hkv, D] (serving dtype), n = the block's token count (64, or fewer for a
   partial tail). The KV of earlier blocks lives under the earlier keys of the chain. With the MTP
-  head, its attention layer is one more, index num_hidden_layers (as the engine's pools number it).
+  head, its attention layer is one more, index num_hidden_layers (as the engine's pools number it),
+  and `mtp.next_token` [1] (int64) is the token after the block that the head's last row was
+  computed with (it lies outside the prefix the key names: a reader checks it against its own).
 
 The layouts come from the model config, so a decoder can refuse a value whose tensors are not the
 ones this model would restore (a miss with reason "layout"), whatever its header claims.
@@ -17,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 STATE, KV = "state", "kv"
+NEXT_TOKEN = "mtp.next_token"  # in a KV block with the MTP head: the token its last MTP row paired with
 KINDS = (STATE, KV)
 
 TensorSpec = tuple[str, tuple[int, ...]]  # (dtype name, shape)
@@ -31,6 +34,7 @@ class ModelLayout:
     conv_shape: tuple[int, int]             # [conv_dim, kernel - 1]
     recurrent_shape: tuple[int, int, int]   # [Hv, K, V]
     kv_head_shape: tuple[int, int]          # [Hkv, D]
+    with_mtp: bool = False                  # the last attention layer is the MTP head's
 
     @classmethod
     def from_config(cls, config, dtype: str, *, with_mtp: bool = False) -> "ModelLayout":
@@ -47,6 +51,7 @@ class ModelLayout:
             conv_shape=(conv_dim, config.linear_conv_kernel_dim - 1),
             recurrent_shape=(config.linear_num_value_heads, config.linear_key_head_dim, config.linear_value_head_dim),
             kv_head_shape=(config.num_key_value_heads, config.head_dim),
+            with_mtp=with_mtp,
         )
 
     def state(self) -> dict[str, TensorSpec]:
@@ -61,6 +66,8 @@ class ModelLayout:
         for i in self.attention_layers:
             for name in ("key", "value"):
                 specs[f"layers.{i}.{name}"] = (self.dtype, (num_tokens, *self.kv_head_shape))
+        if self.with_mtp:
+            specs[NEXT_TOKEN] = ("int64", (1,))
         return specs
 
     def expected(self, kind: str, num_tokens: int) -> dict[str, TensorSpec]:

@@ -7,7 +7,7 @@ from nextserve.model.presets import config_from_preset
 from nextserve.router.cache import codec
 from nextserve.router.cache.codec import MissReason, Unusable
 from nextserve.router.cache.keys import CacheNamespace, chain_keys
-from nextserve.router.cache.layout import KV, STATE, ModelLayout
+from nextserve.router.cache.layout import KV, NEXT_TOKEN, STATE, ModelLayout
 
 TOKENS = list(range(1000, 1200))  # 3 full blocks and an 8-token tail
 
@@ -47,7 +47,9 @@ def test_layout_of_the_tiny_model_names_every_deltanet_and_attention_layer(layou
     assert state[f"layers.{linear[0]}.conv"] == ("bfloat16", (config.linear_conv_dim, config.linear_conv_kernel_dim - 1))
     assert kv[f"layers.{attention[0]}.key"] == ("bfloat16", (64, config.num_key_value_heads, config.head_dim))
     with_mtp = ModelLayout.from_config(config, "bfloat16", with_mtp=True)
-    assert set(with_mtp.kv(64)) - set(kv) == {f"layers.{config.num_hidden_layers}.{n}" for n in ("key", "value")}
+    assert set(with_mtp.kv(64)) - set(kv) == {f"layers.{config.num_hidden_layers}.{n}" for n in ("key", "value")} \
+        | {NEXT_TOKEN}
+    assert with_mtp.kv(64)[NEXT_TOKEN] == ("int64", (1,))  # the token the head's last row paired with
     assert with_mtp.state() == state  # the MTP head is attention only
 
 

@@ -40,7 +40,8 @@ def test_keys_are_the_same_in_another_process_with_another_hash_seed():
     CacheNamespace("fedcba9876543210", "bfloat16"),      # another checkpoint
     CacheNamespace(FINGERPRINT, "float32"),              # the same weights served in another dtype
     CacheNamespace(FINGERPRINT, "bfloat16", format_version=2),
-], ids=["fingerprint", "dtype", "format"])
+    CacheNamespace(FINGERPRINT, "bfloat16", mtp=True),   # KV blocks that hold the MTP head's layer too
+], ids=["fingerprint", "dtype", "format", "mtp"])
 def test_another_namespace_gives_other_keys_everywhere(other):
     ns = CacheNamespace(FINGERPRINT, "bfloat16")
     ours, theirs = chain_keys(ns, TOKENS, partial_tail=True), chain_keys(other, TOKENS, partial_tail=True)
