@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import jsonpointer
 import kmock as kmock_lib
 import pytest
 import pytest_asyncio
@@ -84,7 +85,6 @@ class Cluster:
     def __init__(self, kmock: Any, session: aiohttp.ClientSession) -> None:
         self.kmock = kmock
         self.session = session
-        self._rv = itertools.count(100)
 
     # -- objects -------------------------------------------------------------------------
     def objects(self, resource: str, namespace: str = NS) -> dict[str, dict[str, Any]]:
@@ -124,8 +124,8 @@ class Cluster:
     async def patch_spec(self, spec: dict[str, Any], name: str = "demo") -> None:
         generation = self.cr(name)["metadata"].get("generation", 1) + 1
         url = f"{self.kmock.url}/apis/serving.nextserve.io/v1alpha1/namespaces/{NS}/qwen3nextdeployments/{name}"
-        # The API server bumps generation and resourceVersion on spec changes; KMock does not.
-        body = {"metadata": {"generation": generation, "resourceVersion": str(next(self._rv))}, "spec": spec}
+        # The API server bumps generation on spec changes; KMock does not.
+        body = {"metadata": {"generation": generation}, "spec": spec}
         async with self.session.patch(url, json=body, headers={"Content-Type": "application/merge-patch+json"}) as resp:
             assert resp.status < 300, await resp.text()
 
@@ -171,6 +171,51 @@ class Cluster:
                 obj.delete()
                 gone.append(f"{res.plural}/{name}")
         return gone
+
+
+class ApiServerEmulator(kmock_lib.KubernetesEmulator):
+    """KMock with two more traits of the real API server, both of which kopf relies on:
+    every write gets a new resourceVersion, and a JSON patch whose "test" op fails is
+    refused with 422.
+
+    After its own patch kopf waits for the watch event that carries the patched
+    resourceVersion and treats older events as stale. With versions that never change, a
+    stale event queued before the patch passes for the patched state, and kopf runs the
+    change handlers again on an outdated body, over and over; the deletion, queued behind
+    them, then takes longer than a test waits. kopf guards its finalizer patches with a
+    "test" on the resourceVersion and takes a 422 as "newer changes pending, retry on the
+    next cycle"; any other status it retries as a server error, blocking the object.
+    """
+
+    _versions = itertools.count(1000)  # one counter for the cluster, as etcd's revision
+
+    async def _handle(self, request: Any) -> Any:
+        if request.resource is not None and request.action in (kmock_lib.action.CREATE, kmock_lib.action.UPDATE):
+            version = str(next(self._versions))
+            if isinstance(request.data, dict):  # a create, a merge patch
+                request.data.setdefault("metadata", {})["resourceVersion"] = version
+            elif isinstance(request.data, list):  # a JSON patch: after its own "test" ops
+                self._refuse_failed_tests(request)
+                request.data.append({"op": "add", "path": "/metadata/resourceVersion", "value": version})
+        return await super()._handle(request)
+
+    def _refuse_failed_tests(self, request: Any) -> None:
+        key = (request.resource, request.namespace, request.name)
+        if key not in self.objects or self.objects[key].deleted:
+            return  # the base class answers 404
+        stored = self.objects[key].raw
+        for op in request.data:
+            if op.get("op") != "test":
+                continue
+            actual = jsonpointer.resolve_pointer(stored, op["path"], None)
+            if actual != op.get("value"):
+                raise kmock_lib.KubernetesError(status=422, reason="Invalid",
+                                                message=f"the test of {op['path']} failed: {actual!r} is not {op.get('value')!r}")
+
+
+@pytest.fixture()
+def kmock_options(kmock_options: dict[str, Any]) -> dict[str, Any]:
+    return {**kmock_options, "cls": ApiServerEmulator}
 
 
 def _bump_generation(kmock: Any) -> Callable[[Any], None]:
