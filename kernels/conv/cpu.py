@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 
 from . import naive
-from ..checks import check_slot_values
 from .naive import check_conv_inputs, check_conv_update_inputs
 
 __all__ = ["causal_conv1d", "causal_conv1d_update"]
@@ -23,28 +22,19 @@ def causal_conv1d(x, weight, *, initial_state=None, state_slots=None, cu_seqlens
     """ops.causal_conv1d: naive.py's contract and sums, one tap at a time."""
     T, C, W, N = check_conv_inputs(x, weight, initial_state, cu_seqlens, activation, state_slots)
     if state_slots is not None:
-        check_slot_values(state_slots, initial_state.shape[0])
-        slots = state_slots.long()
-        y, final_state = causal_conv1d(x, weight, initial_state=initial_state.index_select(0, slots),
-                                       cu_seqlens=cu_seqlens, activation=activation)
-        initial_state[slots] = final_state.to(initial_state.dtype)
-        return y, None
+        return naive.with_conv_state_slots(causal_conv1d, x, weight, initial_state, state_slots, cu_seqlens,
+                                           activation)
     device = x.device
-    offsets = (cu_seqlens.to(device=device, dtype=torch.int64) if cu_seqlens is not None
-               else torch.tensor([0, T], device=device))
-    lengths = offsets.diff()
-    state = (initial_state.float() if initial_state is not None
-             else torch.zeros(N, C, W - 1, dtype=torch.float32, device=device))
-    # rows: the T inputs, then each sequence's W - 1 state columns, oldest first (as in naive.py)
-    source = torch.cat([x.float(), state.transpose(1, 2).reshape(N * (W - 1), C)])
+    offsets, lengths, source = naive.conv_source(x, initial_state, cu_seqlens, T, C, W, N)
     seq = torch.repeat_interleave(torch.arange(N, device=device), lengths, output_size=T)
-    p = torch.arange(T, device=device) - offsets.index_select(0, seq)
+    start = offsets.index_select(0, seq)                          # each position's sequence start
+    p = torch.arange(T, device=device) - start
     state_row0 = T + seq * (W - 1) + (W - 1)                      # + p (< 0) is a state column
     weight_f = weight.float()
     y = None
     for tap in range(W):
         shift = p - (W - 1) + tap
-        rows = source.index_select(0, torch.where(shift >= 0, offsets.index_select(0, seq) + shift, state_row0 + shift))
+        rows = source.index_select(0, torch.where(shift >= 0, start + shift, state_row0 + shift))
         term = rows * weight_f[:, tap]
         y = term if y is None else y.add_(term)
     y = naive._activate(y, activation).to(x.dtype)
@@ -54,7 +44,6 @@ def causal_conv1d(x, weight, *, initial_state=None, state_slots=None, cu_seqlens
     rows = torch.where(last >= 0, offsets[:-1, None] + last, T + n * (W - 1) + (W - 1) + last)
     final_state = source.index_select(0, rows.reshape(-1)).view(N, W - 1, C).transpose(1, 2).to(x.dtype)
     return y, final_state
-
 
 
 def causal_conv1d_update(x, conv_state, weight, *, state_slots=None, activation="silu"):

@@ -66,6 +66,31 @@ def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
     return F.silu(y) if activation in ("silu", "swish") else y
 
 
+def with_conv_state_slots(conv, x, weight, pool, state_slots, cu_seqlens, activation):
+    """Run the prefill `conv` on pool[state_slots] and write the final states back by slot."""
+    check_slot_values(state_slots, pool.shape[0])
+    slots = state_slots.long()
+    y, final_state = conv(x, weight, initial_state=pool.index_select(0, slots), cu_seqlens=cu_seqlens,
+                          activation=activation)
+    pool[slots] = final_state.to(pool.dtype)
+    return y, None
+
+
+def conv_source(x, initial_state, cu_seqlens, T, C, W, N):
+    """(offsets [N + 1], lengths [N], source [T + N * (W - 1), C] fp32) for the prefill gathers.
+
+    The source rows are the T inputs, then each sequence's W - 1 state columns, oldest first, so
+    that every tap of every position is one row index.
+    """
+    device = x.device
+    offsets = (cu_seqlens.to(device=device, dtype=torch.int64) if cu_seqlens is not None
+               else torch.tensor([0, T], device=device))
+    state = (initial_state.float() if initial_state is not None
+             else torch.zeros(N, C, W - 1, dtype=torch.float32, device=device))
+    source = torch.cat([x.float(), state.transpose(1, 2).reshape(N * (W - 1), C)])
+    return offsets, offsets.diff(), source
+
+
 def causal_conv1d(x, weight, *, initial_state=None, state_slots=None, cu_seqlens=None, activation="silu"):
     """Prefill: causal depthwise conv over packed sequences, then the activation.
 
@@ -82,21 +107,9 @@ def causal_conv1d(x, weight, *, initial_state=None, state_slots=None, cu_seqlens
     """
     T, C, W, N = check_conv_inputs(x, weight, initial_state, cu_seqlens, activation, state_slots)
     if state_slots is not None:
-        pool = initial_state
-        check_slot_values(state_slots, pool.shape[0])
-        slots = state_slots.long()
-        y, final_state = causal_conv1d(x, weight, initial_state=pool[slots], cu_seqlens=cu_seqlens,
-                                       activation=activation)
-        pool[slots] = final_state.to(pool.dtype)
-        return y, None
+        return with_conv_state_slots(causal_conv1d, x, weight, initial_state, state_slots, cu_seqlens, activation)
     device = x.device
-    offsets = (cu_seqlens.to(device=device, dtype=torch.int64) if cu_seqlens is not None
-               else torch.tensor([0, T], device=device))
-    lengths = offsets.diff()
-    state = (initial_state.float() if initial_state is not None
-             else torch.zeros(N, C, W - 1, dtype=torch.float32, device=device))
-    # one source of rows: the T inputs, then each sequence's W - 1 state columns, oldest first
-    source = torch.cat([x.float(), state.transpose(1, 2).reshape(N * (W - 1), C)])
+    offsets, lengths, source = conv_source(x, initial_state, cu_seqlens, T, C, W, N)
 
     def row(n, p):
         """Source row of position p (may be negative: then a state column) of sequence n."""

@@ -185,6 +185,15 @@ def in_process_workers(servers, tiny_checkpoint):
         workers.stop()
 
 
+@pytest.fixture(scope="module")
+def small_vocab_workers(servers, small_vocab_checkpoint):
+    """(plan, InProcessWorkers): two shards of the small-vocabulary checkpoint, MTP layer included."""
+    plan = contiguous_plan(small_vocab_checkpoint, 2)
+    workers = InProcessWorkers(servers, small_vocab_checkpoint, plan)
+    yield plan, workers
+    workers.stop()
+
+
 def contiguous_plan(checkpoint: Path, num_shards: int) -> ExpertPlan:
     from nextserve.model.checkpoint import load_config
     return ExpertPlan.contiguous(load_config(checkpoint).num_experts, num_shards)

@@ -21,14 +21,6 @@ def prompt(n: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def small_vocab_workers(servers, helpers, small_vocab_checkpoint):
-    plan = helpers.contiguous_plan(small_vocab_checkpoint, 2)
-    workers = helpers.InProcessWorkers(servers, small_vocab_checkpoint, plan)
-    yield plan, workers
-    workers.stop()
-
-
-@pytest.fixture(scope="module")
 def reference(small_vocab_checkpoint):
     model = Qwen3NextForCausalLM.from_pretrained(small_vocab_checkpoint, dtype=torch.float32)
     return lambda ids: generate(model, [ids], SamplingParams(max_tokens=MAX_TOKENS, temperature=0,

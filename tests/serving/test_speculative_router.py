@@ -12,14 +12,6 @@ PROMPTS = [[5, 6, 7, 1, 2], [3, 1, 4, 1, 5, 2, 6] * 10, [4], [1, 2, 3, 4, 5, 6, 
 MAX_TOKENS = [20, 12, 24, 16]
 
 
-@pytest.fixture(scope="module")
-def small_vocab_workers(servers, helpers, small_vocab_checkpoint):
-    plan = helpers.contiguous_plan(small_vocab_checkpoint, 2)
-    workers = helpers.InProcessWorkers(servers, small_vocab_checkpoint, plan)
-    yield plan, workers
-    workers.stop()
-
-
 def test_workers_serve_the_mtp_heads_experts(small_vocab_workers, small_vocab_checkpoint):
     plan, workers = small_vocab_workers
     from nextserve.model.checkpoint import load_config
