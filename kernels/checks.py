@@ -16,22 +16,27 @@ def num_sequences(cu_seqlens: torch.Tensor | None, default: int) -> int:
     return cu_seqlens.numel() - 1
 
 
-def check_state_slots(state_slots: torch.Tensor | None, pool: torch.Tensor | None, N: int,
+def check_state_slots(state_slots: torch.Tensor | range | None, pool: torch.Tensor | None, N: int,
                       state_shape: tuple[int, ...], pool_name: str) -> None:
     """Shapes of a slot-indexed state: pool [S, *state_shape] (any S) and state_slots [N] int32/int64
-    on the pool's device. Sequence n reads and writes pool[state_slots[n]]. Checks shapes only (no
-    host sync); `check_slot_values` checks the indices themselves.
+    on the pool's device, or a range of N consecutive slots. Sequence n reads and writes
+    pool[state_slots[n]]. Checks shapes only (no host sync); `check_slot_values` checks the indices
+    of a tensor.
     Raises ValueError naming what is wrong."""
     if state_slots is None:
         return
     if pool is None:
         raise ValueError(f"state_slots needs {pool_name}: the state pool [S, {', '.join(map(str, state_shape))}] "
                          f"the slots index")
-    if state_slots.dim() != 1 or state_slots.numel() != N:
+    if isinstance(state_slots, range):  # consecutive slots: host values, so checked here in full
+        if len(state_slots) != N or state_slots.step != 1 or not 0 <= state_slots.start <= state_slots.stop <= len(pool):
+            raise ValueError(f"state_slots {state_slots} must be N = {N} consecutive slots inside the pool's "
+                             f"[0, {len(pool)})")
+    elif state_slots.dim() != 1 or state_slots.numel() != N:
         raise ValueError(f"state_slots {tuple(state_slots.shape)} must be [N] = ({N},), one slot per sequence")
-    if state_slots.dtype not in (torch.int32, torch.int64):
+    elif state_slots.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"state_slots must be int32 or int64, got {state_slots.dtype}")
-    if state_slots.device != pool.device:
+    elif state_slots.device != pool.device:
         raise ValueError(f"state_slots on {state_slots.device} and {pool_name} on {pool.device} must share a device")
     if pool.dim() != 1 + len(state_shape) or tuple(pool.shape[1:]) != tuple(state_shape):
         raise ValueError(f"{pool_name} {tuple(pool.shape)} must be a pool [S, {', '.join(map(str, state_shape))}]")

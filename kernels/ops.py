@@ -45,6 +45,25 @@ def _module(family: str, module: str):
     return importlib.import_module(f"{__package__}.{family}.{module}")
 
 
+# --- dense projections -----------------------------------------------------------------------
+
+def linear(x, weight):
+    """y = x W^T, no bias. x: [..., in]; weight: [out, in], or [E, rows, in] taken as [E * rows, in].
+    On the CPU, bf16 weights given to `prepack_linears` run with their oneDNN layout kept."""
+    impl = _pick(x, "linear", "naive:linear", "cpu:linear", "naive:linear")
+    return impl(x, weight)
+
+
+def prepack_linear(weight) -> bool:
+    """Keep `weight` (a served projection's, loaded) in the CPU path's matmul layout as well, where that
+    path runs and has one (bf16 on a CPU with native bf16). Returns whether it did."""
+    return kernel_backend(weight.device) == "cpu" and _module("linear", "cpu").prepack(weight)
+
+
+def is_prepacked(weight) -> bool:
+    return kernel_backend(weight.device) == "cpu" and _module("linear", "cpu").packed_weight(weight) is not None
+
+
 # --- norms -------------------------------------------------------------------------------
 
 def rms_norm(x, weight, eps: float, *, zero_centered: bool = True, residual=None):
@@ -79,6 +98,24 @@ def gdn_gating(a, b, A_log, dt_bias):
 # starts from pool[state_slots[n]] and its final state is written back there in place (the ops
 # then return None for it). A freshly assigned slot must hold zeros; slots must be distinct. The
 # kernels load and store by slot themselves: no gather or scatter copies around them.
+#
+# The two decode ops also take a `range` of consecutive slots (what ForwardBatch.slot_range holds
+# when a batch's slots are consecutive). The CPU path then reads and updates those pool rows through
+# one view; index_select and index_copy_ over the pool cost it more than the recurrence itself. The
+# Triton and reference paths, which take tensors, get the range as one.
+
+def _slots_for(impl, state_slots, pool):
+    """state_slots as `impl` takes them: a range only where it says it takes one. A range's bounds are
+    host values, so they are checked here for every path (a tensor's are not: that would sync)."""
+    if not isinstance(state_slots, range):
+        return state_slots
+    if pool is None or state_slots.step != 1 or not 0 <= state_slots.start <= state_slots.stop <= len(pool):
+        raise ValueError(f"state_slots {state_slots} must be consecutive slots inside the pool's "
+                         f"[0, {None if pool is None else len(pool)})")
+    if getattr(impl, "takes_slot_range", False):
+        return state_slots
+    return torch.arange(state_slots.start, state_slots.stop, dtype=torch.int64, device=pool.device)
+
 
 def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=True,
                            cu_seqlens=None, output_chunk_states=False, use_qk_l2norm=True, state_slots=None):
@@ -106,7 +143,7 @@ def fused_recurrent_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, *, scale=Non
 
     q, k: [B, T, Hk, K]; v: [B, T, Hv, V]; a, b: [B, T, Hv] (raw projections; g and beta are
     computed inside as in `gdn_gating`); initial_state [N, Hv, K, V] fp32 or None; with
-    state_slots [N], the fp32 pool [S, Hv, K, V] (final states written back by slot).
+    state_slots [N] or a range, the fp32 pool [S, Hv, K, V] (final states written back by slot).
     Returns (o [B, T, Hv, V], final_state [N, Hv, K, V] fp32 or None (None with state_slots),
     all_states [B, T, Hv, K, V] fp32 or None: the state after every token, for speculative
     decoding to keep the state of the last accepted draft token).
@@ -115,7 +152,8 @@ def fused_recurrent_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, *, scale=Non
                  "cpu:fused_recurrent_gated_delta_rule", "naive:naive_recurrent_gated_delta_rule_from_gates")
     return impl(q, k, v, a, b, A_log, dt_bias, scale=scale, initial_state=initial_state,
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                output_all_states=output_all_states, use_qk_l2norm=use_qk_l2norm, state_slots=state_slots)
+                output_all_states=output_all_states, use_qk_l2norm=use_qk_l2norm,
+                state_slots=_slots_for(impl, state_slots, initial_state))
 
 
 # --- causal depthwise conv1d ----------------------------------------------------------------
@@ -136,10 +174,11 @@ def causal_conv1d(x, weight, *, initial_state=None, state_slots=None, cu_seqlens
 
 def causal_conv1d_update(x, conv_state, weight, *, state_slots=None, activation: str | None = "silu"):
     """Decode: one token per sequence. x: [N, C]; conv_state: [N, C, W-1], rolled in place (with
-    state_slots [N], the pool [S, C, W-1], rows rolled by slot). Returns y [N, C]."""
+    state_slots [N] or a range, the pool [S, C, W-1], rows rolled by slot). Returns y [N, C]."""
     impl = _pick(x, "conv", "triton_conv:causal_conv1d_update", "cpu:causal_conv1d_update",
                  "naive:causal_conv1d_update")
-    return impl(x, conv_state, weight, state_slots=state_slots, activation=activation)
+    return impl(x, conv_state, weight, state_slots=_slots_for(impl, state_slots, conv_state),
+                activation=activation)
 
 
 # --- attention ------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from torch import nn
 from nextserve.kernels import ops
 
 from .config import Qwen3NextConfig
-from .layers import RMSNorm
+from .layers import Linear, RMSNorm
 from .packed import PackedRows
 from .state import ForwardBatch
 
@@ -22,10 +22,10 @@ class GatedAttention(nn.Module):
         self.rotary_dim, self.rope_theta, self.eps = config.rotary_dim, config.rope_theta, config.rms_norm_eps
         h = config.hidden_size
         # q_proj yields, per head, the query and an output gate of the same size
-        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim * 2, bias=False)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+        self.q_proj = Linear(h, self.num_heads * self.head_dim * 2)
+        self.k_proj = Linear(h, self.num_kv_heads * self.head_dim)
+        self.v_proj = Linear(h, self.num_kv_heads * self.head_dim)
+        self.o_proj = Linear(self.num_heads * self.head_dim, h)
         self.qkv_proj = PackedRows(self.q_proj, self.k_proj, self.v_proj)  # all three read x: one matmul
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -46,7 +46,7 @@ class GatedAttention(nn.Module):
         """x [T, H] -> [T, H]; last_only: [N, H], the output at each sequence's last new token only
         (every token still writes its keys and values)."""
         T = x.shape[0]
-        q_gate, k, v = F.linear(x, self.qkv_proj.weight()).split(self.qkv_proj.sizes, dim=-1)
+        q_gate, k, v = ops.linear(x, self.qkv_proj.weight()).split(self.qkv_proj.sizes, dim=-1)
         q, gate = q_gate.view(T, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)  # [T, Hq, D] each
         k, v = k.view(T, self.num_kv_heads, self.head_dim), v.view(T, self.num_kv_heads, self.head_dim)
         q, k = ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, batch.positions,

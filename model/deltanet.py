@@ -9,7 +9,7 @@ from nextserve.kernels import ops
 from nextserve.kernels.paging import BLOCK_SIZE
 
 from .config import Qwen3NextConfig
-from .layers import GatedRMSNorm
+from .layers import GatedRMSNorm, Linear
 from .packed import PackedRows
 from .state import ForwardBatch, LinearAttentionState
 
@@ -26,15 +26,15 @@ class GatedDeltaNet(nn.Module):
         self.conv_dim = config.linear_conv_dim
         self.kernel_size = config.linear_conv_kernel_dim
         h = config.hidden_size
-        self.in_proj_qkvz = nn.Linear(h, 2 * self.key_dim + 2 * self.value_dim, bias=False)
-        self.in_proj_ba = nn.Linear(h, 2 * self.num_v_heads, bias=False)
+        self.in_proj_qkvz = Linear(h, 2 * self.key_dim + 2 * self.value_dim)
+        self.in_proj_ba = Linear(h, 2 * self.num_v_heads)
         self.in_proj = PackedRows(self.in_proj_qkvz, self.in_proj_ba)  # both read x: one matmul
         self._order: torch.Tensor | None = None
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel_size, groups=self.conv_dim, bias=False)
         self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
         self.A_log = nn.Parameter(torch.zeros(self.num_v_heads))
         self.norm = GatedRMSNorm(self.head_v_dim, config.rms_norm_eps)
-        self.out_proj = nn.Linear(self.value_dim, h, bias=False)
+        self.out_proj = Linear(self.value_dim, h)
 
     def projection_order(self, device) -> torch.Tensor:
         """Column order that turns in_proj's output, interleaved per key-head group ([q | k | v | z] and
@@ -56,7 +56,7 @@ class GatedDeltaNet(nn.Module):
     def split_projections(self, x: torch.Tensor):
         """(conv inputs [T, conv_dim], z [T, Hv, V], b [T, Hv], a [T, Hv]) from one matmul of x."""
         T = x.shape[0]
-        projected = F.linear(x, self.in_proj.weight()).index_select(-1, self.projection_order(x.device))
+        projected = ops.linear(x, self.in_proj.weight()).index_select(-1, self.projection_order(x.device))
         conv_inputs, z, b, a = projected.split([self.conv_dim, self.value_dim, self.num_v_heads, self.num_v_heads],
                                                dim=-1)
         return conv_inputs, z.view(T, self.num_v_heads, self.head_v_dim), b, a
@@ -68,7 +68,8 @@ class GatedDeltaNet(nn.Module):
         conv_inputs, z, b, a = self.split_projections(x)
         m = batch.keep_states_rows
         if m == 0:
-            o = self._mix(conv_inputs, a, b, batch, batch.cu_seqlens, batch.state_slots, batch.is_decode, 0)
+            o = self._mix(conv_inputs, a, b, batch, batch.cu_seqlens, batch.state_slots, batch.is_decode, 0,
+                          decode_slots=batch.decode_state_slots)
         else:  # speculative verification: rows [0, m) keep every token's state; the others run as usual
             cut = batch.spans[m - 1][1]
             o = self._verify(conv_inputs[:cut], a[:cut], b[:cut], batch, m)
@@ -87,8 +88,12 @@ class GatedDeltaNet(nn.Module):
         return (q.reshape(B, T, self.num_k_heads, self.head_k_dim), k.reshape(B, T, self.num_k_heads, self.head_k_dim),
                 v.reshape(B, T, self.num_v_heads, self.head_v_dim))
 
-    def _mix(self, conv_inputs, a, b, batch: ForwardBatch, cu_seqlens, state_slots, decode: bool, first_row: int):
-        """Conv + delta rule for rows [first_row, N) of the batch, states read and written by slot."""
+    def _mix(self, conv_inputs, a, b, batch: ForwardBatch, cu_seqlens, state_slots, decode: bool, first_row: int,
+             decode_slots=None):
+        """Conv + delta rule for rows [first_row, N) of the batch, states read and written by slot
+        (decode_slots: the same slots as the decode kernels may take them, a range included)."""
+        if decode and decode_slots is not None:
+            state_slots = decode_slots
         conv_weight = self.conv1d.weight.squeeze(1)  # [conv_dim, kernel]
         conv_pool = batch.pools.conv[self.layer_idx]            # [S, conv_dim, kernel - 1]
         recurrent_pool = batch.pools.recurrent[self.layer_idx]  # [S, Hv, K, V] fp32

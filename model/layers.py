@@ -34,6 +34,17 @@ class GatedRMSNorm(nn.Module):
         return ops.gated_rms_norm(x, z, self.weight, self.eps)
 
 
+class Linear(nn.Linear):
+    """nn.Linear without bias whose product goes through `ops.linear` (on the CPU: the weight's kept
+    oneDNN layout once the loader has prepacked it)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight)
+
+
 class LMHead(nn.Linear):
     """The projection onto the vocabulary (no bias). On the CPU, 2 to 8 rows (a verification's k + 1
     positions, a small decode batch) go as W x^T: MKL's GEMM for a handful of rows against a weight
@@ -44,6 +55,8 @@ class LMHead(nn.Linear):
         super().__init__(hidden_size, vocab_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if ops.is_prepacked(self.weight):  # a kept layout: no repacking at any row count
+            return ops.linear(x, self.weight)
         if x.device.type == "cpu" and x.dim() == 2 and 2 <= x.shape[0] <= 8:
             return torch.mm(self.weight, x.t()).t()  # [N, V], a transposed view
         return super().forward(x)
@@ -54,11 +67,11 @@ class SwiGLU(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size)
+        self.up_proj = Linear(hidden_size, intermediate_size)
+        self.down_proj = Linear(intermediate_size, hidden_size)
         self.gate_up_proj = PackedRows(self.gate_proj, self.up_proj)  # both read x: one matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_proj.weight()).chunk(2, dim=-1)
+        gate, up = ops.linear(x, self.gate_up_proj.weight()).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)

@@ -15,7 +15,7 @@ from .checkpoint import (EXPERT_TENSOR, MTP_PREFIX, CheckpointError, CheckpointR
                          expert_tensor_predicate, resolve_dtype, validate)
 from .config import Qwen3NextConfig
 from .moe import Experts
-from .packed import pack_projections
+from .packed import pack_projections, prepack_linears
 
 
 def tensor_filter(held: set[int] | None, with_mtp: bool):
@@ -86,4 +86,5 @@ def load_model(cls, path: str | Path, *, dtype, device, expert_ids: Iterable[int
     validate(reader, config, predicate=keep, allow_missing_mtp=not with_mtp)
     load_weights(model, ((name, reader.get(name, dtype=dtype, device=device)) for name in reader.names() if keep(name)))
     pack_projections(model)
+    prepack_linears(model)
     return model.eval()

@@ -23,7 +23,7 @@ from torch import nn
 from nextserve.kernels import ops
 
 from .config import Qwen3NextConfig
-from .layers import SwiGLU
+from .layers import Linear, SwiGLU
 
 
 class RoutedExperts(Protocol):
@@ -61,6 +61,11 @@ class Experts(nn.Module):
             self._local_index = local.to(device)
         return self._local_index
 
+    def prepack(self) -> bool:
+        """Keep w13 in the CPU path's matmul layout too: the dense form multiplies every token by all
+        of it as one [E * 2I, H] projection (kernels/moe/cpu.py)."""
+        return ops.prepack_linear(self.w13)
+
     def forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         # hidden: [T, H]; expert_ids: [T, k] global ids; weights: [T, k] fp32 -> [T, H] fp32, unrounded
         local_ids = self.local_index(hidden.device)[expert_ids]
@@ -77,11 +82,11 @@ class SparseMoeBlock(nn.Module):
     def __init__(self, config: Qwen3NextConfig, expert_ids: Iterable[int] | None = None):
         super().__init__()
         self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
-        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.gate = Linear(config.hidden_size, config.num_experts)
         self.experts: RoutedExperts = Experts(config.num_experts, config.hidden_size,
                                               config.moe_intermediate_size, expert_ids)
         self.shared_expert = SwiGLU(config.hidden_size, config.shared_expert_intermediate_size)
-        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+        self.shared_expert_gate = Linear(config.hidden_size, 1)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [T, k] fp32, expert ids [T, k]): softmax over all experts, top-k, renormalised."""

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nextserve.kernels import ops
+
 
 class PackedRows:
     def __init__(self, *linears: nn.Linear):
@@ -50,3 +52,21 @@ def pack_projections(model: nn.Module) -> None:
         for value in vars(module).values():
             if isinstance(value, PackedRows):
                 value.pack()
+
+
+def prepack_linears(model: nn.Module) -> int:
+    """After loading, for serving: keep every projection's weight in the CPU path's matmul layout as
+    well (`ops.prepack_linear`: bf16 on a CPU with native bf16, nothing elsewhere). The linears of a
+    PackedRows are packed as its one tensor, which is what the model multiplies by; modules with a
+    `prepack()` of their own (the routed experts) do theirs. Returns how many weights were packed."""
+    in_rows, weights = set(), []
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, PackedRows):
+                in_rows.update(id(linear) for linear in value.linears)
+                weights.append(value.weight())
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and id(module) not in in_rows:
+            weights.append(module.weight)
+    packed = sum(ops.prepack_linear(w) for w in weights)
+    return packed + sum(module.prepack() for module in model.modules() if hasattr(module, "prepack"))

@@ -14,7 +14,7 @@ from torch import nn
 from .attention import GatedAttention
 from .config import Qwen3NextConfig
 from .deltanet import GatedDeltaNet
-from .layers import LMHead, RMSNorm, SwiGLU
+from .layers import Linear, LMHead, RMSNorm, SwiGLU
 from .moe import SparseMoeBlock
 from .state import CachePools, ForwardBatch, StaticCache
 
@@ -80,7 +80,7 @@ class MultiTokenPredictor(nn.Module):
     def __init__(self, config: Qwen3NextConfig, expert_ids: Iterable[int] | None = None):
         super().__init__()
         h = config.hidden_size
-        self.fc = nn.Linear(2 * h, h, bias=False)
+        self.fc = Linear(2 * h, h)
         self.pre_fc_norm_embedding = RMSNorm(h, config.rms_norm_eps)
         self.pre_fc_norm_hidden = RMSNorm(h, config.rms_norm_eps)
         mtp_config = Qwen3NextConfig.from_dict({**config.to_dict(), "num_hidden_layers": 1,

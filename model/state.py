@@ -75,6 +75,12 @@ class CachePools:
                 self.recurrent[i][slot].copy_(s.recurrent)
 
 
+def consecutive(slots: list[int]) -> range | None:
+    """slots as a range if they are consecutive and ascending, else None."""
+    first = slots[0]
+    return range(first, first + len(slots)) if list(slots) == list(range(first, first + len(slots))) else None
+
+
 @dataclass
 class ForwardBatch:
     """Several sequences, each adding some new tokens, packed along one token axis.
@@ -103,6 +109,14 @@ class ForwardBatch:
     # When recording: per sequence, the positions to keep (None: every chunk boundary). Each kept one
     # is a copy of a whole state slot, so the prefix cache asks only for the ones it stores.
     keep_checkpoints: list[set[int]] | None = None
+    # The state slots as a range when they are consecutive and ascending (a batch admitted together
+    # usually is): the decode kernels then update those pool rows through one view (kernels/ops.py).
+    slot_range: range | None = None
+
+    @property
+    def decode_state_slots(self) -> torch.Tensor | range:
+        """What the decode kernels take as the state slots: the range when there is one."""
+        return self.state_slots if self.slot_range is None else self.slot_range
 
     @classmethod
     def build(cls, pools: CachePools, context_lens: list[int], seq_lens: list[int], block_tables: list[list[int]],
@@ -134,7 +148,8 @@ class ForwardBatch:
         cu_t, tables_t, seq_lens_k_t = ints.split([N + 1, N * width, N])
         return cls(pools, list(seq_lens), list(context_lens), positions_t, cu_t, slot_mapping_t,
                    tables_t.view(N, width), seq_lens_k_t, state_slots_t, record_checkpoints,
-                   [{} for _ in range(N)] if record_checkpoints else [], keep_states_rows)
+                   [{} for _ in range(N)] if record_checkpoints else [], keep_states_rows,
+                   slot_range=consecutive(state_slots))
 
     @classmethod
     def one_token_each(cls, pools: CachePools, positions: list[int], block_tables: list[list[int]],

@@ -11,6 +11,7 @@ a block between sequences and keep freed blocks findable by content; here every 
 """
 from __future__ import annotations
 
+import heapq
 from collections import Counter, deque
 
 from nextserve.kernels.paging import BLOCK_SIZE
@@ -34,7 +35,9 @@ class BlockManager:
         self.num_blocks, self.num_slots, self.block_size = num_blocks, num_slots, block_size
         self._free_blocks: deque[int] = deque(range(num_blocks))
         self._ref_counts = [0] * num_blocks
-        self._free_slots: deque[int] = deque(range(num_slots))
+        # A min-heap: the lowest free slot first, so that sequences admitted together hold consecutive
+        # slots and their decode batch updates the state pools through one view (ForwardBatch.slot_range)
+        self._free_slots: list[int] = list(range(num_slots))
         self._tables: dict[int, list[int]] = {}
         self._slots: dict[int, int] = {}
 
@@ -83,7 +86,7 @@ class BlockManager:
             raise OutOfBlocks(f"sequence {seq_id} needs {blocks_for(num_tokens, self.block_size)} blocks and a "
                               f"slot; {len(self._free_blocks)} blocks and {len(self._free_slots)} slots are free")
         self._tables[seq_id] = []
-        self._slots[seq_id] = self._free_slots.popleft()
+        self._slots[seq_id] = self._take_slot()
         self.grow(seq_id, num_tokens)
 
     def grow(self, seq_id: int, num_tokens: int) -> None:
@@ -102,7 +105,7 @@ class BlockManager:
         table = self._tables.pop(seq_id, None)
         if table is None:
             return
-        self._free_slots.append(self._slots.pop(seq_id))
+        self._return_slot(self._slots.pop(seq_id))
         for block in reversed(table):  # the tail first: a later prefix cache evicts from the front of the free list
             self._ref_counts[block] -= 1
             if self._ref_counts[block] == 0:
@@ -120,6 +123,12 @@ class BlockManager:
         slots = list(self._slots.values())
         assert len(set(slots)) == len(slots) and not set(slots) & set(self._free_slots), "a slot is shared"
         assert len(slots) + len(self._free_slots) == self.num_slots, "slots were lost or invented"
+
+    def _take_slot(self) -> int:
+        return heapq.heappop(self._free_slots)
+
+    def _return_slot(self, slot: int) -> None:
+        heapq.heappush(self._free_slots, slot)
 
     def _missing(self, seq_id: int, num_tokens: int) -> int:
         return max(0, blocks_for(num_tokens, self.block_size) - len(self._tables[seq_id]))

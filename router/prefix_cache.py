@@ -176,7 +176,7 @@ class CachingBlockManager(BlockManager):
         self.stats.queries += 1
         table: list[int] = []
         self._tables[seq_id] = table
-        self._slots[seq_id] = self._free_slots.popleft()
+        self._slots[seq_id] = self._take_slot()
         if hit is not None:
             for block in hit.shared_blocks:
                 self._evictable.pop(block, None)
@@ -212,7 +212,7 @@ class CachingBlockManager(BlockManager):
         table = self._tables.pop(seq_id, None)
         if table is None:
             return
-        self._free_slots.append(self._slots.pop(seq_id))
+        self._return_slot(self._slots.pop(seq_id))
         # Front blocks last: they are shared by the most prefixes, so they should be evicted last.
         for block in reversed(table):
             self._ref_counts[block] -= 1

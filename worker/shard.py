@@ -52,6 +52,7 @@ class ShardExperts:
                 for proj in ("gate_proj", "up_proj", "down_proj"):
                     name = f"{prefix}mlp.experts.{e}.{proj}.weight"
                     copy_expert_tensor(experts, e, proj, reader.get(name, dtype, device), name)
+            experts.prepack()  # as the router's in-process twin does (model/loader.py)
             layers[i] = experts.eval()
         reader.close()
         if not layers:

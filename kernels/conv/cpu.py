@@ -53,6 +53,9 @@ def causal_conv1d_update(x, conv_state, weight, *, state_slots=None, activation=
     out_dtype = x.dtype
     if state_slots is None:
         state = conv_state
+    elif isinstance(state_slots, range):  # consecutive slots: the pool rows as one view, rolled in place
+        state = conv_state = conv_state[state_slots.start:state_slots.stop]
+        state_slots = None
     else:
         slots = state_slots if state_slots.dtype == torch.int64 else state_slots.long()
         state = conv_state.index_select(0, slots)
@@ -68,3 +71,6 @@ def causal_conv1d_update(x, conv_state, weight, *, state_slots=None, activation=
     else:
         conv_state.index_copy_(0, slots, rolled)
     return y if y.dtype == out_dtype else y.to(out_dtype)
+
+
+causal_conv1d_update.takes_slot_range = True  # see kernels/ops.py

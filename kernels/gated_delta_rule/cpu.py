@@ -38,6 +38,8 @@ def fused_recurrent_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, *, scale=Non
     hands distinct slots inside the pool (the block manager does).
     """
     if cu_seqlens is not None:
+        if isinstance(state_slots, range):
+            state_slots = torch.arange(state_slots.start, state_slots.stop, device=q.device)
         return naive.naive_recurrent_gated_delta_rule_from_gates(
             q, k, v, a, b, A_log, dt_bias, scale=scale, initial_state=initial_state,
             output_final_state=output_final_state, cu_seqlens=cu_seqlens, output_all_states=output_all_states,
@@ -65,18 +67,25 @@ def fused_recurrent_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, *, scale=Non
     ks, k_cols = per_token(k, Hk, 1, 1, K), per_token(k, Hk, 1, K, 1)
     vs = per_token(_fp32(v), Hk, group, 1, V)
 
-    slots = None if state_slots is None else (state_slots if state_slots.dtype == torch.int64 else state_slots.long())
+    slots = state_slots
+    if isinstance(state_slots, torch.Tensor) and state_slots.dtype != torch.int64:
+        slots = state_slots.long()
     if initial_state is None:
         S = torch.zeros(B, Hk, group, K, V, dtype=torch.float32, device=v.device)
+    elif isinstance(slots, range):  # the pool rows themselves, updated in place below
+        S = initial_state[slots.start:slots.stop].view(B, Hk, group, K, V)
     elif slots is not None:
         S = initial_state.index_select(0, slots).view(B, Hk, group, K, V)
     else:
         S = _fp32(initial_state).clone().view(B, Hk, group, K, V)
     outputs, states = [], []
     for q_t, k_t, k_col, v_t, decay, beta in zip(qs, ks, k_cols, vs, decays, betas):
-        S = S * decay
+        # S is this call's own (zeros, a gathered copy or a clone) or the pool rows it must update,
+        # so the updates run in place unless every token's state is kept; either way the same
+        # roundings: decay, then the rank-one correction from the decayed state
+        S = S * decay if output_all_states else S.mul_(decay)
         delta = beta * (v_t - k_t @ S)                                     # [B, Hk, group, 1, V]
-        S = S + k_col * delta
+        S = S + k_col * delta if output_all_states else S.add_(k_col * delta)
         outputs.append(q_t @ S)
         if output_all_states:
             states.append(S)
@@ -86,7 +95,15 @@ def fused_recurrent_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, *, scale=Non
     if output_all_states:
         all_states = (states[0] if T == 1 else torch.stack(states, dim=1)).view(B, T, Hv, K, V)
     S = S.view(B, Hv, K, V)
+    if isinstance(slots, range):
+        rows = initial_state[slots.start:slots.stop]
+        if S.data_ptr() != rows.data_ptr():  # kept every token's state, so S is a new tensor
+            rows.copy_(S)
+        return o, None, all_states
     if slots is not None:
         initial_state.index_copy_(0, slots, S)
         return o, None, all_states
     return o, (S if output_final_state else None), all_states
+
+
+fused_recurrent_gated_delta_rule.takes_slot_range = True  # see kernels/ops.py

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..linear.cpu import linear as cpu_linear
 from . import naive
 from .naive import check_expert_ffn_args
 
@@ -102,7 +103,8 @@ def dense_expert_ffn(hidden, expert_ids, expert_weights, w13, w2, *, out_dtype=N
     check_expert_ffn_args(hidden, expert_ids, expert_weights, w13, w2)
     T, k = expert_ids.shape
     E, two_I, H = w13.shape
-    gate, up = F.linear(hidden, w13.flatten(0, 1)).view(T, E, two_I).transpose(0, 1).chunk(2, dim=-1)  # [E, T, I]
+    # w13 as one [E * 2I, H] projection, in its kept oneDNN layout when the loader prepacked it
+    gate, up = cpu_linear(hidden, w13).view(T, E, two_I).transpose(0, 1).chunk(2, dim=-1)  # [E, T, I]
     down = torch.bmm(F.silu(gate) * up, w2.transpose(1, 2))              # [E, T, H]
     tokens = torch.arange(T, device=hidden.device).view(T, 1)
     return _weighted_sum(down[_ids(expert_ids), tokens], expert_ids, expert_weights, out_dtype or hidden.dtype)

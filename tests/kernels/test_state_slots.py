@@ -20,7 +20,7 @@ C, W = 40, 4                  # conv channels (awkward: a ragged channel block),
 HK, HV, K, V = 1, 2, 24, 20   # more value heads than key heads, head dims that are not powers of two
 NUM_SLOTS = 7
 
-BACKENDS = [pytest.param("torch", id="torch"), pytest.param("triton", id="triton")]
+BACKENDS = [pytest.param("torch", id="torch"), pytest.param("cpu", id="cpu"), pytest.param("triton", id="triton")]
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
 
 
@@ -126,6 +126,33 @@ class Pools:
         assert torch.isfinite(y).all() and torch.isfinite(o).all()
         self.check()
 
+    def decode_rows(self, names, *, as_range=False):
+        """One decode step laid out as the model runs it without cu_seqlens: one row per sequence
+        ([N, 1] tokens), the slots a tensor or (as_range, for names holding consecutive ascending
+        slots) the range ForwardBatch.slot_range would hand the kernels."""
+        N = len(names)
+        x, q, k, v, a, b = self._inputs(N)
+        q, k, v, a, b = (t.transpose(0, 1) for t in (q, k, v, a, b))  # [N, 1, ...]
+        slots = self._slots(names)
+        if as_range:
+            first = int(slots[0])
+            assert slots.tolist() == list(range(first, first + N)), "as_range needs consecutive slots"
+            slots = range(first, first + N)
+
+        y = ops.causal_conv1d_update(x, self.conv_pool, self.conv_weight, state_slots=slots)
+        o, no_state, _ = ops.fused_recurrent_gated_delta_rule(
+            q, k, v, a, b, self.A_log, self.dt_bias, initial_state=self.rec_pool, state_slots=slots)
+        assert no_state is None
+
+        conv_state = torch.stack([self.conv_ref[n] for n in names])
+        y_ref = ops.causal_conv1d_update(x, conv_state, self.conv_weight)
+        o_ref, rec_final, _ = ops.fused_recurrent_gated_delta_rule(
+            q, k, v, a, b, self.A_log, self.dt_bias, initial_state=torch.stack([self.rec_ref[n] for n in names]))
+        self._keep(names, conv_state, rec_final)
+        assert torch.equal(y, y_ref) and torch.equal(o, o_ref)
+        assert torch.isfinite(y).all() and torch.isfinite(o).all()
+        self.check()
+
     def _keep(self, names, conv_states, rec_states):
         for i, n in enumerate(names):
             self.conv_ref[n], self.rec_ref[n] = conv_states[i].clone(), rec_states[i].clone()
@@ -156,6 +183,22 @@ def test_prefill_and_decode_while_sequences_join_and_leave(backend, dtype):
     pools.decode(["a", "e", "d", "c"])
     pools.leave("a")
     pools.decode(["e", "c", "d"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_rows_by_slot_tensor_or_consecutive_range(backend, dtype):
+    pools = Pools(dtype, seed=3)
+    for name, slot in (("a", 2), ("b", 3), ("c", 4), ("d", 0)):
+        pools.join(name, slot, warm=name != "b")
+    pools.decode_rows(["a", "b", "c"], as_range=True)   # slots 2..4: the pool rows through one view
+    pools.decode_rows(["c", "a", "d"])                  # any order: by tensor
+    pools.decode_rows(["b", "c"], as_range=True)
+    pools.leave("b")
+    pools.decode_rows(["a", "c", "d"])                  # a hole at slot 3
+    pools.decode_rows(["d"], as_range=True)
+    x = torch.randn(3, C).to(dtype)
+    with pytest.raises(ValueError, match="consecutive slots inside the pool"):
+        ops.causal_conv1d_update(x, pools.conv_pool, pools.conv_weight, state_slots=range(5, 8))
 
 
 def test_prefill_slots_in_any_order_with_warm_states(backend):

@@ -1,0 +1,73 @@
+"""Dense projections (kernels/linear): the CPU path's prepacked oneDNN weights against F.linear.
+
+Both sides are bf16 products with fp32 accumulation rounded once to bf16, so they agree to the
+conftest rule over the input width. The packed copy must follow the weight: after an in-place
+update (how a checkpoint load writes) the product is the new weight's, never the stale copy's.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nextserve.kernels import ops
+from nextserve.kernels.linear import cpu as linear_cpu
+from nextserve.kernels.linear import naive as linear_naive
+
+NATIVE_BF16 = linear_cpu.packing_supported()
+
+
+@pytest.fixture(autouse=True)
+def cpu_path(monkeypatch):
+    monkeypatch.setenv("NEXTSERVE_KERNELS", "cpu")
+
+
+def randn(gen, *shape):
+    return torch.randn(*shape, generator=gen).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 130])
+@pytest.mark.parametrize("weight_shape", [(96, 40), (4, 24, 40)], ids=["projection", "stacked-experts"])
+def test_prepacked_linear_equals_the_reference(rows, weight_shape, close):
+    gen = torch.Generator().manual_seed(rows + len(weight_shape))
+    weight, x = randn(gen, *weight_shape), randn(gen, rows, weight_shape[-1])
+    assert ops.prepack_linear(weight) == NATIVE_BF16 == ops.is_prepacked(weight)
+    with torch.inference_mode():
+        y = ops.linear(x, weight)
+    expected = F.linear(x.float(), weight.flatten(0, -2).float())
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, weight.flatten(0, -2).shape[0])
+    close(y, expected, reduction=weight_shape[-1], dtype=torch.bfloat16)
+    close(linear_naive.linear(x, weight), expected, reduction=weight_shape[-1], dtype=torch.bfloat16)
+
+
+def test_the_packed_copy_follows_in_place_updates_of_the_weight(close):
+    gen = torch.Generator().manual_seed(7)
+    weight, x = randn(gen, 64, 32), randn(gen, 5, 32)
+    ops.prepack_linear(weight)
+    with torch.inference_mode():
+        before = ops.linear(x, weight)
+    with torch.no_grad():
+        weight.copy_(randn(gen, 64, 32))   # a reload in place
+    with torch.inference_mode():
+        after = ops.linear(x, weight)
+    expected = F.linear(x.float(), weight.float())
+    close(after, expected, reduction=32, dtype=torch.bfloat16)
+    assert not torch.equal(after, before)
+
+
+def test_what_is_not_packed_is_f_linear():
+    gen = torch.Generator().manual_seed(8)
+    weight, x = torch.randn(48, 16, generator=gen), torch.randn(3, 16, generator=gen)
+    assert not ops.prepack_linear(weight)      # fp32, the exactness mode: left to F.linear, bit for bit
+    assert torch.equal(ops.linear(x, weight), F.linear(x, weight))
+    no_experts = torch.empty(0, 8, 16, dtype=torch.bfloat16)   # a router that holds no routed experts
+    assert not ops.prepack_linear(no_experts)
+    assert ops.linear(x.bfloat16(), no_experts).shape == (3, 0)
+
+
+def test_gradients_flow_through_a_packed_weight():
+    """Training runs the same modules: with autograd on, the product is F.linear's, gradients included."""
+    gen = torch.Generator().manual_seed(9)
+    weight = randn(gen, 24, 16).requires_grad_()
+    ops.prepack_linear(weight)
+    x = randn(gen, 2, 16)
+    ops.linear(x, weight).float().sum().backward()
+    assert weight.grad is not None and torch.equal(weight.grad, F.linear(x, weight).new_ones(2, 24).t() @ x)
