@@ -1,0 +1,86 @@
+"""CPU micro-benchmark of the dense projections: F.linear against oneDNN with the weight packed once.
+
+F.linear in bf16 hands oneDNN a row-major weight, which it reorders into its blocked layout on every
+call; kernels/linear/cpu.py keeps the reordered copy. For each projection shape of a preset (as the
+model multiplies them: packed rows included) and row count, the best time of repeated runs of F.linear,
+of the packed copy for each layout hint, and the max |difference| between the two (both are bf16
+products accumulated in fp32, so it is at most an output rounding).
+
+    python bench/kernels_linear.py                          # small preset, rows 1 16 128, 2 threads
+    python bench/kernels_linear.py --rows 1 3 16 128 2048 --hints 1 16 128
+
+Numbers are only meaningful on an otherwise idle machine (docs/benchmarks.md).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernels_moe import best_ms  # noqa: E402
+
+from nextserve.model.presets import PRESETS  # noqa: E402
+
+
+def projection_shapes(preset: str) -> dict[str, tuple[int, int]]:
+    """[out, in] of each matmul one decoder layer (and the LM head) runs, packed rows as one."""
+    p = PRESETS[preset]
+    H, E, I, S = p["hidden_size"], p["num_experts"], p["moe_intermediate_size"], p["shared_expert_intermediate_size"]
+    key = p["linear_num_key_heads"] * p["linear_key_head_dim"]
+    value = p["linear_num_value_heads"] * p["linear_value_head_dim"]
+    q = p["num_attention_heads"] * p["head_dim"]
+    kv = p["num_key_value_heads"] * p["head_dim"]
+    return {
+        "deltanet in_proj (qkvz + ba)": (2 * key + 2 * value + 2 * p["linear_num_value_heads"], H),
+        "deltanet out_proj": (H, value),
+        "attention qkv (q + gate, k, v)": (2 * q + 2 * kv, H),
+        "attention o_proj": (H, q),
+        "router gate": (E, H),
+        "shared expert gate_up": (2 * S, H),
+        "shared expert down": (H, S),
+        "routed experts w13, dense form": (E * 2 * I, H),
+        "lm_head": (p["vocab_size"], H),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 128])
+    parser.add_argument("--hints", type=int, nargs="+", default=[1, 16],
+                        help="row counts oneDNN is asked to pick the packed layout for")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        print("this CPU has no native bf16: kernels/linear/cpu.py leaves every projection to F.linear")
+        return
+    print(f"{args.preset} preset, bf16, {torch.get_num_threads()} threads; ms per call, best of repeated runs")
+    gen = torch.Generator().manual_seed(0)
+    header = f"{'projection':<32}{'[out, in]':>14}{'rows':>6}{'F.linear':>10}" + "".join(
+        f"{'hint ' + str(h):>10}" for h in args.hints) + f"{'max |diff|':>12}"
+    print(header)
+    with torch.inference_mode():
+        for name, (out_f, in_f) in projection_shapes(args.preset).items():
+            weight = torch.randn(out_f, in_f, generator=gen).bfloat16()
+            packed = {h: torch.ops.mkldnn._reorder_linear_weight(weight, h) for h in args.hints}
+            for rows in args.rows:
+                x = torch.randn(rows, in_f, generator=gen).bfloat16()
+                reference = F.linear(x, weight)
+                times = [best_ms(lambda: F.linear(x, weight))]
+                diff = 0.0
+                for h in args.hints:
+                    def run(p=packed[h]):
+                        return torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
+                    times.append(best_ms(run))
+                    diff = max(diff, (run().float() - reference.float()).abs().max().item())
+                print(f"{name:<32}{str([out_f, in_f]):>14}{rows:>6}" + "".join(f"{t:>10.3f}" for t in times)
+                      + f"{diff:>12.3g}")
+
+
+if __name__ == "__main__":
+    main()
