@@ -27,17 +27,19 @@ def stream_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
 
 
 class ExpertsTouched:
-    """Counts the distinct routed experts each MoE layer's gate picks, per forward (forward hooks)."""
+    """Counts the distinct routed experts each MoE layer's gate picks, per forward (forward pre-hooks
+    that recompute the block's router logits: a counting pass, not a timed one)."""
 
     def __init__(self, model):
         self.distinct: list[int] = []
         self._handles = []
         for layer in model.model.layers:
-            moe = getattr(layer.mlp, "gate", None)
-            if moe is not None:
-                top_k = layer.mlp.top_k
-                self._handles.append(moe.register_forward_hook(
-                    lambda _m, _i, logits, k=top_k: self.distinct.append(int(logits.topk(k, -1).indices.unique().numel()))))
+            if hasattr(layer.mlp, "route"):
+                self._handles.append(layer.mlp.register_forward_pre_hook(self._count))
+
+    def _count(self, moe, args) -> None:
+        _, ids = moe.route(args[0])
+        self.distinct.append(int(ids.unique().numel()))
 
     def take(self) -> list[int]:
         out, self.distinct = self.distinct, []

@@ -47,21 +47,24 @@ def _module(family: str, module: str):
 
 # --- dense projections -----------------------------------------------------------------------
 
-def linear(x, weight):
+def linear(x, weight, row_order=None):
     """y = x W^T, no bias. x: [..., in]; weight: [out, in], or [E, rows, in] taken as [E * rows, in].
-    On the CPU, bf16 weights given to `prepack_linears` run with their oneDNN layout kept."""
+    row_order [out] int64: y's columns in that order (y[..., row_order]). On the CPU, bf16 weights
+    given to `prepack_linear` (with the same row_order tensor) run with their oneDNN layout kept."""
     impl = _pick(x, "linear", "naive:linear", "cpu:linear", "naive:linear")
-    return impl(x, weight)
+    return impl(x, weight, row_order)
 
 
-def prepack_linear(weight) -> bool:
-    """Keep `weight` (a served projection's, loaded) in the CPU path's matmul layout as well, where that
-    path runs and has one (bf16 on a CPU with native bf16). Returns whether it did."""
-    return kernel_backend(weight.device) == "cpu" and _module("linear", "cpu").prepack(weight)
+def prepack_linear(weight, row_order=None) -> bool:
+    """Keep `weight` (a served projection's, loaded) in the CPU path's matmul layout as well, rows in
+    `row_order` if given, where that path runs and has one (bf16 on a CPU with native bf16).
+    Returns whether it did."""
+    return kernel_backend(weight.device) == "cpu" and _module("linear", "cpu").prepack(weight, row_order)
 
 
-def is_prepacked(weight) -> bool:
-    return kernel_backend(weight.device) == "cpu" and _module("linear", "cpu").packed_weight(weight) is not None
+def is_prepacked(weight, row_order=None) -> bool:
+    return (kernel_backend(weight.device) == "cpu"
+            and _module("linear", "cpu").packed_weight(weight, row_order) is not None)
 
 
 # --- norms -------------------------------------------------------------------------------

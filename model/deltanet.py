@@ -53,10 +53,17 @@ class GatedDeltaNet(nn.Module):
                 self._order = torch.tensor(order, device=device)
         return self._order
 
+    def prepack(self) -> bool:
+        """Keep in_proj's rows in projection order in the CPU path's matmul layout: its product then
+        comes out in that order, with no column gather per step."""
+        with torch.no_grad():
+            weight = self.in_proj.weight()
+        return ops.prepack_linear(weight, row_order=self.projection_order(weight.device))
+
     def split_projections(self, x: torch.Tensor):
         """(conv inputs [T, conv_dim], z [T, Hv, V], b [T, Hv], a [T, Hv]) from one matmul of x."""
         T = x.shape[0]
-        projected = ops.linear(x, self.in_proj.weight()).index_select(-1, self.projection_order(x.device))
+        projected = ops.linear(x, self.in_proj.weight(), row_order=self.projection_order(x.device))
         conv_inputs, z, b, a = projected.split([self.conv_dim, self.value_dim, self.num_v_heads, self.num_v_heads],
                                                dim=-1)
         return conv_inputs, z.view(T, self.num_v_heads, self.head_v_dim), b, a

@@ -65,13 +65,20 @@ class LMHead(nn.Linear):
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)): the shared expert (and the dense MLP of mlp_only_layers)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    def __init__(self, hidden_size: int, intermediate_size: int, *, pack_gate_up: bool = True):
+        """pack_gate_up=False: an owner packs gate_proj and up_proj with its own projections of x (the
+        MoE block) and calls `down`."""
         super().__init__()
         self.gate_proj = Linear(hidden_size, intermediate_size)
         self.up_proj = Linear(hidden_size, intermediate_size)
         self.down_proj = Linear(intermediate_size, hidden_size)
-        self.gate_up_proj = PackedRows(self.gate_proj, self.up_proj)  # both read x: one matmul
+        # both read x: one matmul
+        self.gate_up_proj = PackedRows(self.gate_proj, self.up_proj) if pack_gate_up else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = ops.linear(x, self.gate_up_proj.weight()).chunk(2, dim=-1)
+        if self.gate_up_proj is None:
+            return self.down(self.gate_proj(x), self.up_proj(x))
+        return self.down(*ops.linear(x, self.gate_up_proj.weight()).chunk(2, dim=-1))
+
+    def down(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(gate) * up)

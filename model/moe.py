@@ -24,6 +24,7 @@ from nextserve.kernels import ops
 
 from .config import Qwen3NextConfig
 from .layers import Linear, SwiGLU
+from .packed import PackedRows
 
 
 class RoutedExperts(Protocol):
@@ -85,18 +86,33 @@ class SparseMoeBlock(nn.Module):
         self.gate = Linear(config.hidden_size, config.num_experts)
         self.experts: RoutedExperts = Experts(config.num_experts, config.hidden_size,
                                               config.moe_intermediate_size, expert_ids)
-        self.shared_expert = SwiGLU(config.hidden_size, config.shared_expert_intermediate_size)
+        self.shared_expert = SwiGLU(config.hidden_size, config.shared_expert_intermediate_size, pack_gate_up=False)
         self.shared_expert_gate = Linear(config.hidden_size, 1)
+        # the router gate, the shared expert's gate and its gate and up projections all read x: one matmul
+        self.in_proj = PackedRows(self.gate, self.shared_expert_gate, self.shared_expert.gate_proj,
+                                  self.shared_expert.up_proj)
+        # called with each forward's router logits [T, E] when set (training's load-balancing loss):
+        # the gate runs inside the packed matmul above, so a hook on it would never fire
+        self.on_router_logits: Callable[[torch.Tensor], None] | None = None
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(router logits [T, E], shared-expert gate [T, 1], its gate and up projections [T, S] each)."""
+        return ops.linear(x, self.in_proj.weight()).split(self.in_proj.sizes, dim=-1)
+
+    def route(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [T, k] fp32, expert ids [T, k]): softmax over all experts, top-k, renormalised."""
-        return ops.moe_route(self.gate(x), self.top_k, renormalize=self.norm_topk_prob)
+        logits = self.project(x)[0] if logits is None else logits
+        if self.on_router_logits is not None:
+            self.on_router_logits(logits)
+        return ops.moe_route(logits, self.top_k, renormalize=self.norm_topk_prob)
 
-    def shared(self, x: torch.Tensor) -> torch.Tensor:
-        return F.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+    def shared(self, x: torch.Tensor, projected: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        _, shared_gate, gate, up = self.project(x) if projected is None else projected
+        return F.sigmoid(shared_gate) * self.shared_expert.down(gate, up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = self.route(x)
+        projected = self.project(x)
+        weights, ids = self.route(x, projected[0])
         routed = self.experts.dispatch(x, ids, weights)  # on the workers, if remote, while the shared expert runs
-        shared = self.shared(x)
+        shared = self.shared(x, projected)
         return (routed() + shared.float()).to(x.dtype)

@@ -64,7 +64,8 @@ def prepack_linears(model: nn.Module) -> int:
         for value in vars(module).values():
             if isinstance(value, PackedRows):
                 in_rows.update(id(linear) for linear in value.linears)
-                weights.append(value.weight())
+                with torch.no_grad():  # the packed tensor itself, as inference multiplies by it
+                    weights.append(value.weight())
     for module in model.modules():
         if isinstance(module, nn.Linear) and id(module) not in in_rows:
             weights.append(module.weight)

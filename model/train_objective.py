@@ -38,13 +38,14 @@ class Losses:
 def captured_router_logits(model: torch.nn.Module):
     """Collect the router logits [T, E] of every MoE block (MTP layer included) during a forward."""
     logits: list[torch.Tensor] = []
-    hooks = [m.gate.register_forward_hook(lambda _m, _in, out: logits.append(out))
-             for m in model.modules() if isinstance(m, SparseMoeBlock)]
+    blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
+    for block in blocks:
+        block.on_router_logits = logits.append
     try:
         yield logits
     finally:
-        for h in hooks:
-            h.remove()
+        for block in blocks:
+            block.on_router_logits = None
 
 
 def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:

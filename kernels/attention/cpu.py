@@ -92,17 +92,22 @@ def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k,
     hidden = torch.arange(keys, device=device) > position.view(Tq, 1)                   # [Tq, keys]
 
     # every slot of the query's block-table row; entries past its blocks are clamped to a real
-    # block, read and masked out
+    # block, read and masked out. The caches are gathered as rows of D values in head-major order,
+    # so K and V arrive as contiguous [Tq, Hkv, keys, D]: the products below take K transposed as a
+    # view, and neither needs a permuted copy (which cost more than the gather itself).
     tables = block_tables.to(device=device, dtype=torch.int64).index_select(0, seq).clamp_(0, num_blocks - 1)
-    slots = (tables[:, :, None] * block_size + torch.arange(block_size, device=device)).view(-1)
-    k = k_cache.flatten(0, 1).index_select(0, slots).view(Tq, keys, Hkv, D)
-    v = v_cache.flatten(0, 1).index_select(0, slots).view(Tq, keys, Hkv, D)
+    slots = (tables[:, :, None] * block_size + torch.arange(block_size, device=device)).view(Tq, keys)
+    # Keys a query may not see may be unwritten (NaN, and 0 * NaN is NaN): they read the query's own
+    # slot instead, written before attention runs, so every gathered value is finite and their zero
+    # softmax weights contribute exact zeros (masking the gathered V instead cost more than the gather).
+    slots = torch.where(hidden, slots.gather(1, position.view(Tq, 1)), slots)
+    rows = (slots.view(Tq, 1, keys) * Hkv + torch.arange(Hkv, device=device).view(1, Hkv, 1)).view(-1)
+    k = k_cache.reshape(-1, D).index_select(0, rows).view(Tq, Hkv, keys, D)
+    v = v_cache.reshape(-1, D).index_select(0, rows).view(Tq, Hkv, keys, D)
 
-    scores = q.float().reshape(Tq, Hkv, group, D) @ k.float().permute(0, 2, 3, 1)       # [Tq, Hkv, group, keys]
+    scores = q.float().reshape(Tq, Hkv, group, D) @ k.float().transpose(-1, -2)         # [Tq, Hkv, group, keys]
     scores = (scores * scale).masked_fill(hidden.view(Tq, 1, 1, keys), float("-inf"))
-    # unwritten slots may hold NaN, and 0 * NaN is NaN: zero the values nobody may see
-    v = v.float().masked_fill(hidden.view(Tq, keys, 1, 1), 0.0).permute(0, 2, 1, 3)      # [Tq, Hkv, keys, D]
-    o = (torch.softmax(scores, dim=-1) @ v).view(Tq, Hq, D)
+    o = (torch.softmax(scores, dim=-1) @ v.float()).view(Tq, Hq, D)
     o = o if o.dtype == q.dtype else o.to(q.dtype)
     return o if gate is None else o * torch.sigmoid(gate)
 

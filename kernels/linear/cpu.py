@@ -29,33 +29,38 @@ def _key(weight: torch.Tensor) -> tuple[int, int]:
     return weight.data_ptr(), weight._version
 
 
-def prepack(weight: torch.Tensor) -> bool:
-    """Keep a reordered copy of `weight` (bf16, CPU; a weight of more dims as its rows flattened).
-    Returns whether it did; other weights are left to F.linear."""
+def prepack(weight: torch.Tensor, row_order: torch.Tensor | None = None) -> bool:
+    """Keep a reordered copy of `weight` (bf16, CPU; a weight of more dims as its rows flattened), its
+    rows permuted by `row_order` if given (see `linear`). Returns whether it did; other weights are
+    left to F.linear."""
     if (weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or weight.dim() < 2 or weight.numel() == 0
             or not packing_supported()):
         return False  # (oneDNN has no primitive for an empty weight: a router that holds no experts)
     with torch.no_grad():
-        rows = weight.detach().flatten(0, -2).contiguous()
+        rows = weight.detach().flatten(0, -2)
+        rows = (rows if row_order is None else rows.index_select(0, row_order)).contiguous()
         packed = torch.ops.mkldnn._reorder_linear_weight(rows, PACKING_ROWS)
-    setattr(weight, _ATTRIBUTE, (_key(weight), packed))
+    setattr(weight, _ATTRIBUTE, (_key(weight), packed, row_order))
     return True
 
 
-def packed_weight(weight: torch.Tensor):
-    """The reordered copy of a prepacked weight, refreshed if the weight changed since; else None."""
+def packed_weight(weight: torch.Tensor, row_order: torch.Tensor | None = None):
+    """The reordered copy of a weight prepacked with this row order (the same tensor), refreshed if the
+    weight changed since; else None."""
     entry = getattr(weight, _ATTRIBUTE, None)
-    if entry is None:
+    if entry is None or entry[2] is not row_order:
         return None
     if entry[0] != _key(weight):
-        prepack(weight)
+        prepack(weight, row_order)
         entry = getattr(weight, _ATTRIBUTE)
     return entry[1]
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """ops.linear: the packed weight when there is one and no gradient is wanted, else F.linear."""
-    packed = packed_weight(weight) if x.dtype == torch.bfloat16 else None
+def linear(x: torch.Tensor, weight: torch.Tensor, row_order: torch.Tensor | None = None) -> torch.Tensor:
+    """ops.linear: the packed weight when there is one and no gradient is wanted, else F.linear. With
+    row_order, F.linear(x, weight)[..., row_order]: a copy packed in that order computes it directly."""
+    packed = packed_weight(weight, row_order) if x.dtype == torch.bfloat16 else None
     if packed is None or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-        return reference_linear(x, weight)
+        y = reference_linear(x, weight)
+        return y if row_order is None else y.index_select(-1, row_order)
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")

@@ -38,6 +38,20 @@ def test_prepacked_linear_equals_the_reference(rows, weight_shape, close):
     close(linear_naive.linear(x, weight), expected, reduction=weight_shape[-1], dtype=torch.bfloat16)
 
 
+def test_a_row_order_packed_in_equals_the_gathered_product(close):
+    gen = torch.Generator().manual_seed(6)
+    weight, x = randn(gen, 40, 24), randn(gen, 4, 24)
+    order = torch.randperm(40, generator=gen)
+    ops.prepack_linear(weight, row_order=order)
+    with torch.inference_mode():
+        y = ops.linear(x, weight, row_order=order)
+        other = ops.linear(x, weight, row_order=order.flip(0))  # not the order packed: gathered
+    expected = F.linear(x.float(), weight.float())
+    close(y, expected[:, order], reduction=24, dtype=torch.bfloat16)
+    close(other, expected[:, order.flip(0)], reduction=24, dtype=torch.bfloat16)
+    assert ops.is_prepacked(weight, order) == NATIVE_BF16 and not ops.is_prepacked(weight)
+
+
 def test_the_packed_copy_follows_in_place_updates_of_the_weight(close):
     gen = torch.Generator().manual_seed(7)
     weight, x = randn(gen, 64, 32), randn(gen, 5, 32)

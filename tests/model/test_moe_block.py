@@ -39,7 +39,8 @@ def test_the_shared_expert_runs_between_starting_the_dispatch_and_waiting_for_it
         events = []
         local = block.experts
         block.experts = RecordingExperts(local, events)
-        hook = block.shared_expert.register_forward_hook(lambda *_: events.append("shared"))
+        # the shared expert's own work after the block's one input matmul: its down projection
+        hook = block.shared_expert.down_proj.register_forward_hook(lambda *_: events.append("shared"))
         got = block(x)
         block.experts = local
         hook.remove()
