@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from nextserve.kernels.host_allocator import reuse_large_allocations
+
 from .checkpoint import (EXPERT_TENSOR, MTP_PREFIX, CheckpointError, CheckpointReader, dense_predicate,
                          expert_tensor_predicate, resolve_dtype, validate)
 from .config import Qwen3NextConfig
@@ -76,6 +78,8 @@ def _copy(target: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
 def load_model(cls, path: str | Path, *, dtype, device, expert_ids: Iterable[int] | None, with_mtp: bool):
     config = Qwen3NextConfig.from_pretrained(path)
     dtype = resolve_dtype(dtype)
+    if torch.device(device).type == "cpu":
+        reuse_large_allocations()  # a CPU engine's forward temporaries: see kernels/host_allocator.py
     held = None if expert_ids is None else set(int(e) for e in expert_ids)
     # Build on the meta device, so no memory is touched before the weights arrive.
     with torch.device("meta"):

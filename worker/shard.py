@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from nextserve.kernels import ops
+from nextserve.kernels.host_allocator import reuse_large_allocations
 from nextserve.model.checkpoint import CheckpointReader, expert_tensor_predicate, load_config, resolve_dtype, validate
 from nextserve.model.config import Qwen3NextConfig
 from nextserve.model.loader import copy_expert_tensor
@@ -34,6 +35,8 @@ class ShardExperts:
         dtype, held = resolve_dtype(dtype), sorted(set(int(e) for e in expert_ids))
         if not held:
             raise ValueError("a worker must hold at least one expert")
+        if torch.device(device).type == "cpu":
+            reuse_large_allocations()  # as the router's loader does: kernels/host_allocator.py
         reader = CheckpointReader(path)
         mine = expert_tensor_predicate(held)
         # The MTP head's experts are optional (a checkpoint may ship without the head), so not checked.
