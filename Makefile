@@ -13,11 +13,14 @@ HELM_VENV ?= .venv-helm
 
 .PHONY: serve test test-deps dev clean constraints train
 
-# The venv is rebuilt when the dependency list changes.
-$(VENV)/.installed: pyproject.toml
+# The venv is rebuilt when the dependency list or the pinned versions change. The runtime
+# dependencies install at the versions the images pin (deploy/constraints.txt), so a new upstream
+# release never makes a fresh clone test something other than what ships; to move a pin, upgrade it
+# in the venv and run `make constraints`.
+$(VENV)/.installed: pyproject.toml deploy/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]' --config-settings editable_mode=strict
+	$(BIN)/pip install -q -e '.[test]' -c deploy/constraints.txt --config-settings editable_mode=strict
 	touch $@
 
 # A strict editable install links files one by one (a lenient one cannot map the
