@@ -28,10 +28,8 @@ def check_state_slots(state_slots: torch.Tensor | range | None, pool: torch.Tens
     if pool is None:
         raise ValueError(f"state_slots needs {pool_name}: the state pool [S, {', '.join(map(str, state_shape))}] "
                          f"the slots index")
-    if isinstance(state_slots, range):  # consecutive slots: host values, so checked here in full
-        if len(state_slots) != N or state_slots.step != 1 or not 0 <= state_slots.start <= state_slots.stop <= len(pool):
-            raise ValueError(f"state_slots {state_slots} must be N = {N} consecutive slots inside the pool's "
-                             f"[0, {len(pool)})")
+    if isinstance(state_slots, range):
+        check_slot_range(state_slots, pool, N)
     elif state_slots.dim() != 1 or state_slots.numel() != N:
         raise ValueError(f"state_slots {tuple(state_slots.shape)} must be [N] = ({N},), one slot per sequence")
     elif state_slots.dtype not in (torch.int32, torch.int64):
@@ -40,6 +38,22 @@ def check_state_slots(state_slots: torch.Tensor | range | None, pool: torch.Tens
         raise ValueError(f"state_slots on {state_slots.device} and {pool_name} on {pool.device} must share a device")
     if pool.dim() != 1 + len(state_shape) or tuple(pool.shape[1:]) != tuple(state_shape):
         raise ValueError(f"{pool_name} {tuple(pool.shape)} must be a pool [S, {', '.join(map(str, state_shape))}]")
+
+
+def check_slot_range(state_slots: range, pool: torch.Tensor | None, N: int | None = None) -> None:
+    """A range of consecutive slots (ForwardBatch.slot_range): its bounds are host values, so they are
+    checked in full, for every kernel path (a tensor's values are not: that would sync)."""
+    if (pool is None or state_slots.step != 1 or not 0 <= state_slots.start <= state_slots.stop <= len(pool)
+            or (N is not None and len(state_slots) != N)):
+        raise ValueError(f"state_slots {state_slots} must be {'' if N is None else f'N = {N} '}consecutive slots "
+                         f"inside the pool's [0, {None if pool is None else len(pool)})")
+
+
+def slot_tensor(state_slots, device) -> torch.Tensor | None:
+    """state_slots as the int tensor the Triton and reference paths take (a range made one)."""
+    if isinstance(state_slots, range):
+        return torch.arange(state_slots.start, state_slots.stop, dtype=torch.int64, device=device)
+    return state_slots
 
 
 def check_slot_values(state_slots: torch.Tensor, num_slots: int) -> None:

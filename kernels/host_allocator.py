@@ -4,8 +4,8 @@ glibc serves an allocation above M_MMAP_THRESHOLD with a fresh mmap and unmaps i
 threshold starts at 128 KiB and only creeps up as blocks are freed), and gives the top of the heap
 back to the OS past M_TRIM_THRESHOLD. A forward pass on the CPU makes many such temporaries (a
 2048-token prefill's per-slot expert outputs are 32 MiB), and each then pays a page fault per 4 KiB
-page on first touch: bench/model_cpu.py measured batch-16 prefill of the small preset ~1.4x faster
-with the settings below. vLLM's CPU backend gets the same effect by preloading tcmalloc.
+page on first touch, which is most of the cost of the big elementwise ops of a long prefill. vLLM's
+CPU backend gets the same effect by preloading tcmalloc.
 
 The price: memory freed by the process stays mapped to it, up to the trim threshold, so its
 resident size sits at its peak. The KV and state pools are allocated up front anyway.

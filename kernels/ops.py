@@ -17,6 +17,8 @@ import os
 
 import torch
 
+from .checks import check_slot_range, slot_tensor
+
 _CHOICES = ("triton", "cpu", "torch")
 TORCH_BACKENDS = ("cpu", "torch")  # pure torch, differentiable: what training can run on
 
@@ -108,16 +110,12 @@ def gdn_gating(a, b, A_log, dt_bias):
 # Triton and reference paths, which take tensors, get the range as one.
 
 def _slots_for(impl, state_slots, pool):
-    """state_slots as `impl` takes them: a range only where it says it takes one. A range's bounds are
-    host values, so they are checked here for every path (a tensor's are not: that would sync)."""
+    """state_slots as `impl` takes them: a range only where it says it takes one, checked here for
+    every path."""
     if not isinstance(state_slots, range):
         return state_slots
-    if pool is None or state_slots.step != 1 or not 0 <= state_slots.start <= state_slots.stop <= len(pool):
-        raise ValueError(f"state_slots {state_slots} must be consecutive slots inside the pool's "
-                         f"[0, {None if pool is None else len(pool)})")
-    if getattr(impl, "takes_slot_range", False):
-        return state_slots
-    return torch.arange(state_slots.start, state_slots.stop, dtype=torch.int64, device=pool.device)
+    check_slot_range(state_slots, pool)
+    return state_slots if getattr(impl, "takes_slot_range", False) else slot_tensor(state_slots, pool.device)
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=True,

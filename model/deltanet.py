@@ -75,8 +75,9 @@ class GatedDeltaNet(nn.Module):
         conv_inputs, z, b, a = self.split_projections(x)
         m = batch.keep_states_rows
         if m == 0:
-            o = self._mix(conv_inputs, a, b, batch, batch.cu_seqlens, batch.state_slots, batch.is_decode, 0,
-                          decode_slots=batch.decode_state_slots)
+            decode = batch.is_decode
+            o = self._mix(conv_inputs, a, b, batch, batch.cu_seqlens,
+                          batch.decode_state_slots if decode else batch.state_slots, decode, 0)
         else:  # speculative verification: rows [0, m) keep every token's state; the others run as usual
             cut = batch.spans[m - 1][1]
             o = self._verify(conv_inputs[:cut], a[:cut], b[:cut], batch, m)
@@ -95,12 +96,9 @@ class GatedDeltaNet(nn.Module):
         return (q.reshape(B, T, self.num_k_heads, self.head_k_dim), k.reshape(B, T, self.num_k_heads, self.head_k_dim),
                 v.reshape(B, T, self.num_v_heads, self.head_v_dim))
 
-    def _mix(self, conv_inputs, a, b, batch: ForwardBatch, cu_seqlens, state_slots, decode: bool, first_row: int,
-             decode_slots=None):
-        """Conv + delta rule for rows [first_row, N) of the batch, states read and written by slot
-        (decode_slots: the same slots as the decode kernels may take them, a range included)."""
-        if decode and decode_slots is not None:
-            state_slots = decode_slots
+    def _mix(self, conv_inputs, a, b, batch: ForwardBatch, cu_seqlens, state_slots, decode: bool, first_row: int):
+        """Conv + delta rule for rows [first_row, N) of the batch, states read and written by slot (when
+        decoding, state_slots may be the batch's slot range)."""
         conv_weight = self.conv1d.weight.squeeze(1)  # [conv_dim, kernel]
         conv_pool = batch.pools.conv[self.layer_idx]            # [S, conv_dim, kernel - 1]
         recurrent_pool = batch.pools.recurrent[self.layer_idx]  # [S, Hv, K, V] fp32

@@ -58,16 +58,17 @@ def prepack_linears(model: nn.Module) -> int:
     """After loading, for serving: keep every projection's weight in the CPU path's matmul layout as
     well (`ops.prepack_linear`: bf16 on a CPU with native bf16, nothing elsewhere). The linears of a
     PackedRows are packed as its one tensor, which is what the model multiplies by; modules with a
-    `prepack()` of their own (the routed experts) do theirs. Returns how many weights were packed."""
-    in_rows, weights = set(), []
+    `prepack()` of their own (the routed experts, the DeltaNet's in_proj in its column order) do
+    theirs instead. Returns how many weights were packed."""
+    in_rows, weights, own = set(), [], 0
     for module in model.modules():
         for value in vars(module).values():
             if isinstance(value, PackedRows):
                 in_rows.update(id(linear) for linear in value.linears)
-                with torch.no_grad():  # the packed tensor itself, as inference multiplies by it
-                    weights.append(value.weight())
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and id(module) not in in_rows:
-            weights.append(module.weight)
-    packed = sum(ops.prepack_linear(w) for w in weights)
-    return packed + sum(module.prepack() for module in model.modules() if hasattr(module, "prepack"))
+                if not hasattr(module, "prepack"):
+                    with torch.no_grad():  # the packed tensor itself, as inference multiplies by it
+                        weights.append(value.weight())
+        if hasattr(module, "prepack"):
+            own += module.prepack()
+    weights += [m.weight for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in in_rows]
+    return own + sum(ops.prepack_linear(w) for w in weights)

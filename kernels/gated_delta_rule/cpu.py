@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..checks import slot_tensor
 from . import naive
 from .utils import check_gdn_inputs
 
@@ -38,8 +39,7 @@ def fused_recurrent_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, *, scale=Non
     hands distinct slots inside the pool (the block manager does).
     """
     if cu_seqlens is not None:
-        if isinstance(state_slots, range):
-            state_slots = torch.arange(state_slots.start, state_slots.stop, device=q.device)
+        state_slots = slot_tensor(state_slots, q.device)
         return naive.naive_recurrent_gated_delta_rule_from_gates(
             q, k, v, a, b, A_log, dt_bias, scale=scale, initial_state=initial_state,
             output_final_state=output_final_state, cu_seqlens=cu_seqlens, output_all_states=output_all_states,
