@@ -132,8 +132,23 @@ class GatedDeltaNet(nn.Module):
 
         conv_weight = self.conv1d.weight.squeeze(1)
         conv_pool, recurrent_pool = batch.pools.conv[self.layer_idx], batch.pools.recurrent[self.layer_idx]
-        slots, cu = batch.state_slots[:m], batch.cu_seqlens[:m + 1]
-        start_windows = conv_pool[slots]  # a gathered copy, taken before the conv rolls the pool
+        slots = batch.state_slots[:m]
+        start_windows = conv_pool.index_select(0, slots)  # a copy, taken before the conv rolls the pool
+        T = batch.seq_lens[0]
+        if all(n == T for n in batch.seq_lens[1:m]):
+            # every row feeds k + 1 tokens (one k per step): T decode steps' kernels on an [m, T] layout,
+            # the arithmetic of plain decoding token for token, with no packed-sequence bookkeeping
+            decode_slots = slots if batch.slot_range is None else batch.slot_range[:m]
+            inputs = conv_inputs.view(m, T, self.conv_dim)
+            mixed = torch.stack([ops.causal_conv1d_update(inputs[:, t], conv_pool, conv_weight,
+                                                          state_slots=decode_slots) for t in range(T)], dim=1)
+            q, k, v = (x.view(m, T, *x.shape[2:]) for x in self._qkv(mixed.view(m * T, self.conv_dim)))
+            o, _, all_states = ops.fused_recurrent_gated_delta_rule(
+                q, k, v, a.view(m, T, -1), b.view(m, T, -1), self.A_log, self.dt_bias,
+                initial_state=recurrent_pool, state_slots=decode_slots, output_all_states=True)
+            batch.token_states[self.layer_idx] = TokenStates(start_windows, conv_inputs, all_states.flatten(0, 1))
+            return o.view(1, m * T, *o.shape[2:])
+        cu = batch.cu_seqlens[:m + 1]
         mixed, _ = ops.causal_conv1d(conv_inputs, conv_weight, initial_state=conv_pool, state_slots=slots,
                                      cu_seqlens=cu)
         q, k, v = self._qkv(mixed)

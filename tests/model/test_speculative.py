@@ -216,22 +216,29 @@ def test_rolled_back_state_equals_a_run_that_never_saw_the_rejected_drafts(tiny_
         logits_close(got, want, cfg, spec.lengths[0])
 
 
-def test_rollback_of_several_rows_in_one_pass_gives_each_its_own_state(tiny_model, close, model_chain):
+@pytest.mark.parametrize("fed_lengths, slots", [((4, 3, 5), [0, 1, 2]), ((3, 3, 3), [0, 1, 2]), ((3, 3, 3), [2, 0, 1])],
+                         ids=["ragged", "equal-lengths", "equal-lengths-unordered-slots"])
+def test_rollback_of_several_rows_in_one_pass_gives_each_its_own_state(tiny_model, close, model_chain,
+                                                                       fed_lengths, slots):
     """Rows verified together, each rolled back to its own token (one into its start window): per-row
-    indexing of the packed states, done for all rows at once."""
+    indexing of the packed states, done for all rows at once. Rows of equal length (every row drafted
+    the same k) run the decode kernels on an [m, k + 1] layout, by a slot range when their slots are
+    consecutive; ragged ones the packed form."""
     model, cfg = tiny_model, tiny_model.config
     g = torch.Generator().manual_seed(7)
     prefixes = [torch.randint(1, cfg.vocab_size, (n,), generator=g).tolist() for n in (3, 66, 20)]
-    fed = [torch.randint(1, cfg.vocab_size, (n,), generator=g).tolist() for n in (4, 3, 5)]
+    fed = [torch.randint(1, cfg.vocab_size, (n,), generator=g).tolist() for n in fed_lengths]
     kept = {0: 2, 2: 0}  # row 1 keeps all of its tokens
     spec, plain = StaticCache(model, 3, 80), StaticCache(model, 3, 80)
     for cache in (spec, plain):
         for n, prefix in enumerate(prefixes):
             model.forward_batch(torch.tensor(prefix), cache.batch([n], [len(prefix)]))
-    batch = ForwardBatch.build(spec.pools, [len(p) for p in prefixes], [len(f) for f in fed], spec.tables, [0, 1, 2],
-                               spec.device, keep_states_rows=3)
-    model.model(torch.tensor([t for f in fed for t in f]), batch)
-    keep_state_at(batch, [0, 1, 2], kept)
+    # sequence n lives in slot n of both caches; the pass lists them in `slots` order
+    order = slots
+    batch = ForwardBatch.build(spec.pools, [len(prefixes[n]) for n in order], [len(fed[n]) for n in order],
+                               [spec.tables[n] for n in order], order, spec.device, keep_states_rows=3)
+    model.model(torch.tensor([t for n in order for t in fed[n]]), batch)
+    keep_state_at(batch, order, {order.index(n): j for n, j in kept.items()})
     for n, tokens in enumerate(fed):
         for t in tokens[:kept.get(n, len(tokens) - 1) + 1]:
             model.forward_batch(torch.tensor([t]), plain.batch([n], [1]))
