@@ -99,11 +99,13 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--top", type=int, default=15, help="rows of the profiler's table")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="weights and activations (default float32, the CPU's exactness mode)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     from nextserve.model import Qwen3NextForCausalLM
-    model = Qwen3NextForCausalLM.from_pretrained(args.checkpoint, dtype="float32", with_mtp=True)
+    model = Qwen3NextForCausalLM.from_pretrained(args.checkpoint, dtype=args.dtype, with_mtp=True)
     prompts = make_prompts(args.checkpoint, args.batch, args.prompt_len, None)
     k = args.speculative_tokens
     engines = {"plain": Engine(model, prompts, 8 * (args.steps + 8) * (k + 1), 0),
