@@ -28,7 +28,9 @@ from speculative import make_prompts
 class Engine:
     """The scheduler and runner of `model.generate`, stepped one at a time."""
 
-    def __init__(self, model, prompts: list[list[int]], max_tokens: int, speculative_tokens: int):
+    def __init__(self, model, prompts: list[list[int]], max_tokens: int, speculative_tokens: int,
+                 adaptive: bool = False):
+        """speculative_tokens: K (0: no speculation); adaptive: the goodput rule's k, else K at every step."""
         from nextserve.model import SamplingParams
         from nextserve.router.acceptance import SpeculativeConfig
         from nextserve.router.block_manager import BlockManager, blocks_for
@@ -39,7 +41,7 @@ class Engine:
         stops = [StopCriteria(max_tokens, model.config.max_position_embeddings, ignore_eos=True) for _ in prompts]
         sizes = PoolSizes(sum(blocks_for(s.max_fed_tokens(len(p))) for p, s in zip(prompts, stops)), len(prompts), 0, 0)
         self.scheduler = Scheduler(4096, len(prompts), len(prompts), BlockManager(sizes.num_blocks, sizes.num_slots))
-        config = SpeculativeConfig(speculative_tokens, adaptive=False) if speculative_tokens else None
+        config = SpeculativeConfig(speculative_tokens, adaptive=adaptive) if speculative_tokens else None
         self.runner = ModelRunner(model, sizes, speculative=config)
         for i, (p, stop) in enumerate(zip(prompts, stops)):
             self.scheduler.add(Sequence(i, list(p), stop))

@@ -54,3 +54,14 @@ def test_speculative_step_profile_runs_both_engines_and_breaks_the_step_down(tin
     assert plain.startswith("== plain, batch 2") and "host syncs" in plain and "host syncs" in spec
     assert "mtp head" not in plain and "mtp head" in spec
     assert "lm_head (2 rows)" in plain and "lm_head (6 rows)" in spec  # a verification of 2 x (k + 1)
+
+
+def test_speculative_step_trace_lists_every_step_and_the_mean_per_verified_k(tiny_checkpoint):
+    done = run("spec_steps.py", "--checkpoint", str(tiny_checkpoint), "--batch", "2", "--steps", "4",
+               "--prompt-len", "8", "--threads", "1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0] == "batch 2, 4 decode steps, K = 2, float32"
+    assert len(lines[2].split()) == 4  # one "verified>next:ms/tokens" entry per step
+    per_k = [line for line in lines if line.startswith("verified k = ")]
+    assert per_k and sum(int(line.split(": ")[1].split()[0]) for line in per_k) == 4
