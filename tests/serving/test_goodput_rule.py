@@ -102,20 +102,6 @@ def test_it_adapts_when_the_costs_change_both_ways():
     assert chosen[700:900].count(2) >= 190
 
 
-def test_probes_reach_past_the_neighbours_of_no_drafts():
-    """One sequence whose drafting costs a fixed MTP pass: one draft does not pay for it, two do. A
-    spike in the first measurement of k = 2 sends the rule to k = 0; probing only k = 0's neighbour
-    (k = 1, which loses) would keep it there, so the probes take every other k in turn."""
-    rows = [(0.95, 2)]
-    verify = lambda k, step: 10 * MS + 0.5 * MS * k  # noqa: E731
-    draft = lambda k, step: (9 * MS + 1 * MS * k if k else 0.0) + (50 * MS if step == 0 and k == 2 else 0.0)  # noqa: E731
-    assert best_by_hand(rows, verify, lambda k, step: draft(k, step=1), max_k=2) == 2
-    assert expected_tokens(0.95, 1) / (verify(1, 1) + draft(1, 1)) < 1 / verify(0, 1)  # one draft loses
-    chosen = drive(GoodputPolicy(2), rows, verify, draft, steps=400)
-    assert chosen[:3] == [2, 0, 0]  # the spiked k = 2, then no drafts
-    assert chosen[-100:].count(2) >= 95
-
-
 def test_a_load_that_slows_every_k_alike_does_not_move_it_off_the_best():
     rows = [(0.9, 2)]
     load = lambda step: 1.0 if step < 200 else 3.0  # noqa: E731 (the machine gets busy)
