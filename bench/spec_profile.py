@@ -92,22 +92,32 @@ def median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_engine_arguments(parser, batch: int, steps: int, steps_help: str) -> None:
+    """The flags this script and bench/spec_steps.py share: checkpoint, batch, K, steps, prompt, dtype, threads."""
     parser.add_argument("--checkpoint", required=True, help="a checkpoint with its MTP head (mtp.* tensors)")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=batch)
     parser.add_argument("--speculative-tokens", type=int, default=2, choices=range(1, 5))
-    parser.add_argument("--steps", type=int, default=40, help="steps timed per engine (after the prefill)")
+    parser.add_argument("--steps", type=int, default=steps, help=steps_help)
     parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--top", type=int, default=15, help="rows of the profiler's table")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="weights and activations (default float32, the CPU's exactness mode)")
-    args = parser.parse_args()
+
+
+def load_model(args):
+    """The checkpoint with its MTP head, on the threads asked for."""
     if args.threads:
         torch.set_num_threads(args.threads)
     from nextserve.model import Qwen3NextForCausalLM
-    model = Qwen3NextForCausalLM.from_pretrained(args.checkpoint, dtype=args.dtype, with_mtp=True)
+    return Qwen3NextForCausalLM.from_pretrained(args.checkpoint, dtype=args.dtype, with_mtp=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_engine_arguments(parser, 1, 40, "steps timed per engine (after the prefill)")
+    parser.add_argument("--top", type=int, default=15, help="rows of the profiler's table")
+    args = parser.parse_args()
+    model = load_model(args)
     prompts = make_prompts(args.checkpoint, args.batch, args.prompt_len, None)
     k = args.speculative_tokens
     engines = {"plain": Engine(model, prompts, 8 * (args.steps + 8) * (k + 1), 0),

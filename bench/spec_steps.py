@@ -14,26 +14,16 @@ import argparse
 import time
 from collections import defaultdict
 
-import torch
 
-from spec_profile import Engine
+from spec_profile import Engine, add_engine_arguments, load_model
 from speculative import make_prompts
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint with its MTP head (mtp.* tensors)")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--speculative-tokens", type=int, default=2, choices=range(1, 5))
-    parser.add_argument("--steps", type=int, default=64, help="decode steps, after the prefill")
-    parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--threads", type=int, default=None)
+    add_engine_arguments(parser, 16, 64, "decode steps, after the prefill")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from nextserve.model import Qwen3NextForCausalLM
-    model = Qwen3NextForCausalLM.from_pretrained(args.checkpoint, dtype=args.dtype, with_mtp=True)
+    model = load_model(args)
     prompts = make_prompts(args.checkpoint, args.batch, args.prompt_len, None)
     k = args.speculative_tokens
     engine = Engine(model, prompts, (args.steps + 2) * (k + 1) + 8, k, adaptive=True)
