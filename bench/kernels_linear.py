@@ -3,8 +3,12 @@
 F.linear in bf16 hands oneDNN a row-major weight, which it reorders into its blocked layout on every
 call; kernels/linear/cpu.py keeps the reordered copy. For each projection shape of a preset (as the
 model multiplies them: packed rows included) and row count, the best time of repeated runs of F.linear,
-of the packed copy for each layout hint, and the max |difference| between the two (both are bf16
-products accumulated in fp32, so it is at most an output rounding).
+of aten's matmul (`x @ w.t()`), of the packed copy for each layout hint, and the max |difference|
+between packed and F.linear (both are bf16 products accumulated in fp32, so it is at most an output
+rounding). Then what a row count costs the first time it is seen: the median first call at five row
+counts just above `rows` that nothing ran before. oneDNN builds a primitive per row count for F.linear
+and the packed copy (milliseconds), aten's matmul does not; a prefill's row count is new nearly every
+time, which is why kernels/linear/cpu.py hands products past PACKED_MAX_ROWS rows to the matmul.
 
     python bench/kernels_linear.py                          # small preset, rows 1 16 128, 2 threads
     python bench/kernels_linear.py --rows 1 3 16 128 2048 --hints 1 16 128
@@ -14,7 +18,9 @@ Numbers are only meaningful on an otherwise idle machine (docs/benchmarks.md).
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -61,9 +67,11 @@ def main() -> None:
         return
     print(f"{args.preset} preset, bf16, {torch.get_num_threads()} threads; ms per call, best of repeated runs")
     gen = torch.Generator().manual_seed(0)
-    header = f"{'projection':<32}{'[out, in]':>14}{'rows':>6}{'F.linear':>10}" + "".join(
-        f"{'hint ' + str(h):>10}" for h in args.hints) + f"{'max |diff|':>12}"
+    header = f"{'projection':<32}{'[out, in]':>14}{'rows':>6}{'F.linear':>10}{'matmul':>10}" + "".join(
+        f"{'hint ' + str(h):>10}" for h in args.hints) + f"{'max |diff|':>12}" + "".join(
+        f"{'new: ' + name:>16}" for name in ("F.linear", "packed", "matmul"))
     print(header)
+    row_counts_seen = set()
     with torch.inference_mode():
         for name, (out_f, in_f) in projection_shapes(args.preset).items():
             weight = torch.randn(out_f, in_f, generator=gen).bfloat16()
@@ -71,15 +79,38 @@ def main() -> None:
             for rows in args.rows:
                 x = torch.randn(rows, in_f, generator=gen).bfloat16()
                 reference = F.linear(x, weight)
-                times = [best_ms(lambda: F.linear(x, weight))]
+                times = [best_ms(lambda: F.linear(x, weight)), best_ms(lambda: x @ weight.t())]
                 diff = 0.0
                 for h in args.hints:
                     def run(p=packed[h]):
                         return torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
                     times.append(best_ms(run))
                     diff = max(diff, (run().float() - reference.float()).abs().max().item())
+                first = first_call_ms(weight, packed[args.hints[0]], rows, row_counts_seen, gen)
                 print(f"{name:<32}{str([out_f, in_f]):>14}{rows:>6}" + "".join(f"{t:>10.3f}" for t in times)
-                      + f"{diff:>12.3g}")
+                      + f"{diff:>12.3g}" + "".join(f"{first[k]:>16.3f}" for k in ("F.linear", "packed", "matmul")))
+
+
+def first_call_ms(weight, packed, rows: int, seen: set, gen) -> dict[str, float]:
+    """Median time of the first call at five row counts above `rows` that no call of this shape made
+    before (each product gets its own counts, so no primitive is cached for it yet)."""
+    products = {"F.linear": lambda x: F.linear(x, weight),
+                "packed": lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
+                "matmul": lambda x: x @ weight.t()}
+    out = {}
+    for name, product in products.items():
+        times, count = [], rows
+        while len(times) < 5:
+            count += 1
+            if (name, weight.shape, count) in seen:
+                continue
+            seen.add((name, weight.shape, count))
+            x = torch.randn(count, weight.shape[1], generator=gen).bfloat16()
+            t0 = time.perf_counter()
+            product(x)
+            times.append(time.perf_counter() - t0)
+        out[name] = 1e3 * statistics.median(times)
+    return out
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def randn(gen, *shape):
     return torch.randn(*shape, generator=gen).to(torch.bfloat16)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 16, 130])
+@pytest.mark.parametrize("rows", [1, 3, 16, linear_cpu.PACKED_MAX_ROWS + 66])  # the last past the packed copy
 @pytest.mark.parametrize("weight_shape", [(96, 40), (4, 24, 40)], ids=["projection", "stacked-experts"])
 def test_prepacked_linear_equals_the_reference(rows, weight_shape, close):
     gen = torch.Generator().manual_seed(rows + len(weight_shape))
@@ -38,9 +38,10 @@ def test_prepacked_linear_equals_the_reference(rows, weight_shape, close):
     close(linear_naive.linear(x, weight), expected, reduction=weight_shape[-1], dtype=torch.bfloat16)
 
 
-def test_a_row_order_packed_in_equals_the_gathered_product(close):
+@pytest.mark.parametrize("rows", [4, linear_cpu.PACKED_MAX_ROWS + 16], ids=["packed-copy", "past-packed-rows"])
+def test_a_row_order_packed_in_equals_the_gathered_product(rows, close):
     gen = torch.Generator().manual_seed(6)
-    weight, x = randn(gen, 40, 24), randn(gen, 4, 24)
+    weight, x = randn(gen, 40, 24), randn(gen, rows, 24)
     order = torch.randperm(40, generator=gen)
     ops.prepack_linear(weight, row_order=order)
     with torch.inference_mode():
