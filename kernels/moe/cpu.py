@@ -17,8 +17,8 @@ the cost, so this module computes the same products in one of two loop-free form
   the prefill-sized form once there are at least as many slots as experts (most experts busy),
   while the padding stays small next to the per-expert loop's 5*E ops. One host sync (the width).
 
-Past those sizes (long prefill chunks) the per-expert loop of naive.py wins again: its op count
-no longer grows with T while the padded batch's gathers do. `expert_ffn` picks by shapes
+Below one slot per local expert (an 80B-A3B decode step: 10 slots over 512 experts, whose weights
+are too big to gather) the per-expert loop of naive.py is left. `expert_ffn` picks by shapes
 only (never values), with the crossovers bench/kernels_moe.py measured.
 
 Each form computes every (token, expert) product as its own row with the same bf16 roundings as
@@ -45,16 +45,17 @@ moe_route = naive.moe_route  # softmax, top-k, renormalise: already four ops and
 # fastest while the copies stay small and cover at most half the local experts. The dense form does
 # E_local / k times the products the tokens need: fastest up to ~4 slots per expert, and only where
 # that waste factor is the small preset's 8 or less (at 80B-A3B's 512 / 10 it never pays). The
-# grouped form then wins up to ~256 slots per expert (a 2048-token batch of the small preset:
-# 20 ms against the loop's 31 ms per layer), the loop past that. Measured with routing drawn afresh
-# for every call, as serving sees it; timed on one fixed routing the loop looked better than it is,
-# because its per-expert products then repeat their shapes. The 2-core AMD EPYC the dense crossover
+# grouped form then wins as far as it was measured, 2048 slots per expert (a 2048-token batch of the
+# small preset: 15 ms against the loop's 32 ms per layer; 8192 tokens: 50 against 106), so the loop
+# is left for fewer slots than experts, where neither dense nor gathered pays. Measured with routing
+# drawn afresh for every call, as serving sees it; timed on one fixed routing the loop looked better
+# than it is, because its per-expert products then repeat their shapes. The 2-core AMD EPYC the dense crossover
 # was first measured on favoured it up to ~16 slots per expert; the grouped form, measured on a
 # 2-core Xeon (AMX), did not exist then.
 GATHERED_MAX_BYTES = 8 * 2**20
 DENSE_MAX_SLOTS_PER_EXPERT = 4
 DENSE_MAX_WASTE = 8
-GROUPED_MAX_SLOTS_PER_EXPERT = 256
+GROUPED_MAX_SLOTS_PER_EXPERT = 2048
 
 
 def choose_form(num_tokens: int, top_k: int, num_local_experts: int, expert_bytes: int) -> str:
@@ -75,15 +76,28 @@ def _ids(expert_ids: torch.Tensor) -> torch.Tensor:
     return (expert_ids if expert_ids.dtype == torch.int64 else expert_ids.long()).clamp(min=0)
 
 
+# Tokens per pass of the weighted sum past which it runs in slices: its fp32 [rows, k, H] temporaries
+# then stay in cache instead of streaming 32 MiB three times at a 2048-token prefill (~30% faster
+# there, the same sums).
+SUM_SLICE_TOKENS = 256
+
+
 def _weighted_sum(per_slot: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
                   out_dtype) -> torch.Tensor:
     """per_slot [T, k, H] (hidden dtype) -> sum_j w[t, j] * per_slot[t, j] in fp32, in slot order, the
     slots of other shards (-1) contributing an exact zero, as naive.py's zero rows do: their weight is
-    zeroed (on [T, k], not on the [T, k, H] products) and their rows are finite (expert 0's output or
-    zeros), so each such product is 0."""
+    zeroed (on [T, k], not on the [T, k, H] products) and their rows are finite (some expert's output
+    or zeros), so each such product is 0."""
     weights = expert_weights if expert_weights.dtype == torch.float32 else expert_weights.float()
-    weights = weights.masked_fill(expert_ids < 0, 0.0)
-    out = (per_slot.float() * weights.unsqueeze(-1)).sum(1)
+    weights = weights.masked_fill(expert_ids < 0, 0.0).unsqueeze(-1)
+    T = per_slot.shape[0]
+    if T <= SUM_SLICE_TOKENS:
+        out = (per_slot.float() * weights).sum(1)
+    else:
+        out = per_slot.new_empty((T, per_slot.shape[2]), dtype=torch.float32)
+        for start in range(0, T, SUM_SLICE_TOKENS):
+            rows = slice(start, start + SUM_SLICE_TOKENS)
+            torch.sum(per_slot[rows].float() * weights[rows], 1, out=out[rows])
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
@@ -125,16 +139,19 @@ def grouped_expert_ffn(hidden, expert_ids, expert_weights, w13, w2, *, out_dtype
     sorted_key = key.index_select(0, order)
     rank = torch.arange(key.numel(), device=key.device) - (counts.cumsum(0) - counts).index_select(0, sorted_key)
     width = int(counts[:E].max())                                          # the one host sync
+    if width == 0:                                                         # no slot is this shard's
+        return hidden.new_zeros((T, H), dtype=out_dtype or hidden.dtype)
     # (expert, rank) -> token row; unused places read the zero row T, other shards' slots land in row E
     table = torch.full((E + 1, width + 1), T, dtype=torch.long, device=key.device)
     table[sorted_key, rank.clamp(max=width)] = order // k
     rows = torch.cat([hidden, hidden.new_zeros(1, H)]).index_select(0, table[:E, :width].reshape(-1))
     gate, up = torch.bmm(rows.view(E, width, H), w13.transpose(1, 2)).chunk(2, dim=-1)  # [E, width, I]
     down = torch.bmm(F.silu(gate) * up, w2.transpose(1, 2))               # [E, width, H]
-    # back to slot order; other shards' slots read row E (zeros) and _weighted_sum drops them anyway
-    padded = torch.cat([down.reshape(E * width, H), down.new_zeros(1, H)])
-    place = torch.where(sorted_key < E, sorted_key * width + rank, E * width)
-    per_slot = padded.new_empty(T * k, H).index_copy_(0, order, padded.index_select(0, place))
+    # back to slot order in one gather: slot s reads the row its (expert, rank) place holds; other
+    # shards' slots read row 0, a finite row whose weight _weighted_sum zeroes
+    place = torch.where(sorted_key < E, sorted_key * width + rank, 0)
+    place_of_slot = torch.empty_like(place).index_copy_(0, order, place)
+    per_slot = down.reshape(E * width, H).index_select(0, place_of_slot)
     return _weighted_sum(per_slot.view(T, k, H), expert_ids, expert_weights, out_dtype or hidden.dtype)
 
 
