@@ -194,7 +194,7 @@ def main() -> None:
     for B in args.batch_sizes:
         prompts = workload.prompts(vocab, B, args.prompt_len)
         for name, (model, run) in models.items():
-            run(model, [p[:8] for p in prompts], 2)  # warm-up: first-call allocations and lazy inits
+            run(model, workload.warmup_prompts(vocab, B, args.prompt_len), 2)  # as peer_vllm_cpu.py warms vLLM
             row = {"engine": name, "batch": B, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                    **workload.rates(B, args.prompt_len, args.new_tokens, *run(model, prompts, args.new_tokens))}
             extra = ""

@@ -207,8 +207,8 @@ def naive_chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=
     index = torch.cat([index, index.new_full((1, BT), B * T)])
 
     # [NC + 1, Hv, BT, D] and [NC + 1, Hv, BT]
-    q, k, v = (_gather_padded(x, index).transpose(1, 2) for x in (q, k, v))
-    g, beta = (_gather_padded(x, index).transpose(1, 2) for x in (g, beta))
+    q, k, v = (_gather_padded(x, index).transpose(1, 2).contiguous() for x in (q, k, v))
+    g, beta = (_gather_padded(x, index).transpose(1, 2).contiguous() for x in (g, beta))
 
     G = g.cumsum(-1)
     causal = torch.ones(BT, BT, dtype=torch.bool, device=device).tril()
