@@ -302,3 +302,10 @@ def test_ops_run_the_cpu_path_off_cuda_and_the_references_when_asked(monkeypatch
     monkeypatch.setenv("NEXTSERVE_KERNELS", "fast")
     with pytest.raises(ValueError, match="expected one of"):
         ops.rms_norm(x, w, 1e-6)
+
+
+def test_the_grouped_batch_width_is_bucketed_so_shapes_recur():
+    widths = [moe_cpu.padded_width(n) for n in range(1, 5000)]
+    assert all(n <= w <= n + max(n // 8, 0) for n, w in zip(range(1, 5000), widths))  # at most 12.5% padding
+    assert widths == sorted(widths)
+    assert len(set(moe_cpu.padded_width(n) for n in range(257, 513))) == 8            # eight widths per octave
