@@ -38,12 +38,13 @@ $(HELM_VENV)/.installed:
 
 # What the tests run for real, from Debian's packages: Prometheus (the metrics test scrapes the router
 # and a worker), redis-server (the cache tests, plain and TLS, with certificates made by the openssl
-# CLI) and curl (the HTTP API's streaming test runs `curl -N` as a user would).
+# CLI), curl (the HTTP API's streaming test runs `curl -N` as a user would) and g++ (the fused CPU
+# expert kernel, kernels/moe/cpu_fused.cpp, is compiled where it runs).
 test-deps:
 	@command -v prometheus >/dev/null && command -v redis-server >/dev/null && command -v openssl >/dev/null \
-		&& command -v curl >/dev/null || \
+		&& command -v curl >/dev/null && command -v g++ >/dev/null || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-		prometheus redis-server openssl curl >/dev/null)
+		prometheus redis-server openssl curl g++ >/dev/null)
 
 test: dev $(HELM_VENV)/.installed test-deps
 	$(BIN)/python -m pytest -q

@@ -1,8 +1,10 @@
 """CPU micro-benchmark of the routed-expert forms (kernels/moe/cpu.py) against the per-expert loop.
 
-For each preset shape and token count T: the best time of repeated runs of `loop` (naive.py: two matmuls per
+For each preset shape and token count T: the median time of repeated runs of `loop` (naive.py: two matmuls per
 active expert), `gathered` (w13[ids], w2[ids], one batched matmul per projection), `dense`
-(every local expert on every token) and `grouped` (slots sorted by expert into one padded batch), each checked against the loop (max |difference|), and the
+(every local expert on every token), `grouped` (slots sorted by expert into one padded batch) and, in
+bf16, `fused` (kernels/moe/cpu_fused.cpp: one pass over the active experts' weights), each checked
+against the loop (max |difference|), and the
 form `kernels.moe.cpu.choose_form` picks for that shape. Routing is random top-k of random
 logits, so the number of distinct experts is what real traffic gives, not the 8 of identical rows,
 and every timed call gets routing of its own (drawn outside the timing), as every batch of real
@@ -23,7 +25,7 @@ import time
 import torch
 
 from nextserve.kernels.host_allocator import reuse_large_allocations
-from nextserve.kernels.moe import cpu, naive
+from nextserve.kernels.moe import cpu, cpu_fused, naive
 from nextserve.model.presets import PRESETS
 
 
@@ -84,8 +86,11 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(0)
     print(f"torch threads {torch.get_num_threads()}, {args.dtype}")
-    print(f"{'preset':<8}{'E_local':>8}{'T':>6}{'T*k':>6}{'loop ms':>10}{'gathered':>10}{'dense':>10}"
-          f"{'grouped':>10}{'best':>10}{'picked':>10}{'max |d| gathered, dense, grouped':>39}")
+    fused = dtype == torch.bfloat16 and cpu_fused.available()
+    timed_forms = [n for n in cpu.FORMS if n in args.forms and (dtype == torch.bfloat16 or n not in cpu.BF16_ONLY)]
+    others = [n for n in timed_forms if n != "loop"]
+    print(f"{'preset':<8}{'E_local':>8}{'T':>6}{'T*k':>6}" + "".join(f"{n + ' ms':>12}" for n in timed_forms)
+          + f"{'best':>10}{'picked':>10}  max |d| against the loop: " + ", ".join(others))
     for preset in args.presets:
         for shards in args.shards:
             for T in args.tokens:
@@ -93,17 +98,14 @@ def main() -> None:
                 inputs = draw()
                 with torch.inference_mode():
                     ref = naive.expert_ffn(*inputs, out_dtype=torch.float32)
-                    ms = {name: best_ms_fresh(lambda *a, f=f: f(*a, out_dtype=torch.float32), draw)
-                          for name, f in cpu.FORMS.items() if name in args.forms}
-                    diffs = [(cpu.FORMS[n](*inputs, out_dtype=torch.float32) - ref).abs().max().item()
-                             if n in ms else float("nan") for n in ("gathered", "dense", "grouped")]
-                slots = inputs[1].numel()
+                    ms = {name: best_ms_fresh(lambda *a, f=cpu.FORMS[name]: f(*a, out_dtype=torch.float32), draw)
+                          for name in timed_forms}
+                    diffs = [(cpu.FORMS[n](*inputs, out_dtype=torch.float32) - ref).abs().max().item() for n in others]
                 w13, w2 = inputs[3], inputs[4]
-                picked = cpu.choose_form(T, inputs[1].shape[1], E_local, (w13[0].numel() + w2[0].numel()) * w13.element_size())
-                timed = "".join(f"{ms[n]:>10.3f}" if n in ms else f"{'-':>10}"
-                                for n in ("loop", "gathered", "dense", "grouped"))
-                print(f"{preset:<8}{E_local:>8}{T:>6}{slots:>6}{timed}{min(ms, key=ms.get):>10}{picked:>10}"
-                      f"{diffs[0]:>13.2g}{diffs[1]:>13.2g}{diffs[2]:>13.2g}", flush=True)
+                picked = cpu.choose_form(T, inputs[1].shape[1], E_local,
+                                         (w13[0].numel() + w2[0].numel()) * w13.element_size(), fused)
+                print(f"{preset:<8}{E_local:>8}{T:>6}{inputs[1].numel():>6}" + "".join(f"{ms[n]:>12.3f}" for n in timed_forms)
+                      + f"{min(ms, key=ms.get):>10}{picked:>10}  " + ", ".join(f"{d:.2g}" for d in diffs), flush=True)
 
 
 if __name__ == "__main__":

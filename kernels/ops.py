@@ -254,3 +254,12 @@ def expert_ffn(hidden, expert_ids, expert_weights, w13, w2, *, out_dtype=None):
     """
     impl = _pick(hidden, "moe", "triton_moe:expert_ffn", "cpu:expert_ffn", "naive:expert_ffn")
     return impl(hidden, expert_ids, expert_weights, w13, w2, out_dtype=out_dtype)
+
+
+def prepare_expert_ffn(w13) -> bool:
+    """Build what `expert_ffn` will run on w13's device and dtype ahead of the first request: on the
+    CPU path in bf16, the fused decode kernel (a compile of ~30 s the first time on a machine).
+    Returns whether that kernel is ready."""
+    if kernel_backend(w13.device) != "cpu" or w13.dtype != torch.bfloat16 or w13.numel() == 0:
+        return False
+    return _module("moe", "cpu_fused").prepare()

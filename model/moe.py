@@ -64,7 +64,9 @@ class Experts(nn.Module):
 
     def prepack(self) -> bool:
         """Keep w13 in the CPU path's matmul layout too: the dense form multiplies every token by all
-        of it as one [E * 2I, H] projection (kernels/moe/cpu.py)."""
+        of it as one [E * 2I, H] projection (kernels/moe/cpu.py). The fused decode kernel is built here
+        too, so that no request waits for its compiler."""
+        ops.prepare_expert_ffn(self.w13)
         return ops.prepack_linear(self.w13)
 
     def forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

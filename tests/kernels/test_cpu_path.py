@@ -20,6 +20,7 @@ from nextserve.kernels.conv import naive as conv_naive
 from nextserve.kernels.gated_delta_rule import cpu as gdn_cpu
 from nextserve.kernels.gated_delta_rule import naive as gdn_naive
 from nextserve.kernels.moe import cpu as moe_cpu
+from nextserve.kernels.moe import cpu_fused as moe_fused
 from nextserve.kernels.moe import naive as moe_naive
 from nextserve.kernels.norms import cpu as norms_cpu
 from nextserve.kernels.norms import naive as norms_naive
@@ -253,8 +254,12 @@ def test_reshape_and_cache_equals_the_reference(slot_mapping, dtype):
 BLOCK_CHAIN = 48 + 40 + 3 + 1  # gate/up over H, down over I, k slots summed (as in test_moe.py)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("form", sorted(moe_cpu.FORMS))
+FORM_DTYPES = [pytest.param(form, dtype, id=f"{form}-{name}") for form in sorted(moe_cpu.FORMS)
+               for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))
+               if dtype == torch.bfloat16 or form not in moe_cpu.BF16_ONLY]
+
+
+@pytest.mark.parametrize("form, dtype", FORM_DTYPES)
 @pytest.mark.parametrize("T", [1, 3, 17])
 def test_every_expert_form_equals_the_reference(T, form, dtype, close):
     gen = torch.Generator().manual_seed(T)
@@ -272,15 +277,31 @@ def test_every_expert_form_equals_the_reference(T, form, dtype, close):
     assert torch.equal(moe_cpu.FORMS[form](hidden, nobody, weights, w13, w2), torch.zeros(T, H, dtype=dtype))
 
 
+def test_the_fused_kernel_builds_and_takes_bf16_only():
+    # CI installs g++ (the Makefile's test-deps): the kernel must build there, not fall back silently
+    assert moe_fused.available()
+    gen = torch.Generator().manual_seed(5)
+    hidden, w13, w2 = torch.randn(2, 8, generator=gen), torch.randn(3, 12, 8, generator=gen), torch.randn(3, 8, 6, generator=gen)
+    ids, weights = torch.tensor([[0, 2], [1, -1]]), torch.rand(2, 2, generator=gen)
+    with pytest.raises(ValueError, match="bf16"):
+        moe_fused.expert_ffn(hidden, ids, weights, w13, w2)
+    with pytest.raises(RuntimeError, match="out of range"):
+        moe_fused.expert_ffn(hidden.bfloat16(), torch.tensor([[0, 3], [1, -1]]), weights, w13.bfloat16(), w2.bfloat16())
+
+
 def test_the_form_follows_the_slot_count():
     small = (2 * 64 * 512 + 512 * 64) * 2  # one small-preset expert's w13 and w2 rows, bf16
-    assert moe_cpu.choose_form(1, 8, 64, small) == "gathered"        # decode at batch 1
+    assert moe_cpu.choose_form(1, 8, 64, small, fused=True) == "fused"   # decode at batch 1, bf16
+    assert moe_cpu.choose_form(8, 8, 64, small, fused=True) == "fused"   # ... up to batch 8
+    assert moe_cpu.choose_form(16, 8, 64, small, fused=True) == "dense"
+    assert moe_cpu.choose_form(1, 8, 64, small) == "gathered"        # decode at batch 1 without the kernel
     assert moe_cpu.choose_form(16, 8, 64, small) == "dense"          # decode at batch 16
     assert moe_cpu.choose_form(128, 8, 64, small) == "grouped"       # a short prompt's prefill
     assert moe_cpu.choose_form(2048, 8, 64, small) == "grouped"      # a prefill chunk of 2048 tokens
     assert moe_cpu.choose_form(32768, 8, 64, small) == "loop"        # past 2048 slots per expert (unmeasured)
     big = 3 * 512 * 2048 * 2                                         # an 80B-A3B expert: copies too big,
     assert moe_cpu.choose_form(1, 10, 512, big) == "loop"            # and 51x the work for the dense form
+    assert moe_cpu.choose_form(1, 10, 512, big, fused=True) == "fused"   # the kernel reads them in place
 
 
 # --- the one door ------------------------------------------------------------------------------------
