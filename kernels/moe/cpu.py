@@ -17,7 +17,7 @@ the cost, so this module computes the same products in one of these forms:
   the prefill-sized form once there are at least as many slots as experts (most experts busy),
   while the padding stays small next to the per-expert loop's 5*E ops. One host sync (the width).
 - `fused` (cpu_fused.py, bf16): one C++ op reads each active expert's weight rows once, straight
-  from w13 and w2, for all the slots routed to it: the decode form, a few tokens per step.
+  from w13 and w2, for all the slots routed to it: the decode form, up to a few dozen tokens.
 
 Below one slot per local expert (an 80B-A3B decode step: 10 slots over 512 experts, whose weights
 are too big to gather) the per-expert loop of naive.py is left. `expert_ffn` picks by shapes
@@ -55,10 +55,10 @@ moe_route = naive.moe_route  # softmax, top-k, renormalise: already four ops and
 # was first measured on favoured it up to ~16 slots per expert; the grouped form, measured on a
 # 2-core Xeon (AMX), did not exist then.
 # The fused kernel (cpu_fused.cpp, bf16 only, where it could be built) reads each active expert's
-# weights once and beats every torch form up to 64 slots (small preset, per layer: batch 1 0.10 ms
-# against gathered's 0.45, batch 8 0.64 against dense's 1.05); it computes each slot's dot products on
-# its own, without a matmul's register blocking, so by batch 16 the dense form catches up.
-FUSED_MAX_SLOTS = 64
+# weights once and beats every torch form up to 256 slots (small preset, per layer: batch 1 0.06 ms
+# against gathered's 0.31, batch 16 0.52 against dense's 0.96, batch 32 0.80 against grouped's 0.98);
+# at 512 slots the grouped form's batched matmuls win.
+FUSED_MAX_SLOTS = 256
 GATHERED_MAX_BYTES = 8 * 2**20
 DENSE_MAX_SLOTS_PER_EXPERT = 4
 DENSE_MAX_WASTE = 8
