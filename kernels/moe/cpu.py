@@ -192,6 +192,9 @@ def expert_ffn(hidden, expert_ids, expert_weights, w13, w2, *, out_dtype=None):
     if w13.shape[0] == 0 or expert_ids.numel() == 0:
         return naive.expert_ffn(hidden, expert_ids, expert_weights, w13, w2, out_dtype=out_dtype)
     expert_bytes = (w13[0].numel() + w2[0].numel()) * w13.element_size()
-    fused = hidden.dtype == w13.dtype == w2.dtype == torch.bfloat16 and cpu_fused.available()
+    # the fused kernel has no backward: a step that trains keeps to the torch forms
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, expert_weights, w13, w2))
+    fused = (hidden.dtype == w13.dtype == w2.dtype == torch.bfloat16 and not wants_grad
+             and cpu_fused.available())
     form = FORMS[choose_form(expert_ids.shape[0], expert_ids.shape[1], w13.shape[0], expert_bytes, fused)]
     return form(hidden, expert_ids, expert_weights, w13, w2, out_dtype=out_dtype)

@@ -18,6 +18,7 @@ from nextserve.kernels.attention import naive as attention_naive
 from nextserve.kernels.conv import cpu as conv_cpu
 from nextserve.kernels.conv import naive as conv_naive
 from nextserve.kernels.gated_delta_rule import cpu as gdn_cpu
+from nextserve.kernels.gated_delta_rule import cpu_fused as gdn_fused
 from nextserve.kernels.gated_delta_rule import naive as gdn_naive
 from nextserve.kernels.moe import cpu as moe_cpu
 from nextserve.kernels.moe import cpu_fused as moe_fused
@@ -132,7 +133,7 @@ def test_recurrent_decode_equals_the_reference(case, dtype, close):
     pool = torch.full((B + 2, Hv, K, V), float("nan"))
     slots = torch.randperm(B + 2, generator=gen)[:B]
     pool[slots] = randn(gen, B, Hv, K, V)
-    ref_pool = pool.clone()
+    ref_pool, start_pool = pool.clone(), pool.clone()
     args = (q, k, v, a, b, A_log, dt_bias)
     chain = recurrence_chain(T, K)
 
@@ -147,12 +148,26 @@ def test_recurrent_decode_equals_the_reference(case, dtype, close):
     unused = sorted(set(range(B + 2)) - set(slots.tolist()))
     assert torch.isnan(pool[unused]).all()
 
+    # the pool rows by slot without every token's state: a decode step (T = 1) runs the fused op
+    fused_pool, naive_pool = start_pool.clone(), start_pool.clone()
+    o, _, _ = gdn_cpu.fused_recurrent_gated_delta_rule(*args, initial_state=fused_pool, state_slots=slots)
+    o_ref, _, _ = gdn_naive.naive_recurrent_gated_delta_rule_from_gates(*args, initial_state=naive_pool,
+                                                                        state_slots=slots)
+    close(o, o_ref, reduction=chain, what="output, states by slot")
+    close(fused_pool[slots], naive_pool[slots], reduction=chain, what="pool rows, states by slot")
+    assert torch.isnan(fused_pool[unused]).all()
+
     # without slots, from zeros and from given states, with a given scale and without the L2 norm
     for kwargs in (dict(), dict(initial_state=ref_pool[slots].clone(), scale=0.3, use_qk_l2norm=False)):
         o, final, _ = gdn_cpu.fused_recurrent_gated_delta_rule(*args, **kwargs)
         o_ref, final_ref, _ = gdn_naive.naive_recurrent_gated_delta_rule_from_gates(*args, **kwargs)
         close(o, o_ref, reduction=chain, what="output without slots")
         close(final, final_ref, reduction=chain, what="final state without slots")
+
+
+def test_the_fused_decode_step_builds():
+    # CI installs g++ (the Makefile's test-deps): the op must build there, not fall back silently
+    assert gdn_fused.available()
 
 
 def test_recurrent_with_cu_seqlens_is_the_reference():

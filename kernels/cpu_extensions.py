@@ -1,0 +1,52 @@
+"""Building the CPU path's C++ kernels (kernels/*/cpu_fused.cpp) where they run.
+
+torch.utils.cpp_extension compiles each source once per machine into torch's extension cache
+(g++ and ninja; -march=native, so a build serves the CPU it was built on), and loads it from there
+afterwards. A source that cannot be built (no compiler) is said once in the log and reported as
+unavailable; the callers then keep to their torch forms. Shared by every fused CPU kernel so that
+they build with the same flags and fail the same way.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+_log = logging.getLogger(__name__)
+# -ffp-contract=off: a*b + c stays a rounded product then a rounded sum, as torch's elementwise ops
+# compute it, unless a kernel asks for a fused multiply-add explicitly; -fopenmp: at::parallel_for
+# runs on torch's OpenMP threads only when the extension is compiled with it
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
+_built: dict[str, object] = {}
+_failed: dict[str, str] = {}
+
+
+def _ninja_on_path() -> None:
+    """torch runs `ninja` from PATH; a venv's interpreter run by path has the pip-installed one (a
+    dependency) off PATH, so put its folder there."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def load(name: str, source: Path):
+    """The extension built from `source` (building it on first use), or None where it cannot be."""
+    if name not in _built and name not in _failed:
+        try:
+            _ninja_on_path()
+            from torch.utils.cpp_extension import load as build
+            _built[name] = build(name=name, sources=[str(source)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                                 verbose=False)
+        except Exception as error:  # no compiler, no headers: the torch forms serve instead
+            _failed[name] = f"{type(error).__name__}: {error}"
+            _log.warning("the CPU kernel %s could not be built, using the torch forms: %s", name, _failed[name])
+    return _built.get(name)
+
+
+def failure(name: str) -> str | None:
+    """Why `name` could not be built, if it could not."""
+    return _failed.get(name)
