@@ -8,8 +8,11 @@ they build with the same flags and fail the same way.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import os
+import platform
 import shutil
 from pathlib import Path
 
@@ -33,14 +36,30 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+@functools.cache
+def cpu_tag() -> str:
+    """A short digest of this CPU's instruction-set flags. -march=native builds for the CPU at hand, and
+    torch keys its extension cache by name and flags only: with the tag in the name, a cache shared by
+    machines of different CPUs (a home directory on a network volume) never loads another CPU's build."""
+    flags = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags += line
+                break
+    except OSError:
+        pass
+    return hashlib.sha256(flags.encode()).hexdigest()[:10]
+
+
 def load(name: str, source: Path):
     """The extension built from `source` (building it on first use), or None where it cannot be."""
     if name not in _built and name not in _failed:
         try:
             _ninja_on_path()
             from torch.utils.cpp_extension import load as build
-            _built[name] = build(name=name, sources=[str(source)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-                                 verbose=False)
+            _built[name] = build(name=f"{name}_{cpu_tag()}", sources=[str(source)], extra_cflags=FLAGS,
+                                 extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as error:  # no compiler, no headers: the torch forms serve instead
             _failed[name] = f"{type(error).__name__}: {error}"
             _log.warning("the CPU kernel %s could not be built, using the torch forms: %s", name, _failed[name])

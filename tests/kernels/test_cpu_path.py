@@ -362,3 +362,13 @@ def test_the_grouped_batch_width_is_bucketed_so_shapes_recur():
     assert all(n <= w <= n + max(n // 8, 0) for n, w in zip(range(1, 5000), widths))  # at most 12.5% padding
     assert widths == sorted(widths)
     assert len(set(moe_cpu.padded_width(n) for n in range(257, 513))) == 8            # eight widths per octave
+
+
+def test_a_kernel_that_cannot_be_built_is_reported_not_raised(tmp_path, caplog):
+    from nextserve.kernels import cpu_extensions
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    with caplog.at_level("WARNING"):
+        assert cpu_extensions.load("nextserve_test_broken", broken) is None
+    assert cpu_extensions.failure("nextserve_test_broken") and "could not be built" in caplog.text
+    assert cpu_extensions.load("nextserve_test_broken", broken) is None   # tried once per process
