@@ -2,15 +2,15 @@
 
 naive.py handles any packing: it gathers every sequence into a padded [N, L_max] layout, which
 needs L_max on the host, and unpacks the outputs with a boolean index, which needs their count.
-A decode step has neither problem: its N sequences are laid out as [N, T] without cu_seqlens,
-every one T tokens long, so the recurrence runs straight on that layout.
+A decode step (one token per sequence) and a speculative verification (the same few tokens per
+sequence) have neither problem: their N sequences are laid out as [N, T] without cu_seqlens, so the
+recurrence runs straight on that layout.
 
-One token per sequence on the state pool (a decode step) runs as one C++ op where it could be built
-(cpu_fused.py: the same products, its sums over K in another order, so it agrees with naive.py to
-the tolerance of an fp32 sum over K). Several tokens per sequence (speculative verification), and
-every step where the op could not be built, run the torch ops below, whose arithmetic is naive.py's
-op for op (fp32 throughout, key heads broadcast to their value heads rather than repeated, which
-multiplies the same numbers), so they agree with it bit for bit.
+There it runs as one C++ op where that could be built (cpu_fused.py: the same products, its sums
+over K in another order, so it agrees with naive.py to the tolerance of an fp32 sum over K).
+Steps that want gradients, and every step where the op could not be built, run the torch ops
+below, whose arithmetic is naive.py's op for op (fp32 throughout, key heads broadcast to their value
+heads rather than repeated, which multiplies the same numbers), so they agree with it bit for bit.
 
 Everything else (the chunked prefill form, packed continuations, gating alone) is naive.py's.
 """
@@ -38,22 +38,23 @@ def _wants_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _fused_step(q, k, v, a, b, A_log, dt_bias, initial_state, state_slots, scale, use_qk_l2norm,
-                output_final_state):
-    """The decode step on cpu_fused.py's op, in every state form the torch path takes: pool rows by
+def _fused(q, k, v, a, b, A_log, dt_bias, initial_state, state_slots, scale, use_qk_l2norm,
+           output_final_state, output_all_states):
+    """The recurrence on cpu_fused.py's op, in every state form the torch path takes: pool rows by
     slot (updated in place), per-sequence states (a copy is updated and returned), or zeros. The
     same op for all, so a sequence's state is the same bits whichever form held it."""
     B, _, _, K = q.shape
     Hv, V = v.shape[2], v.shape[3]
     if state_slots is not None:
-        o = cpu_fused.recurrent_step(q, k, v, a, b, A_log, dt_bias, initial_state, state_slots, scale=scale,
-                                     use_qk_l2norm=use_qk_l2norm)
-        return o, None, None
+        o, all_states = cpu_fused.recurrent_steps(q, k, v, a, b, A_log, dt_bias, initial_state, state_slots,
+                                                  scale=scale, use_qk_l2norm=use_qk_l2norm,
+                                                  output_all_states=output_all_states)
+        return o, None, all_states
     state = (torch.zeros(B, Hv, K, V, dtype=torch.float32, device=v.device) if initial_state is None
              else initial_state.float().clone())
-    o = cpu_fused.recurrent_step(q, k, v, a, b, A_log, dt_bias, state, range(0, B), scale=scale,
-                                 use_qk_l2norm=use_qk_l2norm)
-    return o, (state if output_final_state else None), None
+    o, all_states = cpu_fused.recurrent_steps(q, k, v, a, b, A_log, dt_bias, state, range(0, B), scale=scale,
+                                              use_qk_l2norm=use_qk_l2norm, output_all_states=output_all_states)
+    return o, (state if output_final_state else None), all_states
 
 
 def fused_recurrent_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, *, scale=None, initial_state=None,
@@ -76,10 +77,10 @@ def fused_recurrent_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, *, scale=Non
     if tuple(A_log.shape) != (Hv,) or tuple(dt_bias.shape) != (Hv,):
         raise ValueError(f"A_log {tuple(A_log.shape)} and dt_bias {tuple(dt_bias.shape)} must be [Hv] = ({Hv},)")
     dtype, group = v.dtype, Hv // Hk
-    if T == 1 and not output_all_states and not _wants_grad(q, k, v, a, b, A_log, dt_bias) and cpu_fused.available():
-        # a decode step: one C++ op (it has no backward, so a step that trains keeps the torch ops)
-        return _fused_step(q, k, v, a, b, A_log, dt_bias, initial_state, state_slots, scale, use_qk_l2norm,
-                           output_final_state)
+    if not _wants_grad(q, k, v, a, b, A_log, dt_bias) and cpu_fused.available():
+        # one C++ op (it has no backward, so a step that trains keeps the torch ops below)
+        return _fused(q, k, v, a, b, A_log, dt_bias, initial_state, state_slots, scale, use_qk_l2norm,
+                      output_final_state, output_all_states)
 
     def per_token(x, *shape):
         """x [B, T, ...] as T views [B, *shape] (one view when T == 1: a decode step)."""
