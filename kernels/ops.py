@@ -157,12 +157,13 @@ def fused_recurrent_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, *, scale=Non
                 state_slots=_slots_for(impl, state_slots, initial_state))
 
 
-def prepare_recurrent_step(device) -> bool:
-    """Build the CPU path's fused decode step (a compile of ~25 s the first time on a machine) ahead of
-    the first request, where that path runs on `device`. Returns whether it is ready."""
+def prepare_cpu_kernels(device) -> bool:
+    """Build the CPU path's fused ops of the dense path (the RMSNorms, the delta-rule recurrence; a
+    compile of ~25 s each the first time on a machine) ahead of the first request, where that path
+    runs on `device`. Returns whether they are ready."""
     if kernel_backend(torch.device(device)) != "cpu":
         return False
-    return _module("gated_delta_rule", "cpu_fused").available()
+    return all([_module("norms", "cpu_fused").available(), _module("gated_delta_rule", "cpu_fused").available()])
 
 
 # --- causal depthwise conv1d ----------------------------------------------------------------

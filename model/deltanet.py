@@ -58,7 +58,7 @@ class GatedDeltaNet(nn.Module):
         comes out in that order, with no column gather per step."""
         with torch.no_grad():
             weight = self.in_proj.weight()
-        ops.prepare_recurrent_step(weight.device)  # the decode step's C++ op, built before any request
+        ops.prepare_cpu_kernels(weight.device)  # the CPU path's C++ ops, built before any request
         return ops.prepack_linear(weight, row_order=self.projection_order(weight.device))
 
     def split_projections(self, x: torch.Tensor):
