@@ -65,3 +65,15 @@ def test_speculative_step_trace_lists_every_step_and_the_mean_per_verified_k(tin
     assert len(lines[2].split()) == 4  # one "verified>next:ms/tokens" entry per step
     per_k = [line for line in lines if line.startswith("verified k = ")]
     assert per_k and sum(int(line.split(": ")[1].split()[0]) for line in per_k) == 4
+
+
+def test_prefill_profile_splits_the_pass_by_kernel_op(tiny_checkpoint):
+    done = run("prefill_profile.py", "--checkpoint", str(tiny_checkpoint), "--batch", "2", "--prompt-len", "16",
+               "--repeats", "2", "--threads", "1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[1].startswith("prefill of 2 x 16 tokens: ")
+    rows = {line.split()[0]: line.split() for line in lines[3:]}
+    assert {"chunk_gated_delta_rule", "expert_ffn", "rms_norm", "(outside"} <= set(rows)
+    shares = [float(r[-2].rstrip("%")) for name, r in rows.items() if name != "(outside"]
+    assert 0 < sum(shares) <= 100.5  # the ops' shares of the pass, with what ran outside them apart
