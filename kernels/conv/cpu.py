@@ -4,15 +4,17 @@ The update gathers the sequences' windows once, appends the new inputs in the ac
 (the window then holds exactly the values naive.py upcasts), and writes the rolled windows back
 by slot; the weighted sum is naive.py's, in fp32, so the results agree with it bit for bit.
 
-Prefill computes naive.py's sum over the W taps as W shifted [T, C] multiply-adds instead of one
-gathered [T, W, C] window tensor: the same fp32 products added in the same tap order, with a W-th
-of the memory traffic (at a 2048-token chunk the window tensor is 32 MiB per layer).
+Prefill on the state pool runs as one C++ op where it could be built (cpu_fused.py: the same fp32
+products in the same tap order, only silu's exp may differ in the last bit). Otherwise it computes
+naive.py's sum over the W taps as W shifted [T, C] multiply-adds instead of one gathered [T, W, C]
+window tensor: the same fp32 products added in the same tap order, with a W-th of the memory
+traffic (at a 2048-token chunk the window tensor is 32 MiB per layer).
 """
 from __future__ import annotations
 
 import torch
 
-from . import naive
+from . import cpu_fused, naive
 from .naive import check_conv_inputs, check_conv_update_inputs
 
 __all__ = ["causal_conv1d", "causal_conv1d_update"]
@@ -21,6 +23,16 @@ __all__ = ["causal_conv1d", "causal_conv1d_update"]
 def causal_conv1d(x, weight, *, initial_state=None, state_slots=None, cu_seqlens=None, activation="silu"):
     """ops.causal_conv1d: naive.py's contract and sums, one tap at a time."""
     T, C, W, N = check_conv_inputs(x, weight, initial_state, cu_seqlens, activation, state_slots)
+    if state_slots is not None and cpu_fused.takes(x, weight, initial_state):
+        naive.check_slot_values(state_slots, initial_state.shape[0])
+        return cpu_fused.causal_conv1d(x, weight, initial_state, state_slots, cu_seqlens, activation), None
+    if state_slots is None and cpu_fused.takes(x, weight, x):
+        # per-sequence states (or zeros) through the same op, as rows of a pool of their own, so a
+        # sequence's conv gives the same bits whichever form held its state
+        states = (x.new_zeros(N, C, W - 1) if initial_state is None
+                  else initial_state.to(x.dtype).contiguous().clone())
+        y = cpu_fused.causal_conv1d(x, weight, states, torch.arange(N), cu_seqlens, activation)
+        return y, states
     if state_slots is not None:
         return naive.with_conv_state_slots(causal_conv1d, x, weight, initial_state, state_slots, cu_seqlens,
                                            activation)
