@@ -14,26 +14,22 @@ otherwise idle machine (docs/benchmarks.md).
 from __future__ import annotations
 
 import argparse
-import inspect
+import functools
 import statistics
 import time
 from collections import defaultdict
-from contextlib import contextmanager
 
 import torch
 
 import workload
+from step_profile import wrapped_ops
 
 
-@contextmanager
 def timed_ops(times: dict[str, float], calls: dict[str, int]):
     """Every public function of nextserve.kernels.ops wrapped to add its wall time and calls to
-    `times` and `calls`; restored on exit."""
-    from nextserve.kernels import ops
-    originals = {name: fn for name, fn in vars(ops).items()
-                 if inspect.isfunction(fn) and not name.startswith("_") and fn.__module__ == ops.__name__}
-
+    `times` and `calls` (step_profile.wrapped_ops: restored on exit)."""
     def wrap(name, fn):
+        @functools.wraps(fn)  # keeps the attributes the ops read from each other (takes_slot_range)
         def timed(*args, **kwargs):
             t0 = time.perf_counter()
             try:
@@ -41,16 +37,8 @@ def timed_ops(times: dict[str, float], calls: dict[str, int]):
             finally:
                 times[name] += time.perf_counter() - t0
                 calls[name] += 1
-        timed.__dict__.update(fn.__dict__)  # attributes the ops read from each other (takes_slot_range)
         return timed
-
-    try:
-        for name, fn in originals.items():
-            setattr(ops, name, wrap(name, fn))
-        yield
-    finally:
-        for name, fn in originals.items():
-            setattr(ops, name, fn)
+    return wrapped_ops(wrap)
 
 
 @torch.inference_mode()

@@ -58,8 +58,6 @@ def count_step(step) -> dict:
 def scopes(model):
     """Profiler scopes around every submodule's forward (named as in `named_modules`) and every
     public function of `nextserve.kernels.ops`, removed on exit."""
-    from nextserve.kernels import ops
-
     handles, open_scopes = [], defaultdict(list)
     for name, module in model.named_modules():
         if not name:
@@ -75,20 +73,34 @@ def scopes(model):
 
         handles.append(module.register_forward_pre_hook(enter))
         handles.append(module.register_forward_hook(leave))
-    originals = {name: fn for name, fn in vars(ops).items()
-                 if inspect.isfunction(fn) and fn.__module__ == ops.__name__ and not name.startswith("_")
-                 and name != "kernel_backend"}
-    for name, fn in originals.items():
+    def wrap(name, fn):
         @functools.wraps(fn)
-        def scoped(*args, _fn=fn, _name=name, **kwargs):
-            with record_function(OP_SCOPE + _name):
-                return _fn(*args, **kwargs)
-        setattr(ops, name, scoped)
+        def scoped(*args, **kwargs):
+            with record_function(OP_SCOPE + name):
+                return fn(*args, **kwargs)
+        return scoped
+
     try:
-        yield
+        with wrapped_ops(wrap):
+            yield
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def wrapped_ops(wrap):
+    """Every public function of `nextserve.kernels.ops` replaced by `wrap(name, fn)` (kernel_backend
+    aside: the others call it, and it would be counted inside them), restored on exit."""
+    from nextserve.kernels import ops
+    originals = {name: fn for name, fn in vars(ops).items()
+                 if inspect.isfunction(fn) and fn.__module__ == ops.__name__ and not name.startswith("_")
+                 and name != "kernel_backend"}
+    try:
+        for name, fn in originals.items():
+            setattr(ops, name, wrap(name, fn))
+        yield
+    finally:
         for name, fn in originals.items():
             setattr(ops, name, fn)
 

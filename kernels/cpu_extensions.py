@@ -69,3 +69,28 @@ def load(name: str, source: Path):
 def failure(name: str) -> str | None:
     """Why `name` could not be built, if it could not."""
     return _failed.get(name)
+
+
+def needs_backward(*tensors) -> bool:
+    """Whether a call on these tensors is to be differentiated: the C++ ops have no backward, so such
+    a call keeps to the torch forms."""
+    import torch
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+class CppKernel:
+    """One cpu_fused.cpp beside its family's torch forms: built on first use, or reported unbuildable."""
+
+    def __init__(self, name: str, source: Path, what: str):
+        self.name, self.source, self.what = name, source, what
+
+    def available(self) -> bool:
+        """Whether the extension is built (building it now if it has not been tried)."""
+        return load(self.name, self.source) is not None
+
+    def module(self):
+        """The built extension; RuntimeError naming why where it could not be built."""
+        extension = load(self.name, self.source)
+        if extension is None:
+            raise RuntimeError(f"{self.what} is not built: {failure(self.name)}")
+        return extension

@@ -159,9 +159,8 @@ def fused_recurrent_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, *, scale=Non
 
 def prepare_cpu_kernels(device) -> bool:
     """Build the CPU path's fused ops of the dense path (the RMSNorms, the delta-rule recurrence, the
-    prefill conv; a
-    compile of ~25 s each the first time on a machine) ahead of the first request, where that path
-    runs on `device`. Returns whether they are ready."""
+    prefill conv; a compile of ~25 s each the first time on a machine) ahead of the first request,
+    where that path runs on `device`. Returns whether they are ready."""
     if kernel_backend(torch.device(device)) != "cpu":
         return False
     return all([_module(family, "cpu_fused").available() for family in ("norms", "gated_delta_rule", "conv")])
@@ -272,4 +271,4 @@ def prepare_expert_ffn(w13) -> bool:
     Returns whether that kernel is ready."""
     if kernel_backend(w13.device) != "cpu" or w13.dtype != torch.bfloat16 or w13.numel() == 0:
         return False
-    return _module("moe", "cpu_fused").prepare()
+    return _module("moe", "cpu_fused").available()

@@ -23,16 +23,15 @@ __all__ = ["causal_conv1d", "causal_conv1d_update"]
 def causal_conv1d(x, weight, *, initial_state=None, state_slots=None, cu_seqlens=None, activation="silu"):
     """ops.causal_conv1d: naive.py's contract and sums, one tap at a time."""
     T, C, W, N = check_conv_inputs(x, weight, initial_state, cu_seqlens, activation, state_slots)
-    if state_slots is not None and cpu_fused.takes(x, weight, initial_state):
-        naive.check_slot_values(state_slots, initial_state.shape[0])
-        return cpu_fused.causal_conv1d(x, weight, initial_state, state_slots, cu_seqlens, activation), None
-    if state_slots is None and cpu_fused.takes(x, weight, x):
+    if cpu_fused.takes(x, weight, initial_state if state_slots is not None else None):
+        if state_slots is not None:
+            naive.check_slot_values(state_slots, initial_state.shape[0])
+            return cpu_fused.causal_conv1d(x, weight, initial_state, state_slots, cu_seqlens, activation), None
         # per-sequence states (or zeros) through the same op, as rows of a pool of their own, so a
         # sequence's conv gives the same bits whichever form held its state
         states = (x.new_zeros(N, C, W - 1) if initial_state is None
                   else initial_state.to(x.dtype).contiguous().clone())
-        y = cpu_fused.causal_conv1d(x, weight, states, torch.arange(N), cu_seqlens, activation)
-        return y, states
+        return cpu_fused.causal_conv1d(x, weight, states, torch.arange(N), cu_seqlens, activation), states
     if state_slots is not None:
         return naive.with_conv_state_slots(causal_conv1d, x, weight, initial_state, state_slots, cu_seqlens,
                                            activation)

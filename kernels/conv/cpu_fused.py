@@ -16,32 +16,25 @@ from .. import cpu_extensions
 
 __all__ = ["available", "takes", "causal_conv1d"]
 
-_NAME = "nextserve_conv_cpu_fused"
-_SOURCE = Path(__file__).with_name("cpu_fused.cpp")
+_KERNEL = cpu_extensions.CppKernel("nextserve_conv_cpu_fused", Path(__file__).with_name("cpu_fused.cpp"),
+                                   "the fused conv kernel")
+available = _KERNEL.available
 
 
-def available() -> bool:
-    """Whether the extension is built (building it now if it has not been tried)."""
-    return cpu_extensions.load(_NAME, _SOURCE) is not None
-
-
-def takes(x, weight, pool) -> bool:
-    """Whether this conv can run here: fp32 or bf16 inputs, a contiguous pool of their dtype, no
-    gradient wanted (the op has no backward), the op built."""
-    if x.dtype not in (torch.float32, torch.bfloat16) or pool.dtype != x.dtype or not pool.is_contiguous():
+def takes(x, weight, pool=None) -> bool:
+    """Whether this conv can run here: fp32 or bf16 inputs, the pool (if the states live in one) a
+    contiguous tensor of their dtype, no gradient wanted, the op built."""
+    if x.dtype not in (torch.float32, torch.bfloat16):
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, pool)):
+    if pool is not None and (pool.dtype != x.dtype or not pool.is_contiguous()):
         return False
-    return available()
+    return not cpu_extensions.needs_backward(x, weight, *(() if pool is None else (pool,))) and available()
 
 
 def causal_conv1d(x, weight, pool, state_slots, cu_seqlens, activation):
     """x [T, C], weight [C, W], the pool [S, C, W - 1] updated in place at state_slots [N], cu_seqlens
     [N + 1] or None (one sequence). Returns y [T, C] in x.dtype."""
-    extension = cpu_extensions.load(_NAME, _SOURCE)
-    if extension is None:
-        raise RuntimeError(f"the fused conv kernel is not built: {cpu_extensions.failure(_NAME)}")
     offsets = (torch.tensor([0, x.shape[0]]) if cu_seqlens is None
                else cu_seqlens.to(device="cpu", dtype=torch.int64))
     slots = state_slots.to(device="cpu", dtype=torch.int64)
-    return extension.causal_conv1d(x, weight, pool, slots, offsets, activation in ("silu", "swish"))
+    return _KERNEL.module().causal_conv1d(x, weight, pool, slots, offsets, activation in ("silu", "swish"))

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import slot_tensor
+from ..cpu_extensions import needs_backward
 from . import cpu_fused, naive
 from .utils import check_gdn_inputs
 
@@ -32,10 +33,6 @@ chunk_gated_delta_rule = naive.naive_chunk_gated_delta_rule
 def _fp32(x: torch.Tensor) -> torch.Tensor:
     # .float() on an fp32 tensor is still a dispatched op; at decode sizes each one counts
     return x if x.dtype == torch.float32 else x.float()
-
-
-def _wants_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _fused(q, k, v, a, b, A_log, dt_bias, initial_state, state_slots, scale, use_qk_l2norm,
@@ -77,7 +74,7 @@ def fused_recurrent_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, *, scale=Non
     if tuple(A_log.shape) != (Hv,) or tuple(dt_bias.shape) != (Hv,):
         raise ValueError(f"A_log {tuple(A_log.shape)} and dt_bias {tuple(dt_bias.shape)} must be [Hv] = ({Hv},)")
     dtype, group = v.dtype, Hv // Hk
-    if not _wants_grad(q, k, v, a, b, A_log, dt_bias) and cpu_fused.available():
+    if not needs_backward(q, k, v, a, b, A_log, dt_bias) and cpu_fused.available():
         # one C++ op (it has no backward, so a step that trains keeps the torch ops below)
         return _fused(q, k, v, a, b, A_log, dt_bias, initial_state, state_slots, scale, use_qk_l2norm,
                       output_final_state, output_all_states)

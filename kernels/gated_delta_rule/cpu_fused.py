@@ -16,13 +16,9 @@ from .. import cpu_extensions
 
 __all__ = ["available", "recurrent_steps"]
 
-_NAME = "nextserve_gdn_cpu_fused"
-_SOURCE = Path(__file__).with_name("cpu_fused.cpp")
-
-
-def available() -> bool:
-    """Whether the extension is built (building it now if it has not been tried)."""
-    return cpu_extensions.load(_NAME, _SOURCE) is not None
+_KERNEL = cpu_extensions.CppKernel("nextserve_gdn_cpu_fused", Path(__file__).with_name("cpu_fused.cpp"),
+                                   "the fused delta-rule kernel")
+available = _KERNEL.available
 
 
 def recurrent_steps(q, k, v, a, b, A_log, dt_bias, pool, slots, *, scale=None, use_qk_l2norm=True,
@@ -31,16 +27,13 @@ def recurrent_steps(q, k, v, a, b, A_log, dt_bias, pool, slots, *, scale=None, u
     [S, Hv, K, V] updated in place at `slots` (a range of consecutive slots or an int tensor [N]) to the
     state after each sequence's last token. Returns (o [N, T, Hv, V] in v.dtype, the state after every
     token [N, T, Hv, K, V] fp32 with output_all_states, else None)."""
-    extension = cpu_extensions.load(_NAME, _SOURCE)
-    if extension is None:
-        raise RuntimeError(f"the fused delta-rule kernel is not built: {cpu_extensions.failure(_NAME)}")
     if isinstance(slots, range):
         slots = torch.arange(slots.start, slots.stop, dtype=torch.int64, device=q.device)
     elif slots.dtype != torch.int64:
         slots = slots.long()
     K = q.shape[-1]
-    o, all_states = extension.recurrent_steps(q, k, v, a, b, A_log, dt_bias, pool, slots,
-                                              K ** -0.5 if scale is None else scale, use_qk_l2norm,
-                                              output_all_states)
+    o, all_states = _KERNEL.module().recurrent_steps(q, k, v, a, b, A_log, dt_bias, pool, slots,
+                                                     K ** -0.5 if scale is None else scale, use_qk_l2norm,
+                                                     output_all_states)
     o = o if o.dtype == v.dtype else o.to(v.dtype)
     return o, (all_states if output_all_states else None)

@@ -10,10 +10,10 @@ Costs one more copy of every packed weight (bf16), so only weights the serving p
 and only where the CPU has native bf16 (AVX512-BF16 or AMX); elsewhere `linear` is F.linear.
 
 Past PACKED_MAX_ROWS rows the packed copy is not used. oneDNN builds a primitive for every new
-(rows, weight shape) pair, F.linear's and the packed copy's alike, and that costs 1-5 ms at the
+(rows, weight shape) pair, F.linear's and the packed copy's alike, and that costs 1-9 ms at the
 small preset's shapes: a prefill's row count is the batch's token count, new nearly every time,
 so there the products go to aten's matmul (`x @ w.t()`), which builds nothing per shape and is
-within ~20% of the packed copy's warm time (bench/kernels_linear.py prints both). Decode row
+within ~30% of the packed copy's warm time at 2048 rows (bench/kernels_linear.py prints both). Decode row
 counts are the batch sizes, few and recurring, so their primitives stay cached: up to 64 row counts
 times a layer's ~10 projection shapes stays inside oneDNN's default cache of 1024 primitives.
 """

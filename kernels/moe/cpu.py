@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..cpu_extensions import needs_backward
 from ..linear.cpu import linear as cpu_linear
 from . import cpu_fused, naive
 from .naive import check_expert_ffn_args
@@ -51,9 +52,9 @@ moe_route = naive.moe_route  # softmax, top-k, renormalise: already four ops and
 # small preset: 15 ms against the loop's 32 ms per layer; 8192 tokens: 50 against 106), so the loop
 # is left for fewer slots than experts, where neither dense nor gathered pays. Measured with routing
 # drawn afresh for every call, as serving sees it; timed on one fixed routing the loop looked better
-# than it is, because its per-expert products then repeat their shapes. The 2-core AMD EPYC the dense crossover
-# was first measured on favoured it up to ~16 slots per expert; the grouped form, measured on a
-# 2-core Xeon (AMX), did not exist then.
+# than it is, because its per-expert products then repeat their shapes. The 2-core AMD EPYC the
+# dense crossover was first measured on favoured it up to ~16 slots per expert; the grouped form,
+# measured on a 2-core Xeon (AMX), did not exist then.
 # The fused kernel (cpu_fused.cpp, bf16 only, where it could be built) reads each active expert's
 # weights once and beats every torch form up to 256 slots (small preset, per layer: batch 1 0.06 ms
 # against gathered's 0.31, batch 16 0.52 against dense's 0.96, batch 32 0.80 against grouped's 0.98);
@@ -192,9 +193,7 @@ def expert_ffn(hidden, expert_ids, expert_weights, w13, w2, *, out_dtype=None):
     if w13.shape[0] == 0 or expert_ids.numel() == 0:
         return naive.expert_ffn(hidden, expert_ids, expert_weights, w13, w2, out_dtype=out_dtype)
     expert_bytes = (w13[0].numel() + w2[0].numel()) * w13.element_size()
-    # the fused kernel has no backward: a step that trains keeps to the torch forms
-    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, expert_weights, w13, w2))
-    fused = (hidden.dtype == w13.dtype == w2.dtype == torch.bfloat16 and not wants_grad
-             and cpu_fused.available())
+    fused = (hidden.dtype == w13.dtype == w2.dtype == torch.bfloat16
+             and not needs_backward(hidden, expert_weights, w13, w2) and cpu_fused.available())
     form = FORMS[choose_form(expert_ids.shape[0], expert_ids.shape[1], w13.shape[0], expert_bytes, fused)]
     return form(hidden, expert_ids, expert_weights, w13, w2, out_dtype=out_dtype)

@@ -6,7 +6,7 @@ forms in cpu.py cannot do that at decode sizes: the gathered form copies each sl
 before its batched matmul, the loop runs ~5 ops per active expert.
 
 The extension is built where it runs (kernels/cpu_extensions.py); a serving process builds it at load
-time (`prepare`) so no request waits for the compiler. Where it cannot be built, `available()` is
+time (ops.prepare_expert_ffn) so no request waits for the compiler. Where it cannot be built, `available()` is
 False and cpu.py keeps to its torch forms.
 """
 from __future__ import annotations
@@ -18,20 +18,11 @@ import torch
 from .. import cpu_extensions
 from .naive import check_expert_ffn_args
 
-__all__ = ["available", "prepare", "expert_ffn"]
+__all__ = ["available", "expert_ffn"]
 
-_NAME = "nextserve_moe_cpu_fused"
-_SOURCE = Path(__file__).with_name("cpu_fused.cpp")
-
-
-def available() -> bool:
-    """Whether the extension is built (building it now if it has not been tried)."""
-    return cpu_extensions.load(_NAME, _SOURCE) is not None
-
-
-def prepare() -> bool:
-    """Build the extension ahead of the first request where the CPU path serves bf16 experts."""
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported() and available()
+_KERNEL = cpu_extensions.CppKernel("nextserve_moe_cpu_fused", Path(__file__).with_name("cpu_fused.cpp"),
+                                   "the fused expert kernel")
+available = _KERNEL.available
 
 
 def expert_ffn(hidden, expert_ids, expert_weights, w13, w2, *, out_dtype=None):
@@ -40,9 +31,7 @@ def expert_ffn(hidden, expert_ids, expert_weights, w13, w2, *, out_dtype=None):
     if hidden.dtype != torch.bfloat16 or w13.dtype != torch.bfloat16 or w2.dtype != torch.bfloat16:
         raise ValueError(f"the fused expert kernel takes bf16 hidden states and weights, got {hidden.dtype}, "
                          f"{w13.dtype}, {w2.dtype}")
-    extension = cpu_extensions.load(_NAME, _SOURCE)
-    if extension is None:
-        raise RuntimeError(f"the fused expert kernel is not built: {cpu_extensions.failure(_NAME)}")
+    extension = _KERNEL.module()
     ids = expert_ids if expert_ids.dtype == torch.int64 else expert_ids.long()
     weights = expert_weights if expert_weights.dtype == torch.float32 else expert_weights.float()
     out = extension.expert_ffn(hidden, ids, weights, w13, w2)

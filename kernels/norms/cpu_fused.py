@@ -16,37 +16,24 @@ from .. import cpu_extensions
 
 __all__ = ["available", "takes", "rms_norm", "gated_rms_norm"]
 
-_NAME = "nextserve_norms_cpu_fused"
-_SOURCE = Path(__file__).with_name("cpu_fused.cpp")
-
-
-def available() -> bool:
-    """Whether the extension is built (building it now if it has not been tried)."""
-    return cpu_extensions.load(_NAME, _SOURCE) is not None
+_KERNEL = cpu_extensions.CppKernel("nextserve_norms_cpu_fused", Path(__file__).with_name("cpu_fused.cpp"),
+                                   "the fused norm kernel")
+available = _KERNEL.available
 
 
 def takes(*tensors) -> bool:
     """Whether these activations can run here: fp32 or bf16, no gradient wanted, the op built."""
     if any(t.dtype not in (torch.float32, torch.bfloat16) for t in tensors):
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False  # the op has no backward
-    return available()
-
-
-def _extension():
-    extension = cpu_extensions.load(_NAME, _SOURCE)
-    if extension is None:
-        raise RuntimeError(f"the fused norm kernel is not built: {cpu_extensions.failure(_NAME)}")
-    return extension
+    return not cpu_extensions.needs_backward(*tensors) and available()
 
 
 def rms_norm(x, weight, eps: float, *, zero_centered: bool = True, residual=None):
     """naive.rms_norm's contract: y in x.dtype, or (y, x + residual) with `residual`."""
-    out = _extension().rms_norm(x, residual, weight, eps, zero_centered)
+    out = _KERNEL.module().rms_norm(x, residual, weight, eps, zero_centered)
     return out[0] if residual is None else (out[0], out[1])
 
 
 def gated_rms_norm(x, z, weight, eps: float):
     """naive.gated_rms_norm's contract: (w * rmsnorm(x).to(dtype)) * silu(z), in x.dtype."""
-    return _extension().gated_rms_norm(x, z, weight, eps)
+    return _KERNEL.module().gated_rms_norm(x, z, weight, eps)
