@@ -12,22 +12,23 @@ Steps that want gradients, and every step where the op could not be built, run t
 below, whose arithmetic is naive.py's op for op (fp32 throughout, key heads broadcast to their value
 heads rather than repeated, which multiplies the same numbers), so they agree with it bit for bit.
 
-Everything else (the chunked prefill form, packed continuations, gating alone) is naive.py's.
+Prefill runs the chunked form as cpu_fused.py's `chunk_steps` where it was built (the same WY/UT
+math per sequence and head, to the tolerance of naive.py's fp32 sums); packed continuations of
+the recurrence, gating, and anything that wants gradients are naive.py's.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ..checks import slot_tensor
+from ..checks import check_slot_values, slot_tensor
 from ..cpu_extensions import needs_backward
 from . import cpu_fused, naive
-from .utils import check_gdn_inputs
+from .utils import check_gdn_inputs, sequence_offsets
 
 __all__ = ["gdn_gating", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"]
 
 gdn_gating = naive.gdn_gating
-chunk_gated_delta_rule = naive.naive_chunk_gated_delta_rule
 
 
 def _fp32(x: torch.Tensor) -> torch.Tensor:
@@ -52,6 +53,35 @@ def _fused(q, k, v, a, b, A_log, dt_bias, initial_state, state_slots, scale, use
     o, all_states = cpu_fused.recurrent_steps(q, k, v, a, b, A_log, dt_bias, state, range(0, B), scale=scale,
                                               use_qk_l2norm=use_qk_l2norm, output_all_states=output_all_states)
     return o, (state if output_final_state else None), all_states
+
+
+def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=True,
+                           cu_seqlens=None, output_chunk_states=False, use_qk_l2norm=True, chunk_size=64,
+                           state_slots=None):
+    """ops.chunk_gated_delta_rule (naive.naive_chunk_gated_delta_rule's arguments and results) on
+    cpu_fused.py's op, in every state form: pool rows by slot (updated in place), per-sequence states
+    (a copy is updated and returned) or zeros; the same op for all, so a sequence's state is the same
+    bits whichever form held it."""
+    if (needs_backward(q, k, v, g, beta) or chunk_size != cpu_fused.CHUNK or not cpu_fused.available()):
+        return naive.naive_chunk_gated_delta_rule(
+            q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens, output_chunk_states=output_chunk_states, use_qk_l2norm=use_qk_l2norm,
+            chunk_size=chunk_size, state_slots=state_slots)
+    shapes = check_gdn_inputs(q, k, v, (g, beta), ("g", "beta"), initial_state, cu_seqlens, state_slots)
+    B, T, Hv, K, V, N = shapes.B, shapes.T, shapes.Hv, shapes.K, shapes.V, shapes.N
+    offsets = sequence_offsets(shapes, cu_seqlens, q.device)
+    packed = [x.reshape(B * T, *x.shape[2:]) for x in (q, k, v, g, beta)]
+    if state_slots is not None:
+        check_slot_values(state_slots, initial_state.shape[0])
+        pool, slots = initial_state, state_slots
+    else:
+        pool = (torch.zeros(N, Hv, K, V, dtype=torch.float32, device=v.device) if initial_state is None
+                else initial_state.float().clone())
+        slots = torch.arange(N, device=v.device)
+    o, chunk_states = cpu_fused.chunk_steps(*packed, offsets, pool, slots, scale=scale,
+                                            use_qk_l2norm=use_qk_l2norm, output_chunk_states=output_chunk_states)
+    final = pool if state_slots is None and output_final_state else None
+    return o.view(B, T, Hv, V), final, chunk_states
 
 
 def fused_recurrent_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, *, scale=None, initial_state=None,

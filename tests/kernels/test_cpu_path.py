@@ -219,6 +219,80 @@ def test_recurrent_with_cu_seqlens_is_the_reference():
                                                  state_slots=torch.tensor([1, 1]))
 
 
+# --- gated delta rule prefill (chunked) ----------------------------------------------------------
+
+def chunk_chain(T: int, K: int, chunk: int = 64) -> int:
+    return recurrence_chain(T, K) + 2 * chunk  # as in test_gated_delta_rule_naive.py
+
+
+CHUNK_CASES = {
+    # name: (lengths, Hk, Hv, K, V, log-decay scale): lengths across and short of the 64-token chunk
+    "batch-small-preset": ([128, 64, 130, 1], 4, 8, 64, 64, 1.5),
+    "awkward-dims": ([70, 3, 64], 1, 3, 24, 20, 1.5),
+    # decays strong enough that a chunk's state falls below e^-60: the pairwise-exp branch
+    "strong-decay": ([150, 40], 2, 2, 128, 32, 30.0),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(CHUNK_CASES))
+def test_chunked_prefill_equals_the_reference(case, dtype, rms_close):
+    lengths, Hk, Hv, K, V, decay = CHUNK_CASES[case]
+    gen = torch.Generator().manual_seed(len(case))
+    T, N = sum(lengths), len(lengths)
+    q, k = randn(gen, 1, T, Hk, K, dtype=dtype), randn(gen, 1, T, Hk, K, dtype=dtype)
+    v = randn(gen, 1, T, Hv, V, dtype=dtype)
+    g, beta = -torch.rand(1, T, Hv, generator=gen) * decay, torch.rand(1, T, Hv, generator=gen)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    pool = torch.full((N + 2, Hv, K, V), float("nan"))
+    slots = torch.randperm(N + 2, generator=gen)[:N]
+    pool[slots] = randn(gen, N, Hv, K, V)
+    ref_pool, start_pool = pool.clone(), pool.clone()
+    args = (q, k, v, g, beta)
+    chain = chunk_chain(max(lengths), K)
+
+    o, none, chunk_states = gdn_cpu.chunk_gated_delta_rule(*args, initial_state=pool, state_slots=slots,
+                                                           cu_seqlens=cu, output_chunk_states=True)
+    o_ref, _, chunk_ref = gdn_naive.naive_chunk_gated_delta_rule(*args, initial_state=ref_pool, state_slots=slots,
+                                                                 cu_seqlens=cu, output_chunk_states=True)
+    assert none is None and o.dtype == dtype and chunk_states.shape == chunk_ref.shape
+    rms_close(o, o_ref, reduction=chain, dtype=dtype, what="output")
+    rms_close(chunk_states, chunk_ref, reduction=chain, what="states after each full chunk")
+    rms_close(pool[slots], ref_pool[slots], reduction=chain, what="final states in the pool")
+    unused = sorted(set(range(N + 2)) - set(slots.tolist()))
+    assert torch.isnan(pool[unused]).all()
+
+    # per-sequence states and zeros are run on the same op: the same bits as the pool rows
+    got_o, final, _ = gdn_cpu.chunk_gated_delta_rule(*args, initial_state=start_pool[slots], cu_seqlens=cu)
+    assert torch.equal(got_o, o) and torch.equal(final, pool[slots])
+    # without the in-kernel norm, q and k come normalised (unnormalised keys make the rule diverge)
+    normalised = (gdn_naive.l2norm(q.float()).to(dtype), gdn_naive.l2norm(k.float()).to(dtype), v, g, beta)
+    for inputs, kwargs in ((args, dict()), (normalised, dict(scale=0.3, use_qk_l2norm=False))):
+        got_o, final, _ = gdn_cpu.chunk_gated_delta_rule(*inputs, cu_seqlens=cu, **kwargs)
+        o_ref, final_ref, _ = gdn_naive.naive_chunk_gated_delta_rule(*inputs, cu_seqlens=cu, **kwargs)
+        rms_close(got_o, o_ref, reduction=chain, dtype=dtype, what=f"output from zeros {kwargs}")
+        rms_close(final, final_ref, reduction=chain, what=f"final state from zeros {kwargs}")
+
+
+def test_chunked_prefill_takes_unpacked_batches_and_other_chunk_sizes(rms_close):
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (randn(gen, 3, 70, 2, 16) for _ in range(3))
+    g, beta = -torch.rand(3, 70, 2, generator=gen), torch.rand(3, 70, 2, generator=gen)
+    state = randn(gen, 3, 2, 16, 16)
+    o, final, cs = gdn_cpu.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state, output_chunk_states=True)
+    o_ref, final_ref, cs_ref = gdn_naive.naive_chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state,
+                                                                      output_chunk_states=True)
+    for got, want, what in ((o, o_ref, "output"), (final, final_ref, "final state"), (cs, cs_ref, "chunk states")):
+        rms_close(got, want, reduction=chunk_chain(70, 16), what=what)
+    # a chunk other than the op's 64 is naive.py's own computation
+    got = gdn_cpu.chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=16)
+    want = gdn_naive.naive_chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=16)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(ValueError, match="appears twice"):
+        gdn_cpu.chunk_gated_delta_rule(q[:1], k[:1], v[:1], g[:1], beta[:1], cu_seqlens=torch.tensor([0, 30, 70]),
+                                       initial_state=torch.zeros(4, 2, 16, 16), state_slots=torch.tensor([2, 2]))
+
+
 # --- q/k norm + RoPE -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)
