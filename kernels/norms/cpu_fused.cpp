@@ -8,12 +8,16 @@
 // of an fp32 sum over H, rounded once to the activation dtype.
 //
 // Why: F.rms_norm and the casts around it are ~5 dispatched ops and several passes over the row; at a
-// decode step's few rows the dispatch is the cost, at a prefill's thousands the passes are.
+// decode step's few rows the dispatch is the cost, at a prefill's thousands the passes are. The rows
+// run sixteen elements at a time where the CPU has AVX-512 (../cpu_simd.h: the same roundings; the
+// sum of squares' 16 partial sums are the vector's lanes), the rest one at a time.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
 #include <vector>
+
+#include "../cpu_simd.h"
 
 namespace {
 
@@ -22,8 +26,16 @@ inline float load(const T* p, int64_t i) { return static_cast<float>(p[i]); }
 
 // sum of squares in 16 independent partial sums, then a fixed tree
 inline float sum_of_squares(const float* x, int64_t n) {
-  float acc[16] = {0.f};
+  alignas(64) float acc[16] = {0.f};
   int64_t i = 0;
+#ifdef NEXTSERVE_SIMD
+  __m512 lanes = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    lanes = _mm512_add_ps(lanes, _mm512_mul_ps(v, v));
+  }
+  _mm512_store_ps(acc, lanes);
+#endif
   for (; i + 16 <= n; i += 16) {
     for (int l = 0; l < 16; ++l) acc[l] += x[i + l] * x[i + l];
   }
@@ -40,7 +52,19 @@ void rms_rows(const T* x, const T* residual, const float* weight, T* y, T* sum, 
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> row(H);
     for (int64_t r = begin; r < end; ++r) {
-      for (int64_t i = 0; i < H; ++i) {
+      int64_t i = 0;
+#ifdef NEXTSERVE_SIMD
+      if constexpr (simd::takes<T>) for (; i + simd::kWidth <= H; i += simd::kWidth) {
+        __m512 v = simd::load(x + r * H + i);
+        if (residual != nullptr) {
+          v = _mm512_add_ps(v, simd::load(residual + r * H + i));
+          simd::store(sum + r * H + i, v);
+          v = simd::round_to<T>(v);
+        }
+        _mm512_storeu_ps(row.data() + i, v);
+      }
+#endif
+      for (; i < H; ++i) {
         if (residual != nullptr) {
           const T added = static_cast<T>(load(x + r * H, i) + load(residual + r * H, i));  // in x's dtype
           sum[r * H + i] = added;
@@ -50,7 +74,15 @@ void rms_rows(const T* x, const T* residual, const float* weight, T* y, T* sum, 
         }
       }
       const float inv = 1.f / std::sqrt(sum_of_squares(row.data(), H) / static_cast<float>(H) + eps);
-      for (int64_t i = 0; i < H; ++i) {
+      i = 0;
+#ifdef NEXTSERVE_SIMD
+      const __m512 inv_v = _mm512_set1_ps(inv), one = _mm512_set1_ps(1.f);
+      if constexpr (simd::takes<T>) for (; i + simd::kWidth <= H; i += simd::kWidth) {
+        const __m512 w = zero_centered ? _mm512_add_ps(one, _mm512_loadu_ps(weight + i)) : _mm512_loadu_ps(weight + i);
+        simd::store(y + r * H + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(row.data() + i), inv_v), w));
+      }
+#endif
+      for (; i < H; ++i) {
         const float w = zero_centered ? 1.f + weight[i] : weight[i];
         y[r * H + i] = static_cast<T>(row[i] * inv * w);
       }
@@ -65,7 +97,16 @@ void gated_rows(const T* x, const T* z, const T* weight, T* y, int64_t rows, int
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t i = 0; i < H; ++i) row[i] = load(x + r * H, i);
       const float inv = 1.f / std::sqrt(sum_of_squares(row.data(), H) / static_cast<float>(H) + eps);
-      for (int64_t i = 0; i < H; ++i) {
+      int64_t i = 0;
+#ifdef NEXTSERVE_SIMD
+      const __m512 inv_v = _mm512_set1_ps(inv);
+      if constexpr (simd::takes<T>) for (; i + simd::kWidth <= H; i += simd::kWidth) {
+        const __m512 normed = simd::round_to<T>(_mm512_mul_ps(_mm512_loadu_ps(row.data() + i), inv_v));
+        const __m512 weighted = simd::round_to<T>(_mm512_mul_ps(simd::load(weight + i), normed));
+        simd::store(y + r * H + i, _mm512_mul_ps(weighted, simd::silu(simd::load(z + r * H + i))));
+      }
+#endif
+      for (; i < H; ++i) {
         const T normed = static_cast<T>(row[i] * inv);                      // rounded before the weight
         const T weighted = static_cast<T>(static_cast<float>(weight[i]) * static_cast<float>(normed));
         const float gate = load(z + r * H, i);
