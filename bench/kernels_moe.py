@@ -25,7 +25,7 @@ import time
 import torch
 
 from nextserve.kernels.host_allocator import reuse_large_allocations
-from nextserve.kernels.moe import cpu, cpu_fused, naive
+from nextserve.kernels.moe import cpu, cpu_fused, cpu_grouped, naive
 from nextserve.model.presets import PRESETS
 
 
@@ -103,7 +103,8 @@ def main() -> None:
                     diffs = [(cpu.FORMS[n](*inputs, out_dtype=torch.float32) - ref).abs().max().item() for n in others]
                 w13, w2 = inputs[3], inputs[4]
                 picked = cpu.choose_form(T, inputs[1].shape[1], E_local,
-                                         (w13[0].numel() + w2[0].numel()) * w13.element_size(), fused)
+                                         (w13[0].numel() + w2[0].numel()) * w13.element_size(), fused,
+                                         cpu_grouped.available())
                 print(f"{preset:<8}{E_local:>8}{T:>6}{inputs[1].numel():>6}" + "".join(f"{ms[n]:>12.3f}" for n in timed_forms)
                       + f"{min(ms, key=ms.get):>10}{picked:>10}  " + ", ".join(f"{d:.2g}" for d in diffs), flush=True)
 

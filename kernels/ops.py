@@ -267,8 +267,9 @@ def expert_ffn(hidden, expert_ids, expert_weights, w13, w2, *, out_dtype=None):
 
 def prepare_expert_ffn(w13) -> bool:
     """Build what `expert_ffn` will run on w13's device and dtype ahead of the first request: on the
-    CPU path in bf16, the fused decode kernel (a compile of ~30 s the first time on a machine).
-    Returns whether that kernel is ready."""
-    if kernel_backend(w13.device) != "cpu" or w13.dtype != torch.bfloat16 or w13.numel() == 0:
+    CPU path the grouped form's prefill ops and, in bf16, the fused decode kernel (a compile of ~30 s
+    each the first time on a machine). Returns whether they are ready."""
+    if kernel_backend(w13.device) != "cpu" or w13.numel() == 0:
         return False
-    return _module("moe", "cpu_fused").available()
+    grouped = _module("moe", "cpu_grouped").available()
+    return grouped and (w13.dtype != torch.bfloat16 or _module("moe", "cpu_fused").available())

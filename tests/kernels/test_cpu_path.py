@@ -23,6 +23,7 @@ from nextserve.kernels.gated_delta_rule import cpu_fused as gdn_fused
 from nextserve.kernels.gated_delta_rule import naive as gdn_naive
 from nextserve.kernels.moe import cpu as moe_cpu
 from nextserve.kernels.moe import cpu_fused as moe_fused
+from nextserve.kernels.moe import cpu_grouped as moe_grouped
 from nextserve.kernels.moe import naive as moe_naive
 from nextserve.kernels.norms import cpu as norms_cpu
 from nextserve.kernels.norms import cpu_fused as norms_fused
@@ -399,6 +400,24 @@ def test_every_expert_form_equals_the_reference(T, form, dtype, close):
     assert torch.equal(moe_cpu.FORMS[form](hidden, nobody, weights, w13, w2), torch.zeros(T, H, dtype=dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_grouped_form_with_and_without_its_cpp_ops_equals_the_reference(dtype, monkeypatch, close):
+    # CI installs g++: the grouped form's C++ ops must build there; without them it runs torch ops
+    assert moe_grouped.available()
+    gen = torch.Generator().manual_seed(13)
+    T, E, k, H, I = 40, 7, 3, 48, 40  # I = 40: SwiGLU's vector loop and its scalar tail
+    hidden = randn(gen, T, H, dtype=dtype)
+    w13, w2 = randn(gen, E, 2 * I, H, dtype=dtype, scale=0.2), randn(gen, E, H, I, dtype=dtype, scale=0.2)
+    weights, ids = moe_naive.moe_route(torch.randn(T, 12, generator=gen), k)
+    local = torch.where(ids < E, ids, -1)
+    want = moe_naive.expert_ffn(hidden, local, weights, w13, w2, out_dtype=torch.float32)
+    with_cpp = moe_cpu.grouped_expert_ffn(hidden, local, weights, w13, w2, out_dtype=torch.float32)
+    monkeypatch.setattr(moe_grouped, "available", lambda: False)
+    with_torch = moe_cpu.grouped_expert_ffn(hidden, local, weights, w13, w2, out_dtype=torch.float32)
+    close(with_cpp, want, reduction=BLOCK_CHAIN, dtype=dtype, what="with the C++ ops")
+    close(with_torch, want, reduction=BLOCK_CHAIN, dtype=dtype, what="with torch ops")
+
+
 def test_the_fused_kernel_builds_and_takes_bf16_only():
     # CI installs g++ (the Makefile's test-deps): the kernel must build there, not fall back silently
     assert moe_fused.available()
@@ -431,8 +450,10 @@ def test_the_fused_kernel_gives_a_token_the_same_sum_alone_or_in_a_batch(close):
 def test_the_form_follows_the_slot_count():
     small = (2 * 64 * 512 + 512 * 64) * 2  # one small-preset expert's w13 and w2 rows, bf16
     assert moe_cpu.choose_form(1, 8, 64, small, fused=True) == "fused"   # decode at batch 1, bf16
-    assert moe_cpu.choose_form(32, 8, 64, small, fused=True) == "fused"  # ... up to batch 32
-    assert moe_cpu.choose_form(64, 8, 64, small, fused=True) == "grouped"
+    assert moe_cpu.choose_form(24, 8, 64, small, fused=True) == "fused"  # ... up to batch 24
+    assert moe_cpu.choose_form(32, 8, 64, small, fused=True, grouped_ops=True) == "grouped"
+    assert moe_cpu.choose_form(16, 8, 64, small, grouped_ops=True) == "grouped"  # fp32: where dense paid
+    assert moe_cpu.choose_form(1, 8, 64, small, grouped_ops=True) == "gathered"
     assert moe_cpu.choose_form(1, 8, 64, small) == "gathered"        # decode at batch 1 without the kernel
     assert moe_cpu.choose_form(16, 8, 64, small) == "dense"          # decode at batch 16
     assert moe_cpu.choose_form(128, 8, 64, small) == "grouped"       # a short prompt's prefill
