@@ -75,7 +75,7 @@ def needs_backward(*tensors) -> bool:
     """Whether a call on these tensors is to be differentiated: the C++ ops have no backward, so such
     a call keeps to the torch forms."""
     import torch
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 class CppKernel:

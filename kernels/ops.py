@@ -158,12 +158,13 @@ def fused_recurrent_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, *, scale=Non
 
 
 def prepare_cpu_kernels(device) -> bool:
-    """Build the CPU path's fused ops of the dense path (the RMSNorms, the delta-rule recurrence, the
-    prefill conv; a compile of ~25 s each the first time on a machine) ahead of the first request,
+    """Build the CPU path's fused ops of the dense path (the RMSNorms, the delta rule, the prefill conv,
+    paged attention; a compile of ~25 s each the first time on a machine) ahead of the first request,
     where that path runs on `device`. Returns whether they are ready."""
     if kernel_backend(torch.device(device)) != "cpu":
         return False
-    return all([_module(family, "cpu_fused").available() for family in ("norms", "gated_delta_rule", "conv")])
+    return all([_module(family, "cpu_fused").available()
+                for family in ("norms", "gated_delta_rule", "conv", "attention")])
 
 
 # --- causal depthwise conv1d ----------------------------------------------------------------

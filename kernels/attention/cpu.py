@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import naive
+from ..cpu_extensions import needs_backward
+from . import cpu_fused, naive
 from .naive import check_cache_args, check_paged_attention_args
 
 __all__ = ["qk_norm_rope", "attention", "paged_attention", "reshape_and_cache"]
@@ -72,11 +73,21 @@ def qk_norm_rope(q, k, q_norm_weight, k_norm_weight, positions, *, rotary_dim: i
     return qk.split([Hq, qk.shape[1] - Hq], dim=1)
 
 
+def _fused_takes(q, gate, k_cache, v_cache) -> bool:
+    """Whether cpu_fused.py's attention op runs this call: no gradient wanted, caches in q's dtype and
+    contiguous, the op built."""
+    return (not needs_backward(q, gate, k_cache, v_cache) and k_cache.dtype == v_cache.dtype == q.dtype
+            and k_cache.is_contiguous() and v_cache.is_contiguous() and cpu_fused.available())
+
+
 def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, *, scale: float, gate=None):
     """ops.paged_attention (naive.paged_attention's contract). Block-table entries are not
     range-checked on this path (a host sync); entries past a sequence's blocks may hold anything."""
     N = check_paged_attention_args(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, gate)
     Tq, Hq, D = q.shape
+    if _fused_takes(q, gate, k_cache, v_cache):
+        return cpu_fused.paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, scale=scale,
+                                         gate=gate)
     if Tq > PER_QUERY_MAX_QUERIES * N or Tq == 0:
         return naive.paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k,
                                      scale=scale, gate=gate)
@@ -123,6 +134,8 @@ def reshape_and_cache(k, v, k_cache, v_cache, slot_mapping) -> None:
     check_cache_args(k, v, k_cache, v_cache, slot_mapping)
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):  # the flat views below must alias the caches
         return naive.reshape_and_cache(k, v, k_cache, v_cache, slot_mapping)
+    if not needs_backward(k, v) and cpu_fused.available():
+        return cpu_fused.reshape_and_cache(k, v, k_cache, v_cache, slot_mapping)
     real = slot_mapping >= 0
     # [1]-shaped indices throughout: indexing with a 0-dim tensor would read it on the host
     first = real.to(torch.uint8).argmax(dim=0, keepdim=True)   # the first real token (0 when there is none)

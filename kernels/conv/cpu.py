@@ -1,8 +1,11 @@
 """The CPU path of the causal depthwise conv1d: naive.py's decode update in fewer ops.
 
-The update gathers the sequences' windows once, appends the new inputs in the activation dtype
-(the window then holds exactly the values naive.py upcasts), and writes the rolled windows back
-by slot; the weighted sum is naive.py's, in fp32, so the results agree with it bit for bit.
+Where the C++ op was built (cpu_fused.py), the decode update runs on it as a one-token prefill per
+sequence: the same fp32 products in tap order, silu's exp in the last bit aside, and a speculative
+verification's T updates then give the bits of T decode steps. Otherwise the update gathers the
+sequences' windows once, appends the new inputs in the activation dtype (the window then holds
+exactly the values naive.py upcasts), and writes the rolled windows back by slot; the weighted sum
+is naive.py's, in fp32, so the results agree with it bit for bit.
 
 Prefill on the state pool runs as one C++ op where it could be built (cpu_fused.py: the same fp32
 products in the same tap order, only silu's exp may differ in the last bit). Otherwise it computes
@@ -61,6 +64,17 @@ def causal_conv1d_update(x, conv_state, weight, *, state_slots=None, activation=
     """ops.causal_conv1d_update. Slot values are not checked here (a host sync): as on the Triton
     path, the caller hands distinct slots inside the pool."""
     check_conv_update_inputs(x, conv_state, weight, activation, state_slots)
+    if cpu_fused.takes(x, weight, conv_state):
+        # a one-token prefill per sequence on the C++ op: the prefill's arithmetic, so that a speculative
+        # verification (T of these) and T decode steps give the same bits
+        N = x.shape[0]
+        if state_slots is None:
+            slots = torch.arange(N)
+        elif isinstance(state_slots, range):
+            slots = torch.arange(state_slots.start, state_slots.stop)
+        else:
+            slots = state_slots
+        return cpu_fused.causal_conv1d(x, weight, conv_state, slots, torch.arange(N + 1), activation)
     out_dtype = x.dtype
     if state_slots is None:
         state = conv_state

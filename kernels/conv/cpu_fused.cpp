@@ -94,7 +94,9 @@ torch::Tensor causal_conv1d(torch::Tensor x, torch::Tensor weight, torch::Tensor
   slots = slots.contiguous();
   offsets = offsets.contiguous();
   const int64_t C = x.size(1), W = weight.size(1), N = slots.size(0), S = pool.size(0);
-  TORCH_CHECK(offsets.size(0) == N + 1 && offsets[N].item<int64_t>() == x.size(0),
+  TORCH_CHECK(offsets.scalar_type() == at::kLong && slots.scalar_type() == at::kLong,
+              "causal_conv1d (cpu_fused): int64 slots and offsets");
+  TORCH_CHECK(offsets.size(0) == N + 1 && offsets.data_ptr<int64_t>()[N] == x.size(0),
               "causal_conv1d (cpu_fused): offsets [N + 1] must end at T");
   const int64_t* slot = slots.data_ptr<int64_t>();
   for (int64_t n = 0; n < N; ++n) TORCH_CHECK(0 <= slot[n] && slot[n] < S, "causal_conv1d (cpu_fused): slot ", slot[n], " outside the pool of ", S);
