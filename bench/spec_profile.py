@@ -55,7 +55,10 @@ class Engine:
         return sum(len(t) for t in sampled.values())
 
     def decoding(self) -> bool:
-        return all(not s.is_prefilling for s in self.scheduler.running)
+        """Whether every sequence has been scheduled and is past its prompt (before the first step
+        nothing runs yet: that is not decoding)."""
+        running = self.scheduler.running
+        return bool(running) and all(not s.is_prefilling for s in running)
 
 
 class PartTimes:
