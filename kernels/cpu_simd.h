@@ -1,5 +1,5 @@
 // Vector helpers shared by the CPU ops (kernels/*/cpu_fused.cpp): sixteen floats at a time on
-// AVX-512, loads and stores of fp32 and bf16, exp and silu.
+// AVX-512, loads and stores of fp32 and bf16, exp and silu; and a sum of squares in a fixed order.
 //
 // Why: gcc does not vectorise c10::BFloat16's conversions nor std::exp (glibc offers vector exp only
 // under -ffast-math, which the ops do not use), so a scalar loop over a prefill's million activations
@@ -84,3 +84,30 @@ inline __m512 silu(__m512 x) {
 
 }  // namespace simd
 #endif
+
+namespace row_ops {
+
+// The sum of squares of n floats in 16 independent partial sums (a vector's lanes on AVX-512), then a
+// fixed tree: the same order with or without the vector unit, so an op's result does not depend on it.
+inline float sum_of_squares(const float* x, int64_t n) {
+  alignas(64) float acc[16] = {0.f};
+  int64_t i = 0;
+#ifdef NEXTSERVE_SIMD
+  __m512 lanes = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    lanes = _mm512_add_ps(lanes, _mm512_mul_ps(v, v));
+  }
+  _mm512_store_ps(acc, lanes);
+#endif
+  for (; i + 16 <= n; i += 16) {
+    for (int l = 0; l < 16; ++l) acc[l] += x[i + l] * x[i + l];
+  }
+  for (; i < n; ++i) acc[i % 16] += x[i] * x[i];
+  for (int width = 8; width > 0; width /= 2) {
+    for (int l = 0; l < width; ++l) acc[l] += acc[l + width];
+  }
+  return acc[0];
+}
+
+}  // namespace row_ops

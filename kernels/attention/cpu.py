@@ -1,8 +1,11 @@
 """The CPU path of the gated attention layer: naive.py's numerics in fewer ops and no host sync.
 
-- `qk_norm_rope`: each norm as one F.rms_norm (as kernels/norms/cpu.py) and q and k rotated together.
-  rotate_half(x) * sin is computed as roll(x) * (sin with its first half negated): the same
-  products, since negation is exact. Bit for bit naive.py's result.
+- `qk_norm_rope`: one C++ op (cpu_fused.py) where built: naive.py's products and roundings, its sums
+  of squares in another order and cos and sin from the C library, so it agrees with naive.py to
+  the tolerance of an fp32 sum over D, rounded to the activation dtype. Otherwise each norm as one
+  F.rms_norm (as kernels/norms/cpu.py) and q and k rotated together: rotate_half(x) * sin is
+  computed as roll(x) * (sin with its first half negated), the same products since negation is
+  exact, so bit for bit naive.py's result.
 - `paged_attention` for a few queries per sequence (decode, speculative verification): each query
   reads its sequence's whole block-table row through one gather, keys past its position masked,
   instead of naive.py's per-sequence loop around lengths read on the host. Scores, softmax and the
@@ -40,15 +43,19 @@ def _fp32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float32 else x.float()
 
 
-def _rope_tables(positions, rotary_dim: int, theta: float, dtype: torch.dtype):
-    """cos and sin-with-its-first-half-negated, [T, 1, rotary_dim] in `dtype`: naive.rope_cos_sin's
-    values (cos is even and sin odd, so the angles (-f, f) give cos(f), cos(f) and -sin(f), sin(f)),
-    with the inverse frequencies computed once per shape and device."""
-    key = (rotary_dim, theta, positions.device)
+def _rope_inv_freq(rotary_dim: int, theta: float, device) -> torch.Tensor:
+    """naive.rope_inv_freq's [rotary_dim / 2] fp32 values, computed once per shape and device."""
+    key = (rotary_dim, theta, device)
     if key not in _inv_freq:
         with torch.inference_mode(False):  # cached across calls, inside and outside inference mode
-            _inv_freq[key] = naive.rope_inv_freq(rotary_dim, theta).to(positions.device)
-    freqs = positions.float().view(-1, 1, 1) * _inv_freq[key]                   # [T, 1, rotary_dim / 2]
+            _inv_freq[key] = naive.rope_inv_freq(rotary_dim, theta).to(device)
+    return _inv_freq[key]
+
+
+def _rope_tables(positions, rotary_dim: int, theta: float, dtype: torch.dtype):
+    """cos and sin-with-its-first-half-negated, [T, 1, rotary_dim] in `dtype`: naive.rope_cos_sin's
+    values (cos is even and sin odd, so the angles (-f, f) give cos(f), cos(f) and -sin(f), sin(f))."""
+    freqs = positions.float().view(-1, 1, 1) * _rope_inv_freq(rotary_dim, theta, positions.device)  # [T, 1, r / 2]
     angles = torch.cat((-freqs, freqs), dim=-1)
     cos, sin = angles.cos(), angles.sin()
     return (cos, sin) if dtype == torch.float32 else (cos.to(dtype), sin.to(dtype))
@@ -60,6 +67,10 @@ def qk_norm_rope(q, k, q_norm_weight, k_norm_weight, positions, *, rotary_dim: i
     if q.dtype != k.dtype:
         return naive.qk_norm_rope(q, k, q_norm_weight, k_norm_weight, positions, rotary_dim=rotary_dim,
                                   theta=theta, eps=eps)
+    if (q.dtype in (torch.float32, torch.bfloat16) and not needs_backward(q, k, q_norm_weight, k_norm_weight)
+            and cpu_fused.available()):
+        return cpu_fused.qk_norm_rope(q, k, q_norm_weight, k_norm_weight, positions,
+                                      _rope_inv_freq(rotary_dim, theta, q.device), eps=eps)
     Hq, D = q.shape[1], q.shape[2]
     # both norms in fp32 (as naive.py computes them), cast once: [T, Hq + Hkv, D]
     normed = [F.rms_norm(_fp32(x), (D,), 1.0 + _fp32(w), eps) for x, w in ((q, q_norm_weight), (k, k_norm_weight))]

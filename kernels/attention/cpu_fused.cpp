@@ -1,4 +1,4 @@
-// Paged attention and the KV cache write on the CPU, one op each (fp32 or bf16 caches).
+// Paged attention, the KV cache write and the q/k norm with RoPE on the CPU, one op each (fp32 or bf16).
 //
 // paged_attention: naive.py's arithmetic per query: scores q.k in fp32 times the scale over the keys
 // the query may see (positions 0..p of its sequence, read through the block table), softmax in fp32
@@ -11,9 +11,15 @@
 // reshape_and_cache: token t's key and value rows copied to slot slot_mapping[t], negative slots
 // (padding) skipped; the same bytes as naive.py's indexed assignment.
 //
-// Why: the torch forms are ~50 ops (attention) and ~20 (the cache write) per attention layer per
-// step, most of a decode step's attention time at this model size, and naive.py's prefill
-// attention materialises [Hq, Lq, Lk] scores per sequence.
+// qk_norm_rope: naive.py's zero-centred RMSNorm of every q and k head in fp32, rounded to the
+// activation dtype, then NeoX RoPE on the first rotary_dim dims in that dtype (each product and the
+// sum rounded, as transformers' torch ops round them). The sum of squares runs in ../cpu_simd.h's
+// order and cos and sin are the C library's (torch's vectorised ones may differ by an ulp), so results
+// agree with naive.py to the tolerance of an fp32 sum over D and a few roundings to the dtype.
+//
+// Why: the torch forms are ~50 ops (attention), ~20 (the cache write) and ~25 (norm and RoPE) per
+// attention layer per step, most of a decode step's attention time at this model size, and naive.py's
+// prefill attention materialises [Hq, Lq, Lk] scores per sequence.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -123,6 +129,47 @@ void attend(const T* q, const T* gate, const T* k_cache, const T* v_cache, const
   });
 }
 
+
+// Round a float to T's precision and back: what a torch op in T stores and the next one reads.
+template <typename T>
+inline float rounded(float x) { return static_cast<float>(static_cast<T>(x)); }
+
+// One token's heads, normed then rotated. The norm is naive.py's in fp32 (x * 1 / sqrt(mean(x^2) + eps)
+// * (1 + w)), rounded to T; the rotation runs in T as transformers' does: cos and sin rounded to T,
+// each product rounded, their sum rounded (rotate_half(x) * sin is (-x2, x1) * sin: negation is exact).
+template <typename T>
+void norm_rope_rows(const T* q, int64_t q_token, int64_t q_head, const T* k, int64_t k_token, int64_t k_head,
+                    const float* scale, const int64_t* positions, const float* inv_freq, T* out, int64_t T_, int64_t Hq,
+                    int64_t Hkv, int64_t D, int64_t half, float eps) {
+  const int64_t H = Hq + Hkv;
+  at::parallel_for(0, T_, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(D), cos(half), sin(half);
+    for (int64_t t = begin; t < end; ++t) {
+      const float position = static_cast<float>(positions[t]);
+      for (int64_t i = 0; i < half; ++i) {
+        const float angle = position * inv_freq[i];  // positions.float() * inv_freq, one fp32 product
+        cos[i] = rounded<T>(std::cos(angle));
+        sin[i] = rounded<T>(std::sin(angle));
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        const bool is_q = h < Hq;
+        const T* x = is_q ? q + t * q_token + h * q_head : k + t * k_token + (h - Hq) * k_head;
+        const float* w = scale + (is_q ? 0 : D);
+        T* y = out + (t * H + h) * D;
+        for (int64_t i = 0; i < D; ++i) row[i] = static_cast<float>(x[i]);
+        const float inv = 1.f / std::sqrt(row_ops::sum_of_squares(row.data(), D) / static_cast<float>(D) + eps);
+        for (int64_t i = 0; i < D; ++i) row[i] = rounded<T>(row[i] * inv * w[i]);
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = row[i], x2 = row[i + half];
+          row[i] = rounded<T>(x1 * cos[i]) + rounded<T>(-x2 * sin[i]);
+          row[i + half] = rounded<T>(x2 * cos[i]) + rounded<T>(x1 * sin[i]);
+        }
+        for (int64_t i = 0; i < D; ++i) y[i] = static_cast<T>(row[i]);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 // q [Tq, Hq, D]; gate the same or undefined; k_cache, v_cache [num_blocks, block_size, Hkv, D] in q's
@@ -200,7 +247,38 @@ void reshape_and_cache(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, 
   }
 }
 
+// q [T, Hq, D] and k [T, Hkv, D] in one dtype (any strides over tokens and heads, each head's D values
+// contiguous); q_weight, k_weight [D] (zero-centred: the scale is 1 + w); positions [T] int64; inv_freq
+// [rotary_dim / 2] fp32. Returns [T, Hq + Hkv, D] in q's dtype: q's heads normed and rotated, then k's.
+torch::Tensor qk_norm_rope(torch::Tensor q, torch::Tensor k, torch::Tensor q_weight, torch::Tensor k_weight,
+                           torch::Tensor positions, torch::Tensor inv_freq, double eps) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.size(0) == k.size(0) && q.size(2) == k.size(2) &&
+                  q.scalar_type() == k.scalar_type(),
+              "qk_norm_rope (cpu_fused): q [T, Hq, D] and k [T, Hkv, D] in one dtype");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && inv_freq.scalar_type() == at::kFloat,
+              "qk_norm_rope (cpu_fused): int64 positions and fp32 inverse frequencies");
+  if (q.stride(2) != 1) q = q.contiguous();
+  if (k.stride(2) != 1) k = k.contiguous();
+  positions = positions.contiguous();
+  inv_freq = inv_freq.contiguous();
+  const int64_t T = q.size(0), Hq = q.size(1), Hkv = k.size(1), D = q.size(2), H = Hq + Hkv;
+  const int64_t half = inv_freq.numel(), rotary_dim = 2 * half;
+  TORCH_CHECK(0 < rotary_dim && rotary_dim <= D, "qk_norm_rope (cpu_fused): rotary_dim ", rotary_dim,
+              " must be in (0, D = ", D, "]");
+  auto w = torch::stack({q_weight.to(at::kFloat), k_weight.to(at::kFloat)}).add_(1.f).contiguous();  // 1 + w
+  auto out = torch::empty({T, H, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const float *freq = inv_freq.data_ptr<float>(), *scale = w.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "qk_norm_rope", [&] {
+    norm_rope_rows<scalar_t>(q.data_ptr<scalar_t>(), q.stride(0), q.stride(1), k.data_ptr<scalar_t>(), k.stride(0),
+                             k.stride(1), scale, pos, freq, out.data_ptr<scalar_t>(), T, Hq, Hkv, D, half,
+                             static_cast<float>(eps));
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "causal attention over paged KV caches, gated, one op");
   m.def("reshape_and_cache", &reshape_and_cache, "new keys and values into their cache slots");
+  m.def("qk_norm_rope", &qk_norm_rope, "q and k heads RMS-normed and partially rotated, one op");
 }

@@ -1,7 +1,8 @@
-"""Paged attention and the KV cache write in C++ ops (cpu_fused.cpp, built on first use).
+"""Paged attention, the KV cache write and the q/k norm with RoPE in C++ ops (cpu_fused.cpp, built on
+first use).
 
-cpu.py's torch forms are ~50 ops (attention) and ~20 (the cache write) per attention layer per
-step, most of a decode step's attention time at this model size; naive.py's prefill attention
+cpu.py's torch forms are ~50 ops (attention), ~20 (the cache write) and ~25 (norm and RoPE) per
+attention layer per step, most of a decode step's attention time at this model size; naive.py's prefill attention
 materialises each sequence's [Hq, Lq, Lk] scores. These are one op each, for decode, speculative
 verification and prefill alike (cpu_fused.cpp says how the arithmetic follows naive.py). Built where
 it runs (kernels/cpu_extensions.py, at load: ops.prepare_cpu_kernels); where it cannot be built,
@@ -15,7 +16,7 @@ import torch
 
 from .. import cpu_extensions
 
-__all__ = ["available", "paged_attention", "reshape_and_cache"]
+__all__ = ["available", "paged_attention", "qk_norm_rope", "reshape_and_cache"]
 
 _KERNEL = cpu_extensions.CppKernel("nextserve_attention_cpu_fused", Path(__file__).with_name("cpu_fused.cpp"),
                                    "the fused attention kernel")
@@ -37,3 +38,10 @@ def reshape_and_cache(k, v, k_cache, v_cache, slot_mapping) -> None:
     """naive.reshape_and_cache's contract, caches contiguous: negative slots are padding; a slot past
     the caches raises RuntimeError naming it."""
     _KERNEL.module().reshape_and_cache(k, v, k_cache, v_cache, _long(slot_mapping))
+
+
+def qk_norm_rope(q, k, q_norm_weight, k_norm_weight, positions, inv_freq, *, eps: float):
+    """naive.qk_norm_rope's contract for q and k in one dtype (fp32 or bf16), the rotary dims given by
+    inv_freq [rotary_dim / 2] (naive.rope_inv_freq's): (q [T, Hq, D], k [T, Hkv, D]), views of one tensor."""
+    out = _KERNEL.module().qk_norm_rope(q, k, q_norm_weight, k_norm_weight, _long(positions), inv_freq, eps)
+    return out.split([q.shape[1], k.shape[1]], dim=1)

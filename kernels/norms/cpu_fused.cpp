@@ -24,28 +24,6 @@ namespace {
 template <typename T>
 inline float load(const T* p, int64_t i) { return static_cast<float>(p[i]); }
 
-// sum of squares in 16 independent partial sums, then a fixed tree
-inline float sum_of_squares(const float* x, int64_t n) {
-  alignas(64) float acc[16] = {0.f};
-  int64_t i = 0;
-#ifdef NEXTSERVE_SIMD
-  __m512 lanes = _mm512_setzero_ps();
-  for (; i + 16 <= n; i += 16) {
-    const __m512 v = _mm512_loadu_ps(x + i);
-    lanes = _mm512_add_ps(lanes, _mm512_mul_ps(v, v));
-  }
-  _mm512_store_ps(acc, lanes);
-#endif
-  for (; i + 16 <= n; i += 16) {
-    for (int l = 0; l < 16; ++l) acc[l] += x[i + l] * x[i + l];
-  }
-  for (; i < n; ++i) acc[i % 16] += x[i] * x[i];
-  for (int width = 8; width > 0; width /= 2) {
-    for (int l = 0; l < width; ++l) acc[l] += acc[l + width];
-  }
-  return acc[0];
-}
-
 template <typename T>
 void rms_rows(const T* x, const T* residual, const float* weight, T* y, T* sum, int64_t rows, int64_t H, float eps,
               bool zero_centered) {
@@ -73,7 +51,7 @@ void rms_rows(const T* x, const T* residual, const float* weight, T* y, T* sum, 
           row[i] = load(x + r * H, i);
         }
       }
-      const float inv = 1.f / std::sqrt(sum_of_squares(row.data(), H) / static_cast<float>(H) + eps);
+      const float inv = 1.f / std::sqrt(row_ops::sum_of_squares(row.data(), H) / static_cast<float>(H) + eps);
       i = 0;
 #ifdef NEXTSERVE_SIMD
       const __m512 inv_v = _mm512_set1_ps(inv), one = _mm512_set1_ps(1.f);
@@ -96,7 +74,7 @@ void gated_rows(const T* x, const T* z, const T* weight, T* y, int64_t rows, int
     std::vector<float> row(H);
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t i = 0; i < H; ++i) row[i] = load(x + r * H, i);
-      const float inv = 1.f / std::sqrt(sum_of_squares(row.data(), H) / static_cast<float>(H) + eps);
+      const float inv = 1.f / std::sqrt(row_ops::sum_of_squares(row.data(), H) / static_cast<float>(H) + eps);
       int64_t i = 0;
 #ifdef NEXTSERVE_SIMD
       const __m512 inv_v = _mm512_set1_ps(inv);

@@ -14,6 +14,7 @@ import torch
 
 from nextserve.kernels import ops
 from nextserve.kernels.attention import cpu as attention_cpu
+from nextserve.kernels.attention import cpu_fused as attention_fused
 from nextserve.kernels.attention import naive as attention_naive
 from nextserve.kernels.conv import cpu as conv_cpu
 from nextserve.kernels.conv import cpu_fused as conv_fused
@@ -310,13 +311,29 @@ def test_chunked_prefill_takes_unpacked_batches_and_other_chunk_sizes(rms_close)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T, Hq, Hkv, D, rotary_dim", [(1, 8, 2, 64, 16), (7, 6, 2, 48, 48), (5, 3, 1, 20, 8)],
                          ids=["decode-small-preset", "full-rotary", "awkward"])
-def test_qk_norm_rope_equals_the_reference(T, Hq, Hkv, D, rotary_dim, dtype):
+def test_qk_norm_rope_equals_the_reference(T, Hq, Hkv, D, rotary_dim, dtype, close, monkeypatch):
+    # q and k as the layer hands them over: views into one projection's rows, q every other head-sized
+    # chunk (its gate in between), so neither is contiguous
     gen = torch.Generator().manual_seed(T * D)
-    q, k = randn(gen, T, Hq, D, dtype=dtype), randn(gen, T, Hkv, D, dtype=dtype)
+    projected = randn(gen, T, 2 * Hq * D + 2 * Hkv * D, dtype=dtype)
+    q_gate, k, _ = projected.split([2 * Hq * D, Hkv * D, Hkv * D], dim=-1)
+    q = q_gate.view(T, Hq, 2 * D)[..., :D]
+    k = k.view(T, Hkv, D)
     wq, wk = randn(gen, D, dtype=dtype, scale=0.1), randn(gen, D, dtype=dtype, scale=0.1)
     positions = torch.randint(0, 40000, (T,), generator=gen)
-    got = attention_cpu.qk_norm_rope(q, k, wq, wk, positions, rotary_dim=rotary_dim, theta=1e7, eps=1e-6)
     want = attention_naive.qk_norm_rope(q, k, wq, wk, positions, rotary_dim=rotary_dim, theta=1e7, eps=1e-6)
+
+    # the C++ op: its own sum-of-squares order and the C library's cos and sin, otherwise naive.py's
+    # roundings (the norm, each product of the rotation and their sum, and cos or sin one ulp apart)
+    got = attention_cpu.qk_norm_rope(q, k, wq, wk, positions, rotary_dim=rotary_dim, theta=1e7, eps=1e-6)
+    assert attention_fused.available()
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        close(g, w, reduction=D, dtype=dtype, roundings=4)
+
+    # the torch form, where the op cannot be built: naive.py op for op
+    monkeypatch.setattr(attention_fused, "available", lambda: False)
+    got = attention_cpu.qk_norm_rope(q, k, wq, wk, positions, rotary_dim=rotary_dim, theta=1e7, eps=1e-6)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
