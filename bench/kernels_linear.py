@@ -1,4 +1,4 @@
-"""CPU micro-benchmark of the dense projections: F.linear against oneDNN with the weight packed once.
+"""CPU micro-benchmark of the dense projections: F.linear against the layout kernels/linear/cpu.py keeps.
 
 F.linear in bf16 hands oneDNN a row-major weight, which it reorders into its blocked layout on every
 call; kernels/linear/cpu.py keeps the reordered copy. For each projection shape of a preset (as the
@@ -9,6 +9,10 @@ rounding). Then what a row count costs the first time it is seen: the median fir
 counts just above `rows` that nothing ran before. oneDNN builds a primitive per row count for F.linear
 and the packed copy (milliseconds), aten's matmul does not; a prefill's row count is new nearly every
 time, which is why kernels/linear/cpu.py hands products past PACKED_MAX_ROWS rows to the matmul.
+
+On a CPU without native bf16 (AVX2), kernels/linear/cpu.py keeps an fp32 copy of each weight instead:
+then the table is F.linear in bf16 against that copy's product (fp32 on the widened rows, rounded
+once to bf16), and their max |difference|.
 
     python bench/kernels_linear.py                          # small preset, rows 1 16 128, 2 threads
     python bench/kernels_linear.py --rows 1 3 16 128 2048 --hints 1 16 128
@@ -29,6 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels_moe import best_ms  # noqa: E402
 
+from nextserve.kernels.linear import cpu as linear_cpu  # noqa: E402
 from nextserve.model.presets import PRESETS  # noqa: E402
 
 
@@ -62,8 +67,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        print("this CPU has no native bf16: kernels/linear/cpu.py leaves every projection to F.linear")
+    if not linear_cpu.packing_supported():
+        without_native_bf16(args)
         return
     print(f"{args.preset} preset, bf16, {torch.get_num_threads()} threads; ms per call, best of repeated runs")
     gen = torch.Generator().manual_seed(0)
@@ -89,6 +94,24 @@ def main() -> None:
                 first = first_call_ms(weight, packed[args.hints[0]], rows, row_counts_seen, gen)
                 print(f"{name:<32}{str([out_f, in_f]):>14}{rows:>6}" + "".join(f"{t:>10.3f}" for t in times)
                       + f"{diff:>12.3g}" + "".join(f"{first[k]:>16.3f}" for k in ("F.linear", "packed", "matmul")))
+
+
+def without_native_bf16(args) -> None:
+    print(f"{args.preset} preset, bf16 weights on a CPU without native bf16, {torch.get_num_threads()} threads; "
+          "ms per call, best of repeated runs")
+    print(f"{'projection':<32}{'[out, in]':>14}{'rows':>6}{'F.linear':>10}{'fp32 copy':>11}{'speed-up':>10}"
+          f"{'max |diff|':>12}")
+    gen = torch.Generator().manual_seed(0)
+    for name, (out_f, in_f) in projection_shapes(args.preset).items():
+        weight = torch.randn(out_f, in_f, generator=gen).bfloat16()  # outside inference mode, as a model's are
+        assert linear_cpu.prepack(weight)
+        with torch.inference_mode():
+            for rows in args.rows:
+                x = torch.randn(rows, in_f, generator=gen).bfloat16()
+                plain, kept = best_ms(lambda: F.linear(x, weight)), best_ms(lambda: linear_cpu.linear(x, weight))
+                diff = (linear_cpu.linear(x, weight).float() - F.linear(x, weight).float()).abs().max().item()
+                print(f"{name:<32}{str([out_f, in_f]):>14}{rows:>6}{plain:>10.3f}{kept:>11.3f}{plain / kept:>9.1f}x"
+                      f"{diff:>12.3g}")
 
 
 def first_call_ms(weight, packed, rows: int, seen: set, gen) -> dict[str, float]:

@@ -59,9 +59,14 @@ def linear(x, weight, row_order=None):
 
 def prepack_linear(weight, row_order=None) -> bool:
     """Keep `weight` (a served projection's, loaded) in the CPU path's matmul layout as well, rows in
-    `row_order` if given, where that path runs and has one (bf16 on a CPU with native bf16).
-    Returns whether it did."""
+    `row_order` if given, where that path runs (bf16 weights: oneDNN's layout on a CPU with native
+    bf16, an fp32 copy elsewhere). Returns whether it did."""
     return kernel_backend(weight.device) == "cpu" and _module("linear", "cpu").prepack(weight, row_order)
+
+
+def kept_in_fp32(weight) -> bool:
+    """Whether `prepack_linear` kept an fp32 copy of this bf16 weight (a CPU without native bf16)."""
+    return kernel_backend(weight.device) == "cpu" and _module("linear", "cpu").fp32_copy(weight) is not None
 
 
 def is_prepacked(weight, row_order=None) -> bool:

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cpu_extensions import needs_backward
+from ..linear.cpu import batched as linear_batched
 from ..linear.cpu import linear as cpu_linear
 from . import cpu_fused, cpu_grouped, naive
 from .naive import check_expert_ffn_args
@@ -140,7 +141,7 @@ def dense_expert_ffn(hidden, expert_ids, expert_weights, w13, w2, *, out_dtype=N
     E, two_I, H = w13.shape
     # w13 as one [E * 2I, H] projection, in its kept oneDNN layout when the loader prepacked it
     gate, up = cpu_linear(hidden, w13).view(T, E, two_I).transpose(0, 1).chunk(2, dim=-1)  # [E, T, I]
-    down = torch.bmm(F.silu(gate) * up, w2.transpose(1, 2))              # [E, T, H]
+    down = linear_batched(F.silu(gate) * up, w2)                         # [E, T, H]
     tokens = torch.arange(T, device=hidden.device).view(T, 1)
     return _weighted_sum(down[_ids(expert_ids), tokens], expert_ids, expert_weights, out_dtype or hidden.dtype)
 
@@ -182,8 +183,8 @@ def grouped_expert_ffn(hidden, expert_ids, expert_weights, w13, w2, *, out_dtype
     table = torch.full((E + 1, width + 1), T, dtype=torch.long, device=key.device)
     table[sorted_key, rank.clamp(max=width)] = order // k
     rows = torch.cat([hidden, hidden.new_zeros(1, H)]).index_select(0, table[:E, :width].reshape(-1))
-    gate, up = torch.bmm(rows.view(E, width, H), w13.transpose(1, 2)).chunk(2, dim=-1)  # [E, width, I]
-    down = torch.bmm(F.silu(gate) * up, w2.transpose(1, 2))               # [E, width, H]
+    gate, up = linear_batched(rows.view(E, width, H), w13).chunk(2, dim=-1)  # [E, width, I]
+    down = linear_batched(F.silu(gate) * up, w2)                          # [E, width, H]
     # back to slot order in one gather: slot s reads the row its (expert, rank) place holds; other
     # shards' slots read row 0, a finite row whose weight _weighted_sum zeroes
     place = torch.where(sorted_key < E, sorted_key * width + rank, 0)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .. import cpu_extensions
+from ..linear import cpu as linear_cpu
 
 __all__ = ["available", "expert_ffn"]
 
@@ -28,8 +29,8 @@ def expert_ffn(hidden, expert_ids, expert_weights, w13, w2, width: int, *, out_d
     ops = _KERNEL.module()
     E, _, H = w13.shape
     rows, place = ops.gather_by_expert(hidden, expert_ids, E, width)
-    gate_up = torch.bmm(rows, w13.transpose(1, 2))                    # [E, width, 2I]
-    down = torch.bmm(ops.swiglu(gate_up), w2.transpose(1, 2))          # [E, width, H]
+    gate_up = linear_cpu.batched(rows, w13)                  # [E, width, 2I]
+    down = linear_cpu.batched(ops.swiglu(gate_up), w2)       # [E, width, H]
     weights = expert_weights if expert_weights.dtype == torch.float32 else expert_weights.float()
     dtype = out_dtype or hidden.dtype
     out = ops.combine(down.view(E * width, H), place, weights, torch.float32 if dtype != down.dtype else dtype)

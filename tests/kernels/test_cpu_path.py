@@ -22,6 +22,7 @@ from nextserve.kernels.conv import naive as conv_naive
 from nextserve.kernels.gated_delta_rule import cpu as gdn_cpu
 from nextserve.kernels.gated_delta_rule import cpu_fused as gdn_fused
 from nextserve.kernels.gated_delta_rule import naive as gdn_naive
+from nextserve.kernels.linear import cpu as linear_cpu
 from nextserve.kernels.moe import cpu as moe_cpu
 from nextserve.kernels.moe import cpu_fused as moe_fused
 from nextserve.kernels.moe import cpu_grouped as moe_grouped
@@ -444,6 +445,30 @@ def test_the_grouped_form_with_and_without_its_cpp_ops_equals_the_reference(dtyp
     with_torch = moe_cpu.grouped_expert_ffn(hidden, local, weights, w13, w2, out_dtype=torch.float32)
     close(with_cpp, want, reduction=BLOCK_CHAIN, dtype=dtype, what="with the C++ ops")
     close(with_torch, want, reduction=BLOCK_CHAIN, dtype=dtype, what="with torch ops")
+
+
+def test_the_grouped_form_from_fp32_copies_equals_the_reference(monkeypatch, close):
+    # a CPU without native bf16 keeps fp32 copies of w13 and w2 (model.moe's prepack): the batched
+    # matmuls read them, the same exact products of bf16 values summed in fp32
+    monkeypatch.setattr(linear_cpu, "packing_supported", lambda: False)
+    gen = torch.Generator().manual_seed(14)
+    T, E, k, H, I = 40, 7, 3, 48, 40
+    hidden = randn(gen, T, H, dtype=torch.bfloat16)
+    w13 = randn(gen, E, 2 * I, H, dtype=torch.bfloat16, scale=0.2)
+    w2 = randn(gen, E, H, I, dtype=torch.bfloat16, scale=0.2)
+    assert ops.prepack_linear(w13) and ops.prepack_linear(w2) and ops.kept_in_fp32(w13) and ops.kept_in_fp32(w2)
+    weights, ids = moe_naive.moe_route(torch.randn(T, 12, generator=gen), k)
+    local = torch.where(ids < E, ids, -1)
+    want = moe_naive.expert_ffn(hidden, local, weights, w13, w2, out_dtype=torch.float32)
+    with torch.inference_mode():
+        got = moe_cpu.grouped_expert_ffn(hidden, local, weights, w13, w2, out_dtype=torch.float32)
+    close(got, want, reduction=BLOCK_CHAIN, dtype=torch.bfloat16)
+    with torch.no_grad():
+        w2.mul_(2)  # a reload in place: the copy follows
+    with torch.inference_mode():
+        got = moe_cpu.grouped_expert_ffn(hidden, local, weights, w13, w2, out_dtype=torch.float32)
+    close(got, moe_naive.expert_ffn(hidden, local, weights, w13, w2, out_dtype=torch.float32),
+          reduction=BLOCK_CHAIN, dtype=torch.bfloat16, what="after an in-place update of w2")
 
 
 def test_the_fused_kernel_builds_and_takes_bf16_only():
