@@ -4,9 +4,9 @@
 // fp32 dot products rounded to bf16, SwiGLU is silu(gate) rounded to bf16 times up rounded to bf16,
 // the down product is an fp32 dot product rounded to bf16, and the weighted sum over a token's k
 // slots accumulates in fp32 in slot order. Only the order of the additions inside each dot product
-// differs from oneDNN's (16 partial sums, fused multiply-adds on AVX-512, then a fixed tree), so
-// results agree to the tolerance of a bf16 product over the reduction length; a slot's result does
-// not depend on which other slots share its expert or its block.
+// differs from oneDNN's (16 partial sums, fused multiply-adds on AVX-512 and AVX2, then a fixed
+// tree), so results agree to the tolerance of a bf16 product over the reduction length; a slot's
+// result does not depend on which other slots share its expert or its block.
 //
 // Why: at decode sizes the torch forms either copy each slot's expert weights before multiplying
 // (the gathered form: three passes over the bytes), run ~5 ops per active expert (the loop), or
@@ -15,7 +15,7 @@
 // row is in L1.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -76,6 +76,39 @@ inline void dots_avx512(const bf16* w, const float* const* xs, int64_t n, float*
 }
 #endif
 
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define NEXTSERVE_MOE_AVX2 1
+// 8 bf16 weights as 8 fp32 lanes
+inline __m256 load_bf16_avx2(const bf16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+// The AVX-512 form's 16 partial sums on a CPU with 8-wide vectors (AVX2, e.g. AMD Zen 2 and 3): lanes
+// 0-7 and 8-15 in two registers per vector, each lane's sum in the same order, then the same halving
+// tree (the two halves added first). Without it gcc leaves the portable loop scalar.
+template <int V>
+inline void dots_avx2(const bf16* w, const float* const* xs, int64_t n, float* out) {
+  __m256 lo[V], hi[V];
+  for (int v = 0; v < V; ++v) lo[v] = hi[v] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m256 w_lo = load_bf16_avx2(w + i), w_hi = load_bf16_avx2(w + i + 8);
+    for (int v = 0; v < V; ++v) {
+      lo[v] = _mm256_fmadd_ps(w_lo, _mm256_loadu_ps(xs[v] + i), lo[v]);
+      hi[v] = _mm256_fmadd_ps(w_hi, _mm256_loadu_ps(xs[v] + i + 8), hi[v]);
+    }
+  }
+  for (int v = 0; v < V; ++v) {
+    alignas(32) float acc[8];
+    _mm256_store_ps(acc, _mm256_add_ps(lo[v], hi[v]));
+    for (int width = 4; width > 0; width /= 2) {
+      for (int l = 0; l < width; ++l) acc[l] += acc[l + width];
+    }
+    out[v] = acc[0];
+  }
+}
+#endif
+
 // out[v] = w . xs[v] for v < count (count <= kBlock), w a bf16 row of n.
 inline void row_dots(const bf16* w, const float* const* xs, int count, int64_t n, float* out) {
 #if defined(__AVX512F__)
@@ -85,6 +118,15 @@ inline void row_dots(const bf16* w, const float* const* xs, int count, int64_t n
       case 3: dots_avx512<3>(w, xs, n, out); return;
       case 2: dots_avx512<2>(w, xs, n, out); return;
       default: dots_avx512<1>(w, xs, n, out); return;
+    }
+  }
+#elif defined(NEXTSERVE_MOE_AVX2)
+  if (n % 16 == 0) {
+    switch (count) {
+      case 4: dots_avx2<4>(w, xs, n, out); return;
+      case 3: dots_avx2<3>(w, xs, n, out); return;
+      case 2: dots_avx2<2>(w, xs, n, out); return;
+      default: dots_avx2<1>(w, xs, n, out); return;
     }
   }
 #endif
