@@ -65,8 +65,8 @@ class Experts(nn.Module):
     def prepack(self) -> bool:
         """Keep w13 in the CPU path's matmul layout too: the dense form multiplies every token by all
         of it as one [E * 2I, H] projection (kernels/moe/cpu.py); on a CPU without native bf16, w13
-        and w2 in fp32, which the grouped form's batched matmuls read. The fused decode kernel is built here
-        too, so that no request waits for its compiler."""
+        and w2 in fp32, which the grouped form's batched matmuls read. The fused decode kernel is
+        built here too, so that no request waits for its compiler."""
         ops.prepare_expert_ffn(self.w13)
         packed = ops.prepack_linear(self.w13)
         if ops.kept_in_fp32(self.w13):  # no native bf16: the grouped form's second matmul reads w2 in fp32 too

@@ -129,7 +129,6 @@ void attend(const T* q, const T* gate, const T* k_cache, const T* v_cache, const
   });
 }
 
-
 // Round a float to T's precision and back: what a torch op in T stores and the next one reads.
 template <typename T>
 inline float rounded(float x) { return static_cast<float>(static_cast<T>(x)); }
@@ -139,7 +138,7 @@ inline float rounded(float x) { return static_cast<float>(static_cast<T>(x)); }
 // each product rounded, their sum rounded (rotate_half(x) * sin is (-x2, x1) * sin: negation is exact).
 template <typename T>
 void norm_rope_rows(const T* q, int64_t q_token, int64_t q_head, const T* k, int64_t k_token, int64_t k_head,
-                    const float* scale, const int64_t* positions, const float* inv_freq, T* out, int64_t T_, int64_t Hq,
+                    const float* q_weight, const float* k_weight, const int64_t* positions, const float* inv_freq, T* out, int64_t T_, int64_t Hq,
                     int64_t Hkv, int64_t D, int64_t half, float eps) {
   const int64_t H = Hq + Hkv;
   at::parallel_for(0, T_, 8, [&](int64_t begin, int64_t end) {
@@ -154,11 +153,11 @@ void norm_rope_rows(const T* q, int64_t q_token, int64_t q_head, const T* k, int
       for (int64_t h = 0; h < H; ++h) {
         const bool is_q = h < Hq;
         const T* x = is_q ? q + t * q_token + h * q_head : k + t * k_token + (h - Hq) * k_head;
-        const float* w = scale + (is_q ? 0 : D);
+        const float* w = is_q ? q_weight : k_weight;
         T* y = out + (t * H + h) * D;
         for (int64_t i = 0; i < D; ++i) row[i] = static_cast<float>(x[i]);
         const float inv = 1.f / std::sqrt(row_ops::sum_of_squares(row.data(), D) / static_cast<float>(D) + eps);
-        for (int64_t i = 0; i < D; ++i) row[i] = rounded<T>(row[i] * inv * w[i]);
+        for (int64_t i = 0; i < D; ++i) row[i] = rounded<T>(row[i] * inv * (1.f + w[i]));
         for (int64_t i = 0; i < half; ++i) {
           const float x1 = row[i], x2 = row[i + half];
           row[i] = rounded<T>(x1 * cos[i]) + rounded<T>(-x2 * sin[i]);
@@ -265,13 +264,14 @@ torch::Tensor qk_norm_rope(torch::Tensor q, torch::Tensor k, torch::Tensor q_wei
   const int64_t half = inv_freq.numel(), rotary_dim = 2 * half;
   TORCH_CHECK(0 < rotary_dim && rotary_dim <= D, "qk_norm_rope (cpu_fused): rotary_dim ", rotary_dim,
               " must be in (0, D = ", D, "]");
-  auto w = torch::stack({q_weight.to(at::kFloat), k_weight.to(at::kFloat)}).add_(1.f).contiguous();  // 1 + w
+  q_weight = q_weight.to(at::kFloat).contiguous();
+  k_weight = k_weight.to(at::kFloat).contiguous();
   auto out = torch::empty({T, H, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t* pos = positions.data_ptr<int64_t>();
-  const float *freq = inv_freq.data_ptr<float>(), *scale = w.data_ptr<float>();
+  const float* freq = inv_freq.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "qk_norm_rope", [&] {
     norm_rope_rows<scalar_t>(q.data_ptr<scalar_t>(), q.stride(0), q.stride(1), k.data_ptr<scalar_t>(), k.stride(0),
-                             k.stride(1), scale, pos, freq, out.data_ptr<scalar_t>(), T, Hq, Hkv, D, half,
+                             k.stride(1), q_weight.data_ptr<float>(), k_weight.data_ptr<float>(), pos, freq, out.data_ptr<scalar_t>(), T, Hq, Hkv, D, half,
                              static_cast<float>(eps));
   });
   return out;

@@ -87,6 +87,11 @@ def packed_weight(weight: torch.Tensor, row_order: torch.Tensor | None = None):
     return None if entry is None else entry[1]
 
 
+def _wants_grad(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """A step that trains: the product must be of the weight itself, so its gradient flows."""
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+
+
 def fp32_copy(weight: torch.Tensor) -> torch.Tensor | None:
     """The fp32 copy of a weight prepacked without a row order on a CPU without native bf16, in the
     weight's own shape (refreshed if the weight changed since); else None. The routed experts' batched
@@ -100,9 +105,8 @@ def batched(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     experts' batched matmuls, kernels/moe). A bf16 weight with an fp32 copy (a CPU without native bf16,
     where torch's bf16 bmm is several times slower than fp32's) multiplies from the copy: the same
     exact products summed in fp32, rounded once."""
-    wants_grad = torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad)
-    kept = fp32_copy(weight) if rows.dtype == torch.bfloat16 and not wants_grad else None
-    if kept is None:  # (a step that trains multiplies the weight itself, so its gradient flows)
+    kept = fp32_copy(weight) if rows.dtype == torch.bfloat16 and not _wants_grad(rows, weight) else None
+    if kept is None:
         return torch.bmm(rows, weight.transpose(1, 2))
     return torch.bmm(rows.float(), kept.transpose(1, 2)).to(rows.dtype)
 
@@ -111,26 +115,26 @@ def linear(x: torch.Tensor, weight: torch.Tensor, row_order: torch.Tensor | None
     """ops.linear: the packed weight when there is one and no gradient is wanted, else F.linear. With
     row_order, F.linear(x, weight)[..., row_order]: a copy packed in that order computes it directly."""
     entry = _entry(weight, row_order) if x.dtype == torch.bfloat16 else None
-    if entry is None or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+    if entry is not None and entry[1].dtype == torch.float32 and x.numel() == x.shape[-1]:
+        entry = None  # an fp32 copy and one row: bf16's own product reads half the bytes (_from_fp32_copy)
+    if entry is None or _wants_grad(x, weight):
         y = reference_linear(x, weight)
         return y if row_order is None else y.index_select(-1, row_order)
     packed, rows = entry[1], entry[3]
     if packed.dtype == torch.float32:
-        return _from_fp32_copy(x, weight, packed, row_order)
+        return _from_fp32_copy(x, packed)
     if x.numel() > PACKED_MAX_ROWS * x.shape[-1]:
         return x @ rows.t()
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
-def _from_fp32_copy(x: torch.Tensor, weight: torch.Tensor, rows32: torch.Tensor, row_order) -> torch.Tensor:
-    """A CPU without native bf16: the product from the fp32 copy, rounded once to bf16. One row is left
-    to bf16's own product, which reads half the bytes (a decode step is bound by reading the weight,
-    and this path is not slow for one row); 2 to FP32_MM_MAX_ROWS rows go as W x^T, which streams the
-    weight once where a GEMM of a few dozen rows repacks it (see model.layers.LMHead)."""
+def _from_fp32_copy(x: torch.Tensor, rows32: torch.Tensor) -> torch.Tensor:
+    """A CPU without native bf16: the product of two rows or more from the fp32 copy, rounded once to
+    bf16 (`linear` leaves one row to bf16's own product, which reads half the bytes: a decode step is
+    bound by reading the weight, and bf16 is not slow for one row). 2 to FP32_MM_MAX_ROWS rows go as
+    W x^T, which streams the weight once where a GEMM of a few dozen rows repacks it (see
+    model.layers.LMHead)."""
     n = x.numel() // x.shape[-1]
-    if n == 1:
-        y = reference_linear(x, weight)
-        return y if row_order is None else y.index_select(-1, row_order)
     x32 = x.reshape(n, x.shape[-1]).float()
     if n <= FP32_MM_MAX_ROWS:
         y = torch.mm(rows32, x32.t()).t().to(torch.bfloat16, memory_format=torch.contiguous_format)

@@ -62,10 +62,10 @@ inline __m512 load_bf16(const bf16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
-// V dot products of one weight row (n a multiple of 16): one fp32 accumulator register per vector,
-// each weight chunk loaded and widened once for all V. A vector's sum does not depend on V.
+// V dot products of one weight row (n a multiple of 16) on AVX-512: one fp32 accumulator register per
+// vector, each weight chunk loaded and widened once for all V. A vector's sum does not depend on V.
 template <int V>
-inline void dots_avx512(const bf16* w, const float* const* xs, int64_t n, float* out) {
+inline void dots_vector(const bf16* w, const float* const* xs, int64_t n, float* out) {
   __m512 acc[V];
   for (int v = 0; v < V; ++v) acc[v] = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
@@ -77,7 +77,6 @@ inline void dots_avx512(const bf16* w, const float* const* xs, int64_t n, float*
 #endif
 
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
-#define NEXTSERVE_MOE_AVX2 1
 // 8 bf16 weights as 8 fp32 lanes
 inline __m256 load_bf16_avx2(const bf16* p) {
   const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -88,7 +87,7 @@ inline __m256 load_bf16_avx2(const bf16* p) {
 // 0-7 and 8-15 in two registers per vector, each lane's sum in the same order, then the same halving
 // tree (the two halves added first). Without it gcc leaves the portable loop scalar.
 template <int V>
-inline void dots_avx2(const bf16* w, const float* const* xs, int64_t n, float* out) {
+inline void dots_vector(const bf16* w, const float* const* xs, int64_t n, float* out) {
   __m256 lo[V], hi[V];
   for (int v = 0; v < V; ++v) lo[v] = hi[v] = _mm256_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
@@ -111,22 +110,13 @@ inline void dots_avx2(const bf16* w, const float* const* xs, int64_t n, float* o
 
 // out[v] = w . xs[v] for v < count (count <= kBlock), w a bf16 row of n.
 inline void row_dots(const bf16* w, const float* const* xs, int count, int64_t n, float* out) {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
   if (n % 16 == 0) {
     switch (count) {
-      case 4: dots_avx512<4>(w, xs, n, out); return;
-      case 3: dots_avx512<3>(w, xs, n, out); return;
-      case 2: dots_avx512<2>(w, xs, n, out); return;
-      default: dots_avx512<1>(w, xs, n, out); return;
-    }
-  }
-#elif defined(NEXTSERVE_MOE_AVX2)
-  if (n % 16 == 0) {
-    switch (count) {
-      case 4: dots_avx2<4>(w, xs, n, out); return;
-      case 3: dots_avx2<3>(w, xs, n, out); return;
-      case 2: dots_avx2<2>(w, xs, n, out); return;
-      default: dots_avx2<1>(w, xs, n, out); return;
+      case 4: dots_vector<4>(w, xs, n, out); return;
+      case 3: dots_vector<3>(w, xs, n, out); return;
+      case 2: dots_vector<2>(w, xs, n, out); return;
+      default: dots_vector<1>(w, xs, n, out); return;
     }
   }
 #endif
