@@ -10,9 +10,10 @@ counts just above `rows` that nothing ran before. oneDNN builds a primitive per 
 and the packed copy (milliseconds), aten's matmul does not; a prefill's row count is new nearly every
 time, which is why kernels/linear/cpu.py hands products past PACKED_MAX_ROWS rows to the matmul.
 
-On a CPU without native bf16 (AVX2), kernels/linear/cpu.py keeps an fp32 copy of each weight instead:
-then the table is F.linear in bf16 against that copy's product (fp32 on the widened rows, rounded
-once to bf16), and their max |difference|.
+On a CPU without native bf16 (AVX2), kernels/linear/cpu.py keeps an fp32 copy of each weight instead
+and multiplies a few rows with its own kernel (kernels/linear/cpu_fused.cpp): then the table is
+F.linear in bf16 against that copy's product (fp32 on the widened rows, rounded once to bf16), the
+few-rows kernel, and what `linear` picks, with its max |difference| from F.linear.
 
     python bench/kernels_linear.py                          # small preset, rows 1 16 128, 2 threads
     python bench/kernels_linear.py --rows 1 3 16 128 2048 --hints 1 16 128
@@ -98,20 +99,26 @@ def main() -> None:
 
 def without_native_bf16(args) -> None:
     print(f"{args.preset} preset, bf16 weights on a CPU without native bf16, {torch.get_num_threads()} threads; "
-          "ms per call, best of repeated runs")
-    print(f"{'projection':<32}{'[out, in]':>14}{'rows':>6}{'F.linear':>10}{'fp32 copy':>11}{'speed-up':>10}"
-          f"{'max |diff|':>12}")
+          f"ms per call, best of repeated runs; `linear` takes the few-rows kernel up to "
+          f"{linear_cpu.FEW_ROWS_MAX} rows, the fp32 copy past")
+    print(f"{'projection':<32}{'[out, in]':>14}{'rows':>6}{'F.linear':>10}{'fp32 copy':>11}{'few rows':>10}"
+          f"{'linear':>9}{'speed-up':>10}{'max |diff|':>12}")
     gen = torch.Generator().manual_seed(0)
     for name, (out_f, in_f) in projection_shapes(args.preset).items():
         weight = torch.randn(out_f, in_f, generator=gen).bfloat16()  # outside inference mode, as a model's are
         assert linear_cpu.prepack(weight)
+        copy = linear_cpu.packed_weight(weight)
         with torch.inference_mode():
             for rows in args.rows:
                 x = torch.randn(rows, in_f, generator=gen).bfloat16()
-                plain, kept = best_ms(lambda: F.linear(x, weight)), best_ms(lambda: linear_cpu.linear(x, weight))
+                plain = best_ms(lambda: F.linear(x, weight))
+                from_copy = best_ms(lambda: linear_cpu._from_fp32_copy(x, copy))
+                few = best_ms(lambda: linear_cpu.cpu_fused.few_rows_linear(x, weight)) \
+                    if linear_cpu.cpu_fused.available() else float("nan")
+                kept = best_ms(lambda: linear_cpu.linear(x, weight))
                 diff = (linear_cpu.linear(x, weight).float() - F.linear(x, weight).float()).abs().max().item()
-                print(f"{name:<32}{str([out_f, in_f]):>14}{rows:>6}{plain:>10.3f}{kept:>11.3f}{plain / kept:>9.1f}x"
-                      f"{diff:>12.3g}")
+                print(f"{name:<32}{str([out_f, in_f]):>14}{rows:>6}{plain:>10.3f}{from_copy:>11.3f}{few:>10.3f}"
+                      f"{kept:>9.3f}{plain / kept:>9.1f}x{diff:>12.3g}")
 
 
 def first_call_ms(weight, packed, rows: int, seen: set, gen) -> dict[str, float]:

@@ -7,9 +7,10 @@ reordered copy (bf16) beside the weight.
 
 Where it has not (AVX2 machines): torch's bf16 matmul has no fast kernel there, and its time grows
 with the row count as if each row were a separate pass over the weight (4-5x an fp32 product at 16
-rows, 5-8x at a prefill's 2048, bench/kernels_linear.py). `prepack` keeps an fp32 copy of the
-weight instead, and products of two rows or more are fp32's on the widened activations, rounded
-once to bf16; one row (a decode step of one sequence) stays bf16's, which reads half the bytes.
+rows, 5-8x at a prefill's 2048, bench/kernels_linear.py). Up to FEW_ROWS_MAX rows (decode steps,
+speculative verifications) the product is cpu_fused.cpp's, one pass over the bf16 weight for all
+rows; past that `prepack`'s fp32 copy of the weight serves, multiplied by fp32's GEMM on the
+widened activations and rounded once to bf16.
 
 Either way `linear` uses the kept copy while the weight is unchanged (same storage, same version
 counter: an in-place load or a replaced `.data` makes it repack), and the products are bf16 values
@@ -30,6 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import cpu_fused
 from .naive import linear as reference_linear
 
 # The batch size oneDNN picks the blocked layout for; one layout serves every row count. 16 was the
@@ -39,6 +41,10 @@ PACKED_MAX_ROWS = 64
 # Without native bf16, up to this many rows the fp32 copy's product runs as W x^T (see _from_fp32_copy):
 # as fast as MKL's GEMM at a 512-wide weight and up to 2.5x faster at the 4096- and 8192-row ones
 FP32_MM_MAX_ROWS = 64
+# Without native bf16, up to this many rows go to cpu_fused.cpp's one pass over the bf16 weight: 1.5-5x
+# the fp32 copy's speed at 1 to 12 rows on an AVX2 machine, even at 16, where its dot products rather
+# than the weight's bytes bound it (bench/kernels_linear.py)
+FEW_ROWS_MAX = 12
 _ATTRIBUTE = "_nextserve_kept_layout"
 
 
@@ -63,9 +69,10 @@ def prepack(weight: torch.Tensor, row_order: torch.Tensor | None = None) -> bool
         if packing_supported():
             packed = torch.ops.mkldnn._reorder_linear_weight(rows, PACKING_ROWS)
         else:
-            packed = rows = rows.float()
-    # the plain rows in order too, for products of more than PACKED_MAX_ROWS rows (see the docstring);
-    # without a row order that is the weight itself, so only reordered weights cost a second copy
+            packed = rows.float()
+    # the plain bf16 rows in order too, for products of more than PACKED_MAX_ROWS rows (see the
+    # docstring) or of up to FEW_ROWS_MAX without native bf16; without a row order that is the weight
+    # itself, so only reordered weights cost a second copy
     setattr(weight, _ATTRIBUTE, (_key(weight), packed, row_order, rows))
     return True
 
@@ -115,25 +122,35 @@ def linear(x: torch.Tensor, weight: torch.Tensor, row_order: torch.Tensor | None
     """ops.linear: the packed weight when there is one and no gradient is wanted, else F.linear. With
     row_order, F.linear(x, weight)[..., row_order]: a copy packed in that order computes it directly."""
     entry = _entry(weight, row_order) if x.dtype == torch.bfloat16 else None
-    if entry is not None and entry[1].dtype == torch.float32 and x.numel() == x.shape[-1]:
-        entry = None  # an fp32 copy and one row: bf16's own product reads half the bytes (_from_fp32_copy)
     if entry is None or _wants_grad(x, weight):
-        y = reference_linear(x, weight)
-        return y if row_order is None else y.index_select(-1, row_order)
+        return _reference(x, weight, row_order)
     packed, rows = entry[1], entry[3]
     if packed.dtype == torch.float32:
-        return _from_fp32_copy(x, packed)
+        return _without_native_bf16(x, packed, rows, weight, row_order)
     if x.numel() > PACKED_MAX_ROWS * x.shape[-1]:
         return x @ rows.t()
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
+def _reference(x: torch.Tensor, weight: torch.Tensor, row_order: torch.Tensor | None) -> torch.Tensor:
+    y = reference_linear(x, weight)
+    return y if row_order is None else y.index_select(-1, row_order)
+
+
+def _without_native_bf16(x, rows32, rows, weight, row_order) -> torch.Tensor:
+    """rows32, rows: the fp32 copy and the bf16 rows, both in row order."""
+    n = x.numel() // x.shape[-1]
+    if n <= FEW_ROWS_MAX and cpu_fused.available():
+        return cpu_fused.few_rows_linear(x, rows)
+    if n == 1:  # (no kernel) bf16's own product reads half the fp32 copy's bytes
+        return _reference(x, weight, row_order)
+    return _from_fp32_copy(x, rows32)
+
+
 def _from_fp32_copy(x: torch.Tensor, rows32: torch.Tensor) -> torch.Tensor:
     """A CPU without native bf16: the product of two rows or more from the fp32 copy, rounded once to
-    bf16 (`linear` leaves one row to bf16's own product, which reads half the bytes: a decode step is
-    bound by reading the weight, and bf16 is not slow for one row). 2 to FP32_MM_MAX_ROWS rows go as
-    W x^T, which streams the weight once where a GEMM of a few dozen rows repacks it (see
-    model.layers.LMHead)."""
+    bf16. Up to FP32_MM_MAX_ROWS rows go as W x^T, which streams the weight once where a GEMM of a
+    few dozen rows repacks it (see model.layers.LMHead)."""
     n = x.numel() // x.shape[-1]
     x32 = x.reshape(n, x.shape[-1]).float()
     if n <= FP32_MM_MAX_ROWS:
