@@ -197,6 +197,18 @@ def causal_conv1d_update(x, conv_state, weight, *, state_slots=None, activation:
                 activation=activation)
 
 
+def causal_conv1d_update_steps(x, conv_state, weight, *, state_slots=None, activation: str | None = "silu"):
+    """T decode steps per sequence in one call: x [N, T, C] -> y [N, T, C], the bits of T calls of
+    `causal_conv1d_update` on x[:, 0], ..., x[:, T - 1] (a speculative verification's pending token and
+    drafts). The CPU path runs them as one op; the others make the T calls."""
+    if kernel_backend(x.device) == "cpu":
+        impl = _module("conv", "cpu").causal_conv1d_update_steps
+        return impl(x, conv_state, weight, state_slots=_slots_for(impl, state_slots, conv_state),
+                    activation=activation)
+    return torch.stack([causal_conv1d_update(x[:, t], conv_state, weight, state_slots=state_slots,
+                                             activation=activation) for t in range(x.shape[1])], dim=1)
+
+
 # --- attention ------------------------------------------------------------------------------
 
 def qk_norm_rope(q, k, q_norm_weight, k_norm_weight, positions, *, rotary_dim: int, theta: float, eps: float):

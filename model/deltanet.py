@@ -140,9 +140,8 @@ class GatedDeltaNet(nn.Module):
             # every row feeds k + 1 tokens (one k per step): T decode steps' kernels on an [m, T] layout,
             # the arithmetic of plain decoding token for token, with no packed-sequence bookkeeping
             decode_slots = slots if batch.slot_range is None else batch.slot_range[:m]
-            inputs = conv_inputs.view(m, T, self.conv_dim)
-            mixed = torch.stack([ops.causal_conv1d_update(inputs[:, t], conv_pool, conv_weight,
-                                                          state_slots=decode_slots) for t in range(T)], dim=1)
+            mixed = ops.causal_conv1d_update_steps(conv_inputs.view(m, T, self.conv_dim), conv_pool, conv_weight,
+                                                   state_slots=decode_slots)
             q, k, v = (x.view(m, T, *x.shape[2:]) for x in self._qkv(mixed.view(m * T, self.conv_dim)))
             o, _, all_states = ops.fused_recurrent_gated_delta_rule(
                 q, k, v, a.view(m, T, -1), b.view(m, T, -1), self.A_log, self.dt_bias,

@@ -66,15 +66,10 @@ def causal_conv1d_update(x, conv_state, weight, *, state_slots=None, activation=
     check_conv_update_inputs(x, conv_state, weight, activation, state_slots)
     if cpu_fused.takes(x, weight, conv_state):
         # a one-token prefill per sequence on the C++ op: the prefill's arithmetic, so that a speculative
-        # verification (T of these) and T decode steps give the same bits
+        # verification (causal_conv1d_update_steps) and T decode steps give the same bits
         N = x.shape[0]
-        if state_slots is None:
-            slots = torch.arange(N)
-        elif isinstance(state_slots, range):
-            slots = torch.arange(state_slots.start, state_slots.stop)
-        else:
-            slots = state_slots
-        return cpu_fused.causal_conv1d(x, weight, conv_state, slots, torch.arange(N + 1), activation)
+        return cpu_fused.causal_conv1d(x, weight, conv_state, _slot_rows(state_slots, N), torch.arange(N + 1),
+                                       activation)
     out_dtype = x.dtype
     if state_slots is None:
         state = conv_state
@@ -99,3 +94,30 @@ def causal_conv1d_update(x, conv_state, weight, *, state_slots=None, activation=
 
 
 causal_conv1d_update.takes_slot_range = True  # see kernels/ops.py
+
+
+def causal_conv1d_update_steps(x, conv_state, weight, *, state_slots=None, activation="silu"):
+    """ops.causal_conv1d_update_steps: T tokens per sequence as one prefill of the C++ op where it runs
+    (it computes each output from its window alone, taps in the same order, so a T-token prefill gives
+    the bits of T one-token steps), else T updates."""
+    N, T, C = x.shape
+    if not cpu_fused.takes(x, weight, conv_state):
+        return torch.stack([causal_conv1d_update(x[:, t], conv_state, weight, state_slots=state_slots,
+                                                 activation=activation) for t in range(T)], dim=1)
+    check_conv_update_inputs(x[:, 0], conv_state, weight, activation, state_slots)
+    y = cpu_fused.causal_conv1d(x.reshape(N * T, C), weight, conv_state, _slot_rows(state_slots, N),
+                                torch.arange(0, N * T + 1, T), activation)
+    return y.view(N, T, C)
+
+
+causal_conv1d_update_steps.takes_slot_range = True
+
+
+def _slot_rows(state_slots, n: int) -> torch.Tensor:
+    """The pool rows of n sequences as the C++ op takes them: slots, a range of them, or None (the
+    state tensor's own rows)."""
+    if state_slots is None:
+        return torch.arange(n)
+    if isinstance(state_slots, range):
+        return torch.arange(state_slots.start, state_slots.stop)
+    return state_slots

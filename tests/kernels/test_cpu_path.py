@@ -113,6 +113,29 @@ def test_conv_update_equals_the_reference(N, C, W, dtype, close, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("slots_as", ["tensor", "range"])
+def test_conv_update_steps_equal_that_many_updates(slots_as, dtype, monkeypatch):
+    """A speculative verification's T tokens per sequence in one call give the bits of T decode steps,
+    outputs and rolled windows alike (the C++ op's one prefill, and the torch form's loop)."""
+    N, T, C, W = 3, 4, 40, 4
+    gen = torch.Generator().manual_seed(T * C)
+    x, weight = randn(gen, N, T, C, dtype=dtype), randn(gen, C, W, dtype=dtype)
+    start = torch.full((N + 3, C, W - 1), float("nan"), dtype=dtype)
+    slots = range(2, 2 + N) if slots_as == "range" else torch.randperm(N + 3, generator=gen)[:N]
+    rows = torch.arange(2, 2 + N) if slots_as == "range" else slots
+    start[rows] = randn(gen, N, C, W - 1, dtype=dtype)
+    for cpp in (True, False):
+        if not cpp:
+            monkeypatch.setattr(conv_fused, "takes", lambda *args: False)
+        pool, ref_pool = start.clone(), start.clone()
+        got = conv_cpu.causal_conv1d_update_steps(x, pool, weight, state_slots=slots)
+        want = torch.stack([conv_cpu.causal_conv1d_update(x[:, t], ref_pool, weight, state_slots=slots)
+                            for t in range(T)], dim=1)
+        assert got.shape == (N, T, C) and torch.equal(got, want), f"C++ op: {cpp}"
+        assert torch.equal(pool.nan_to_num(7.0), ref_pool.nan_to_num(7.0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lengths, W", [([7], 4), ([5, 1, 70], 4), ([2, 3], 2)], ids=["one", "ragged", "W2"])
 def test_conv_prefill_equals_the_reference(lengths, W, dtype, close):
     """Shorter sequences than the window read their state columns; the sums match naive.py's bit for bit
