@@ -21,9 +21,12 @@ DEFAULT_CAPACITY = 64  # positions: one KV block
 
 @dataclass
 class Backlog:
-    start: int                                                # the first position waiting
-    hidden: list[torch.Tensor] = field(default_factory=list)  # [n_i, H] main-model hidden states, in order
-    following: list[int] = field(default_factory=list)        # the token after each waiting position
+    start: int  # the first position waiting
+    # the main-model hidden states of the waiting positions, in order, as (a step's hidden [T, H], first
+    # row, end row): rows are sliced only when the head takes them in, so that a step without drafts
+    # costs no tensor op per sequence
+    hidden: list[tuple[torch.Tensor, int, int]] = field(default_factory=list)
+    following: list[int] = field(default_factory=list)  # the token after each waiting position
 
     @property
     def length(self) -> int:
@@ -34,9 +37,12 @@ class Backlog:
         """The position after the last one waiting: where the sequence's next pass must start."""
         return self.start + self.length
 
-    def add(self, hidden: torch.Tensor, following: list[int]) -> None:
-        self.hidden.append(hidden)
+    def add(self, hidden: torch.Tensor, first: int, end: int, following: list[int]) -> None:
+        """Rows [first, end) of a step's hidden states wait, with the tokens following them."""
+        self.hidden.append((hidden, first, end))
         self.following.extend(following)
 
     def states(self) -> torch.Tensor:
-        return self.hidden[0] if len(self.hidden) == 1 else torch.cat(self.hidden)
+        """The waiting positions' hidden states [length, H]."""
+        parts = [h[a:b] for h, a, b in self.hidden]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -18,8 +18,10 @@ One step of `SpeculativeDecoder.step` over a scheduled batch:
      sequence goes through the whole layer and drafts token 1, tokens 2..k chain the MTP layer on its
      own output, one position at a time (as vLLM and SGLang run a one-layer MTP), with one host
      transfer for all drafts at the end. With k = 0 nothing is drafted: prompt chunks still give the
-     head their keys and values, decoding positions wait (router/mtp_backlog.py) and are taken in
-     with the next drafting pass, so that drafting resumes on a whole cache.
+     head their keys and values, decoding positions wait (router/mtp_backlog.py) and the next
+     drafting step first writes their keys and values (a pass of its own, which the goodput rule
+     does not count as that step's cost of drafting: k = 0 deferred it), so that drafting resumes
+     on a whole cache.
 Drafts fit in the blocks the sequence holds and within its token limits. Requests with penalties do
 not speculate (a penalty at a draft position would depend on the drafts before it), nor, under the
 adaptive rule, seeded sampling requests (their k would follow measured times, and a seed must give
@@ -158,10 +160,12 @@ class SpeculativeDecoder:
         timed = self.policy is not None and all(s and n == 1 + len(d) for s, n, d in zip(samples, counts, drafts))
         if timed:
             self.policy.observe(len(seqs), "verify", max(len(d) for d in drafts), verified - start)
-        proposed = self._draft(seqs, rows, drafts, counts, tables, slots, forward, hidden, new_tokens, samplers)
+        proposed, caught_up = self._draft(seqs, rows, drafts, counts, tables, slots, forward, hidden, new_tokens,
+                                          samplers)
         drafted = max((len(p) for p in proposed.values()), default=0)
         if timed and (drafted or self.last_k == 0):  # (an MTP pass no row could draft from is no k's cost)
-            self.policy.observe(len(seqs), "draft", drafted, time.perf_counter() - verified)
+            # the backlogs' catch-up is what steps without drafts deferred, not a cost of drafting k
+            self.policy.observe(len(seqs), "draft", drafted, time.perf_counter() - verified - caught_up)
         return new_tokens, proposed
 
     def _verify(self, seqs, drafts, samples, forward, hidden, samplers) -> tuple[dict[int, list[int]], dict[int, int]]:
@@ -206,10 +210,11 @@ class SpeculativeDecoder:
                 new_tokens[seqs[r].seq_id] = [t]
         return new_tokens, kept
 
-    def _draft(self, seqs, rows, drafts, counts, tables, slots, forward, hidden, new_tokens, samplers) -> dict[int, list[int]]:
+    def _draft(self, seqs, rows, drafts, counts, tables, slots, forward, hidden, new_tokens,
+               samplers) -> tuple[dict[int, list[int]], float]:
         """Choose the next step's k; run the MTP head over the positions each sequence now holds (with
         k = 0 only prompt chunks, the rest wait: router/mtp_backlog.py) and draft. Returns
-        seq_id -> drafts (none for sequences that do not draft)."""
+        (seq_id -> drafts, none for sequences that do not draft; the seconds spent taking in backlogs)."""
         # Every row, drafting or not, gives the head its keys and values: the prefix cache shares a
         # sequence's blocks with later ones, which may draft, so no block may hold stale MTP rows.
         mtp_rows = list(range(len(seqs)))
@@ -244,8 +249,13 @@ class SpeculativeDecoder:
             self.last_k = self._choose_k(ceilings)
         if self.last_k == 0:
             self._defer(seqs, mtp_rows, lengths, following, tables, slots, forward, hidden)
-            return {}
-        batch, states, follow = self._mtp_inputs(seqs, mtp_rows, lengths, following, tables, slots, forward, hidden)
+            return {}, 0.0
+        caught_up = self._catch_up(seqs, mtp_rows, tables, slots)
+        spans = forward.spans
+        batch = forward.prefix_of(mtp_rows, [lengths[r] for r in mtp_rows])
+        states = hidden if batch is forward else \
+            hidden[[i for r in mtp_rows for i in range(spans[r][0], spans[r][0] + lengths[r])]]
+        follow = [t for r in mtp_rows for t in following[r]]
         embeds = self.model.model.embed_tokens(torch.tensor(follow, dtype=torch.long, device=self.device))
         # only each row's last position goes through the whole layer: the others just fill its cache
         out = self.model.mtp(embeds, states, batch, last_only=True)
@@ -253,32 +263,29 @@ class SpeculativeDecoder:
         plans = [(r, min(self.last_k, caps[seqs[r].seq_id]), n) for n, r in enumerate(mtp_rows)
                  if caps.get(seqs[r].seq_id, 0) > 0]
         if not plans:
-            return {}
-        return self._chain(seqs, tables, slots, held, batch, out, plans, samplers)
+            return {}, caught_up
+        return self._chain(seqs, tables, slots, held, batch, out, plans, samplers), caught_up
 
-    def _mtp_inputs(self, seqs, mtp_rows, lengths, following, tables, slots, forward, hidden):
-        """(batch, hidden [T, H], following token ids) of the MTP pass over mtp_rows: this step's held
-        positions, after whatever waited in their backlogs."""
-        spans = forward.spans
-        if not any(seqs[r].seq_id in self.backlogs for r in mtp_rows):
-            batch = forward.prefix_of(mtp_rows, [lengths[r] for r in mtp_rows])
-            states = hidden if batch is forward else \
-                hidden[[i for r in mtp_rows for i in range(spans[r][0], spans[r][0] + lengths[r])]]
-            return batch, states, [t for r in mtp_rows for t in following[r]]
-        contexts, counts, parts, follow = [], [], [], []
-        for r in mtp_rows:
-            backlog = self.backlogs.pop(seqs[r].seq_id, None)
-            waited = 0 if backlog is None else backlog.length
-            if backlog is not None:
-                parts.extend(backlog.hidden)
-                follow.extend(backlog.following)
-            contexts.append(seqs[r].num_computed - waited)
-            counts.append(waited + lengths[r])
-            parts.append(hidden[spans[r][0]:spans[r][0] + lengths[r]])
-            follow.extend(following[r])
-        batch = ForwardBatch.build(self.pools, contexts, counts, [tables[r] for r in mtp_rows],
-                                   [slots[r] for r in mtp_rows], self.device)
-        return batch, torch.cat(parts), follow
+    def _catch_up(self, seqs, mtp_rows, tables, slots) -> float:
+        """The head's keys and values at the positions waiting in these rows' backlogs, in one pass
+        before this step's own (whose drafts attend to them). Returns its seconds: what the steps
+        without drafts deferred, which the goodput rule does not count as the cost of drafting."""
+        waited = [(r, self.backlogs.pop(seqs[r].seq_id)) for r in mtp_rows if seqs[r].seq_id in self.backlogs]
+        if not waited:
+            return 0.0
+        start = time.perf_counter()
+        self._write_kv([(r, backlog.start, backlog.states(), backlog.following) for r, backlog in waited],
+                       tables, slots)
+        return time.perf_counter() - start
+
+    def _write_kv(self, entries, tables, slots) -> None:
+        """The MTP head's keys and values only, for entries (row, first position, hidden [n, H], the n
+        tokens following)."""
+        batch = ForwardBatch.build(self.pools, [start for _, start, _, _ in entries], [len(f) for *_, f in entries],
+                                   [tables[r] for r, *_ in entries], [slots[r] for r, *_ in entries], self.device)
+        states = torch.cat([h for _, _, h, _ in entries])
+        ids = torch.tensor([t for *_, f in entries for t in f], dtype=torch.long, device=self.device)
+        self.model.mtp.write_kv(self.model.model.embed_tokens(ids), states, batch)
 
     def _defer(self, seqs, mtp_rows, lengths, following, tables, slots, forward, hidden) -> None:
         """A step without drafts: decoding rows' positions wait in their backlogs, their MTP keys zeroed
@@ -287,14 +294,13 @@ class SpeculativeDecoder:
         spans = forward.spans
         waiting, now = [], []  # rows whose positions wait; (row, first position, hidden, following) to write
         for r in mtp_rows:
-            seq = seqs[r]
-            states = hidden[spans[r][0]:spans[r][0] + lengths[r]]
+            seq, first = seqs[r], spans[r][0]
             if seq.is_prefilling:
-                now.append((r, seq.num_computed, states, following[r]))
+                now.append((r, seq.num_computed, hidden[first:first + lengths[r]], following[r]))
                 continue
             waiting.append(r)
             backlog = self.backlogs.setdefault(seq.seq_id, Backlog(seq.num_computed))
-            backlog.add(states, following[r])
+            backlog.add(hidden, first, first + lengths[r], following[r])
             if backlog.length >= self.backlog_capacity:
                 del self.backlogs[seq.seq_id]
                 now.append((r, backlog.start, backlog.states(), backlog.following))
@@ -305,11 +311,7 @@ class SpeculativeDecoder:
             for cache in self.pools.kv[self.mtp_layer]:
                 cache.view(-1, *cache.shape[2:]).index_fill_(0, at, 0)
         if now:
-            batch = ForwardBatch.build(self.pools, [start for _, start, _, _ in now], [len(f) for *_, f in now],
-                                       [tables[r] for r, *_ in now], [slots[r] for r, *_ in now], self.device)
-            states = torch.cat([h for _, _, h, _ in now])
-            ids = torch.tensor([t for *_, f in now for t in f], dtype=torch.long, device=self.device)
-            self.model.mtp.write_kv(self.model.model.embed_tokens(ids), states, batch)
+            self._write_kv(now, tables, slots)
 
     def _choose_k(self, ceilings: list[tuple[int, int]]) -> int:
         """The next step's k for the batch; ceilings: (seq_id, most drafts it may make) per sequence that

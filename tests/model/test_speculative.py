@@ -166,6 +166,60 @@ def test_greedy_stays_exact_and_the_mtp_cache_whole_while_the_rule_switches_k_of
             close(got, want, reduction=model_chain(cfg, n) + 2 * cfg.hidden_size, what=f"sequence {seq_id} MTP cache")
 
 
+class Scripted(GoodputPolicy):
+    """Chooses k by the decision's index (`ks(i)`) and records every observation as measured."""
+
+    def __init__(self, max_k, ks):
+        super().__init__(max_k)
+        self.ks, self.chosen, self.seen = ks, [], []
+
+    def choose(self, rows):
+        self.chosen.append(self.ks(len(self.chosen)))
+        return self.chosen[-1]
+
+    def observe(self, num_rows, phase, k, seconds):
+        self.seen.append((len(self.chosen), phase, k, seconds))
+        super().observe(num_rows, phase, k, seconds)
+
+
+def test_the_backlogs_catch_up_is_not_counted_as_the_cost_of_drafting(small_vocab_model, monkeypatch):
+    """Steps without drafts defer the MTP head's keys and values; the first drafting step after them
+    writes those first. That pass is k = 0's deferred work: the rule must see the drafting step's own
+    cost for k = 1, not the catch-up (made slow here on purpose), or it would judge drafting by it."""
+    from nextserve.router import speculative
+    delay, catching_up, catch_ups = 0.3, [], []
+    decoder = speculative.SpeculativeDecoder
+    catch_up, write_kv = decoder._catch_up, decoder._write_kv
+
+    def timed_catch_up(self, *args):
+        catching_up.append(True)
+        try:
+            seconds = catch_up(self, *args)
+        finally:
+            catching_up.pop()
+        if seconds:
+            catch_ups.append((len(rule.chosen), seconds))
+        return seconds
+
+    def slow_write_kv(self, *args):
+        if catching_up:
+            speculative.time.sleep(delay)
+        write_kv(self, *args)
+
+    monkeypatch.setattr(decoder, "_catch_up", timed_catch_up)
+    monkeypatch.setattr(decoder, "_write_kv", slow_write_kv)
+    rule = Scripted(2, lambda i: 0 if i < 6 else 1)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    prompts = prompts_for(small_vocab_model)[:2]
+    seqs = generate_with_rule(small_vocab_model, prompts, params, rule)
+    assert [s.output_ids for s in seqs] == [c.output_ids for c in generate(small_vocab_model, prompts, params)]
+    # the switch to k = 1 took the backlogs in, once, slowly
+    assert len(catch_ups) == 1 and catch_ups[0][1] >= delay
+    drafting = [(k, seconds) for decision, phase, k, seconds in rule.seen if decision == catch_ups[0][0] and phase == "draft"]
+    assert len(drafting) == 1 and drafting[0][0] == 1
+    assert drafting[0][1] < delay / 2
+
+
 def switches(chosen):
     """(the ks it switched to, from) over a run of decisions."""
     pairs = [(a, b) for a, b in zip(chosen, chosen[1:]) if a != b]
